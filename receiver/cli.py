@@ -1,0 +1,231 @@
+"""Operator commands, run as `flask --app receiver <command>`."""
+from __future__ import annotations
+
+import logging
+
+import click
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+
+from . import models
+
+
+def register(app: Flask) -> None:
+    for command in (init_db, show_urls, worker, status, send, export, backup, prune):
+        app.cli.add_command(command)
+
+
+@click.command("init-db")
+def init_db():
+    """Create the tables and the results view (create_app already does; this says so)."""
+    models.create_schema()
+    click.echo(f"database ready: {current_app.config['SETTINGS'].database_url}")
+
+
+@click.command("show-urls")
+def show_urls():
+    """Print the callback URL to give TWIN (it holds the callback token: keep it private)."""
+    from . import callback_url
+    click.echo(callback_url(current_app.config["SETTINGS"], current_app.config["CALLBACK_TOKEN"]))
+
+
+@click.command("worker")
+@click.option("--once", is_flag=True, help="Run one pass over what is due, then exit.")
+def worker(once: bool):
+    """Run the enrichment loop: find chat sessions and bot results for delivered messages."""
+    from .enrich import Enricher
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not current_app.config["SETTINGS"].has_twin24_credentials:
+        # Stay up rather than exit: a supervisor would only restart us into the same state.
+        click.echo("worker: no TWIN credentials (set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD); "
+                   "callbacks are still recorded, but nothing is looked up until then", err=True)
+        if not once:
+            _sleep_until_stopped()
+        return
+    Enricher.from_app(current_app).run(once=once)
+
+
+def _sleep_until_stopped() -> None:
+    import signal
+    stopped = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.append(True))
+    while not stopped:
+        signal.pause()
+
+
+@click.command("status")
+def status():
+    """Print the enrichment backlog: messages per stage, the oldest due one, the last TWIN errors."""
+    from .enrich import backlog
+    report = backlog()
+    click.echo("messages by stage:")
+    for stage in models.STAGES:
+        click.echo(f"  {stage:<9} {report['stages'].get(stage, 0)}")
+    click.echo(f"due now: {report['due']}")
+    oldest = report["oldest_due_seconds"]
+    click.echo(f"oldest due: {'-' if oldest is None else f'{oldest:.0f} s overdue'}")
+    if not report["twin_errors"]:
+        click.echo("last TWIN error: none")
+    for endpoint, (error, at) in report["twin_errors"].items():
+        click.echo(f"last TWIN error ({endpoint}, {at:%Y-%m-%d %H:%M:%S} UTC): {error}")
+
+
+@click.command("send")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Chat settings from a JSON, TOML or INI file (chatId, botId, messengerType, "
+                   "chatSessionName, text, provider, callbackData, variables). Options win over it.")
+@click.option("--chat-id", help="channels.chat.chatId: the chat channel to send from.")
+@click.option("--bot-id", help="channels.chat.botId.")
+@click.option("--messenger-type", help="channels.chat.messengerType (default WHATSAPP).")
+@click.option("--chat-session-name", help="channels.chat.chatSessionName.")
+@click.option("--text", help="channels.chat.text: the first message.")
+@click.option("--provider", help="channels.chat.provider (default TWIN).")
+@click.option("--callback-data", help="callbackData: names the mailing in every callback.")
+@click.option("--variables", "declared", help="Comma-separated variable names: any other column is an error.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), help="Default: from the file's extension.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Destinations per request (SEND_BATCH_SIZE).")
+@click.option("--dry-run", is_flag=True, help="Check the input and show what would be sent; send nothing.")
+@click.option("--resend-unknown", is_flag=True,
+              help="Also send rows whose earlier send has an unknown outcome. TWIN may have taken them: "
+                   "their recipients may get the message twice.")
+def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, text, provider,
+         callback_data, declared, fmt, batch_size, dry_run, resend_unknown):
+    """Send a mailing from a CSV or JSON FILE, with callbackUrl set to this receiver.
+
+    Everything is checked before the first request; a rerun of the same mailing (same chat settings and
+    callbackData) sends only the rows that did not go out. See docs/sending.md.
+    """
+    import sys
+
+    from . import callback_url, sending
+    settings = current_app.config["SETTINGS"]
+    options = {"chatId": chat_id, "botId": bot_id, "messengerType": messenger_type,
+               "chatSessionName": chat_session_name, "text": text, "provider": provider,
+               "callbackData": callback_data, "variables": declared}
+    try:
+        values = sending.load_config(config_path) if config_path else {}
+        values.update({k: v for k, v in options.items() if v is not None})
+        chat = sending.chat_settings(values)
+        destinations = sending.read_destinations(file, chat.variables, fmt)
+    except sending.InputError as error:
+        click.echo(f"{file}: nothing was sent:\n{error}", err=True)
+        raise SystemExit(2) from None
+    if not settings.has_twin24_credentials and not dry_run:
+        click.echo("nothing was sent: set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD", err=True)
+        raise SystemExit(2)
+    url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
+    sender = sending.Sender(settings, chat, callback_url=url, batch_size=batch_size,
+                            resend_unknown=resend_unknown, source=str(file))
+    plan = sender.plan(destinations)
+    if dry_run:
+        for line in sending.summary_lines(plan):
+            click.echo(line)
+        return
+    work = len(sender.to_send(plan))
+    unknown = plan.by_state(sending.UNKNOWN)
+    if unknown and resend_unknown:
+        click.echo(f"warning: resending {len(unknown)} rows whose earlier send has an unknown outcome; "
+                   "TWIN may have taken them, so these recipients may get the message twice", err=True)
+    try:
+        with click.progressbar(length=work, label=f"sending {work} of {len(destinations)}",
+                               show_pos=True, file=sys.stderr) as bar:
+            sender.progress = bar.update
+            report = sender.run(destinations)
+    except sending.SendInProgress as error:
+        click.echo(f"nothing was sent: {error}", err=True)
+        raise SystemExit(1) from None
+    for line in sending.summary_lines(report):
+        click.echo(line)
+    if not report.complete:
+        raise SystemExit(1)
+
+
+@click.command("export")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl"]), default="csv", show_default=True,
+              help="csv: one row per message, result.<key> columns; json: one array; jsonl: one object a line.")
+@click.option("--output", "-o", default="-", show_default=True, help="File to write, or - for standard output.")
+@click.option("--callback-data", help="Only this callbackData (exact).")
+@click.option("--bulk-id", help="Only this bulkId (exact).")
+@click.option("--status", multiple=True, help="Only these current statuses (repeat, or A,B).")
+@click.option("--stage", multiple=True, help="Only these enrichment stages (repeat, or a,b).")
+@click.option("--since", help="first_seen_at at or after this ISO 8601 date/time (UTC unless an offset is given).")
+@click.option("--until", help="first_seen_at before this ISO 8601 date/time.")
+@click.option("--excel", is_flag=True, help="CSV for Excel: a byte order mark, and formulas defused.")
+def export(fmt, output, callback_data, bulk_id, status, stage, since, until, excel):
+    """Write the results (the `results` view, result fields flattened for CSV), streamed."""
+    import os
+    import sys
+
+    from . import results
+    try:
+        filters = results.Filters.build(callback_data=callback_data, bulk_id=bulk_id, status=status,
+                                        stage=stage, since=since, until=until)
+    except results.FilterError as error:
+        raise click.BadParameter(error.detail, param_hint=f"--{error.param.replace('_', '-')}") from None
+    if fmt == "csv":
+        pieces = results.csv_stream(filters, excel=excel)
+    elif fmt == "json":
+        pieces = results.json_stream(filters)
+    else:
+        pieces = results.jsonl_stream(filters)
+    if output == "-":
+        out = sys.stdout.buffer
+        for piece in pieces:
+            out.write(piece.encode("utf-8"))
+        out.flush()
+        return
+    # Written beside the target and renamed at the end: a failed export never leaves half a file.
+    partial = f"{output}.part"
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as handle:
+            for piece in pieces:
+                handle.write(piece)
+        os.replace(partial, output)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    click.echo(f"wrote {output} ({os.path.getsize(output)} bytes)", err=True)
+
+
+@click.command("backup")
+@with_appcontext
+@click.argument("dest", type=click.Path(path_type=str))
+@click.option("--keep", type=click.IntRange(min=0), default=0, show_default=True,
+              help="When DEST is a directory: keep this many newest backups there, delete older ones (0 keeps all).")
+def backup(dest: str, keep: int):
+    """Copy the SQLite database to DEST (a file, or a directory for receiver-<time>.db), safely while the service runs."""
+    from .maintenance import MaintenanceError
+    from .maintenance import backup as run_backup
+    try:
+        written = run_backup(dest, keep=keep)
+    except MaintenanceError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"backup written: {written} ({written.stat().st_size} bytes)")
+
+
+@click.command("prune")
+@with_appcontext
+@click.option("--days", type=click.IntRange(min=1), default=None,
+              help="Delete events older than this many days (default: EVENT_RETENTION_DAYS).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Rows deleted per transaction.")
+def prune(days: int | None, dry_run: bool, batch_size: int):
+    """Delete old events and refused callbacks (messages, their status and results stay)."""
+    from .maintenance import MaintenanceError
+    from .maintenance import prune as run_prune
+    days = days or current_app.config["SETTINGS"].event_retention_days
+    if not days:
+        click.echo("retention is off (EVENT_RETENTION_DAYS=0 and no --days): nothing deleted")
+        return
+    try:
+        result = run_prune(days, batch_size=batch_size, dry_run=dry_run)
+    except MaintenanceError as error:
+        raise click.ClickException(str(error)) from None
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {result.events} events and {result.rejected} refused callbacks "
+               f"received before {result.cutoff:%Y-%m-%d %H:%M:%S} UTC ({days} days)")

@@ -1,0 +1,172 @@
+"""The whole recipe in one command, on this machine, with nothing configured:  make demo
+
+1. starts a TWIN simulator (receiver/simulator) with some of real TWIN's habits switched on:
+   duplicate and out-of-order callbacks, statistics that lag, other people's chat sessions mixed in;
+2. starts the receiver as it runs in production: gunicorn with deploy/gunicorn.conf.py and the
+   enrichment worker, on a fresh SQLite file;
+3. sends a small mailing through the receiver (`python -m receiver send`), so callbackUrl is the
+   receiver's own;
+4. shows the results arriving, and ends with the recipe's table (messageId, chatId, result) read
+   from the receiver's own SQLite file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from .simulator import SimConfig, Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["Иван", "Мария", "Пётр", "Анна", "Олег", "Елена", "Сергей", "Ольга", "Денис", "Юлия", "Артём",
+         "Наталья"]
+
+
+def main() -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="twin24-demo-"))
+    twin = Simulator(SimConfig(
+        seed=42, pending_after=(0.2, 1.0), final_after=(0.5, 2.5), undelivered_rate=0.1,
+        stats_lag=1.0, result_after=(2.0, 8.0), no_reply_rate=0.2, session_close_after=12.0,
+        duplicate_callbacks=0.3, reorder_callbacks=0.3, padding_sessions=2, shuffle=True,
+    )).start()
+    port = free_port()
+    env = demo_env(twin, workdir, port)
+    processes: list[subprocess.Popen] = []
+    say(f"TWIN simulator on {twin.url}; receiver on http://127.0.0.1:{port}; files in {workdir}")
+    try:
+        processes.append(start_process(["gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"], env,
+                                       workdir / "web.log"))
+        wait_healthy(f"http://127.0.0.1:{port}/healthz")
+        processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))
+
+        csv_path = workdir / "mailing.csv"
+        csv_path.write_text("phone,name\n" + "".join(
+            f"+7 999 {100 + n:03d}-{n:02d}-{n:02d},{name}\n" for n, name in enumerate(NAMES)), encoding="utf-8")
+        say(f"sending {len(NAMES)} messages through the receiver: python -m receiver send {csv_path.name} ...")
+        subprocess.run([sys.executable, "-m", "receiver", "send", str(csv_path), "--chat-id", "demo-channel",
+                        "--bot-id", "demo-bot", "--chat-session-name", "Опрос", "--callback-data", "demo",
+                        "--text", "Здравствуйте, {{name}}! Придёте на встречу?"],
+                       cwd=ROOT, env=env, check=True)
+        database = workdir / "receiver.db"
+        settled = watch(database, len(NAMES), timeout=45)
+        print_table(database)
+        if not settled:
+            say("not everything settled within 45 s (see the logs in the folder above)")
+            return 1
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        twin.stop()
+    say(f"read it yourself: sqlite3 {workdir}/receiver.db 'select * from results'")
+    return 0
+
+
+def demo_env(twin: Simulator, workdir: Path, port: int) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TWIN24_", "ENRICH_", "DATABASE_", "CALLBACK_", "API_", "PUBLIC_"))}
+    env.update({
+        "DATABASE_URL": f"sqlite:///{workdir}/receiver.db", "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "CALLBACK_TOKEN": "demo-callback-token-" + os.urandom(8).hex(),
+        "API_TOKEN": "demo-api-token-" + os.urandom(8).hex(),
+        "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_WORKERS": "2", "GUNICORN_ACCESS_LOG": "",
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
+        "TWIN24_LOGIN": twin.login, "TWIN24_PASSWORD": twin.password, "TWIN24_AUTH_URL": twin.auth_url,
+        "TWIN24_NOTIFY_URL": twin.notify_url, "TWIN24_ANALYSE_URL": twin.analyse_url,
+        # Demo timings: look early and often (production defaults are in seconds to minutes).
+        "ENRICH_FIRST_CHECK": "0.5", "ENRICH_SWEEP_INTERVAL": "1", "ENRICH_BACKOFF_START": "1",
+        "ENRICH_BACKOFF_MAX": "2", "ENRICH_POLL_INTERVAL": "0.2", "ENRICH_RESULT_HORIZON": "30",
+    })
+    (workdir / "metrics").mkdir()
+    return env
+
+
+def watch(database: Path, count: int, timeout: float) -> bool:
+    """Print one line a second with what has arrived; True once every message is settled."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        with sqlite3.connect(database, timeout=30) as connection:
+            row = connection.execute("""
+                select count(*),
+                       sum(status = 'DELIVERED'),
+                       sum(chat_id is not null),
+                       sum(result is not null),
+                       sum(stage in ('done', 'given_up') or status in ('UNDELIVERED', 'ERROR'))
+                from results""").fetchone()
+        total, delivered, chats, answered, settled = (value or 0 for value in row)
+        line = f"  messages {total:>2}  delivered {delivered:>2}  chat ids {chats:>2}  results {answered:>2}"
+        if line != last:
+            say(line)
+            last = line
+        if total >= count and settled >= count:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def print_table(database: Path) -> None:
+    with sqlite3.connect(database, timeout=30) as connection:
+        rows = connection.execute(
+            "select message_id, phone, status, chat_id, result, given_up_reason from results "
+            "order by destination_index").fetchall()
+    print()
+    print(f"{'messageId':<36}  {'phone':<12}  {'chatId':<36}  result")
+    print(f"{'-' * 36}  {'-' * 12}  {'-' * 36}  {'-' * 24}")
+    for message_id, phone, status, chat_id, result, given_up in rows:
+        if result:
+            shown = json.loads(result).get("confirmation", result)
+        elif status != "DELIVERED":
+            shown = f"({status.lower()})"
+        else:
+            shown = f"({given_up})" if given_up else "(waiting)"
+        print(f"{message_id:<36}  {phone or '':<12}  {chat_id or '':<36}  {shown}")
+    print()
+
+
+def say(text: str) -> None:
+    print(f"demo: {text}", flush=True)
+
+
+# -- process helpers, shared with bench/ ----------------------------------------------------------
+
+def start_process(command: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    """Start gunicorn (from the virtualenv) or `python ...` with its output in log_path."""
+    executable = str(Path(sys.executable).with_name(command[0])) if command[0] != "python" else sys.executable
+    return subprocess.Popen([executable, *command[1:]], cwd=ROOT, env=env,
+                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answered {url} within {timeout} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

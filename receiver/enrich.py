@@ -1,0 +1,458 @@
+"""The enrichment loop: delivered messages -> chat session id -> the bot's result.
+
+The database row is the queue. A message is due when `next_check_at` has passed. The worker
+claims due messages of one stage in a batch (with a lease, so a second worker or a restarted one
+never looks them up at the same time), runs ONE windowed, paginated statistics query for the whole
+batch, and matches what comes back by id, never by position:
+
+    stage none     in flight with no callback for a while -> the message statistics refresh its
+                   status (a lost DELIVERED callback is found this way)
+    stage chat_id  delivered -> message statistics: providerMessageId is the chat session id
+    stage result   session known -> chat-session statistics: dialogResultsFromBotJson
+
+Every page is applied to every stored message it mentions, not only to the claimed ones, so one
+sweep serves all the messages of a mailing. A message not found yet is due again after a growing
+delay; past its horizon it is given up, and `given_up_reason` says why. A TWIN failure releases the
+batch unchanged (the horizon counts only sweeps that TWIN answered).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+from peewee import DatabaseError, InterfaceError, PostgresqlDatabase, fn
+
+from . import metrics
+from .models import (
+    ACTIVE_STAGES,
+    STAGE_CHAT_ID,
+    STAGE_DONE,
+    STAGE_GIVEN_UP,
+    STAGE_NONE,
+    STAGE_RESULT,
+    Message,
+    TwinCall,
+    db,
+    utcnow,
+    write_transaction,
+)
+from .status import forward_update, is_final
+from .twin24 import MESSAGE_FIELDS, SESSION_FIELDS, TwinClient, TwinError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500                     # ids per IN (...) list: well under SQLite's variable limit
+MAX_WIDENING = 3                # a window grows to margin * 2**3 for messages looked up again and again
+CLOSED_SESSION_STATES = {"CLOSED", "FINISHED", "COMPLETED", "ENDED", "INACTIVE", "ARCHIVED", "DONE"}
+
+# What a sweep learned about one claimed message.
+SEEN_DONE = "done"              # nothing more to do in this stage
+SEEN_WAITING = "waiting"        # found, but what we want is not there yet
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One kind of statistics query, the stages of the messages it serves, and how often it may run."""
+    endpoint: str
+    stages: tuple[str, ...]
+    interval_setting: str
+
+
+MESSAGES_SWEEP = Sweep("messages_stats", (STAGE_CHAT_ID, STAGE_NONE), "enrich_sweep_interval")
+# Bots answer in minutes or hours, so the sessions are asked less often than the messages.
+SESSIONS_SWEEP = Sweep("sessions_stats", (STAGE_RESULT,), "enrich_result_interval")
+SESSION_SLACK = dt.timedelta(seconds=2)   # around a startedAt TWIN gave us (its clock, whole seconds)
+
+# How long a message may wait in a stage (the setting), and what the row says when it is given up.
+HORIZONS = {
+    STAGE_NONE: ("enrich_chat_id_horizon", "no final status from TWIN"),
+    STAGE_CHAT_ID: ("enrich_chat_id_horizon", "no chat session id in TWIN's message statistics"),
+    STAGE_RESULT: ("enrich_result_horizon", "no bot result"),
+}
+
+
+class Enricher:
+    def __init__(self, settings, client: TwinClient, clock=utcnow, sleep=time.sleep):
+        self.settings = settings
+        self.client = client
+        self.clock = clock
+        self.sleep = sleep
+        self.stopping = False
+        self.last_sweep: dict[str, float] = {}    # endpoint -> time.monotonic() of its last sweep
+        self.last_size: dict[str, int] = {}       # endpoint -> items its last sweep paged through
+
+    @classmethod
+    def from_app(cls, app) -> Enricher:
+        settings = app.config["SETTINGS"]
+        return cls(settings, TwinClient(settings, on_call=count_twin_call))
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> None:
+        """Sweep whatever is due until stopped (SIGTERM/SIGINT finish the current sweep first)."""
+        if not once:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._stop)
+            log.info("enrichment worker started")
+        with db.connection_context():
+            while not self.stopping:
+                try:
+                    self.run_once(force=once)
+                except (DatabaseError, InterfaceError):
+                    # The database went away or is busy beyond the timeout: leases we hold
+                    # expire by themselves, so nothing is lost by trying again later.
+                    log.exception("enrichment pass failed; trying again shortly")
+                    self._reconnect()
+                    self.sleep(self.settings.enrich_backoff_start)
+                if once:
+                    return
+                self.sleep(self.settings.enrich_poll_interval)
+        log.info("enrichment worker stopped")
+
+    @staticmethod
+    def _reconnect() -> None:
+        if not db.is_closed():
+            db.close()
+        db.connect()
+
+    def _stop(self, *_args) -> None:
+        self.stopping = True
+
+    def run_once(self, force: bool = False) -> int:
+        """One sweep of each stage that has due messages. Returns how many messages were claimed."""
+        claimed = 0
+        for sweep in (MESSAGES_SWEEP, SESSIONS_SWEEP):
+            if force or self.worth_sweeping(sweep):
+                claimed += self.sweep(sweep)
+        return claimed
+
+    def worth_sweeping(self, sweep: Sweep) -> bool:
+        """Whether the due messages are worth the TWIN calls a sweep costs now.
+
+        A sweep pages through a whole window, whether 5 or 5,000 of its messages are due; most
+        of a big mailing is found ahead of its own callbacks by earlier sweeps. So a sweep waits
+        until a share (ENRICH_BATCH_SHARE) of what the last one paged through is due, or until the
+        oldest due message has waited ENRICH_MAX_WAIT, and never comes sooner than the interval.
+        """
+        last = self.last_sweep.get(sweep.endpoint)
+        if last is not None and time.monotonic() - last < getattr(self.settings, sweep.interval_setting):
+            return False
+        now = self.clock()
+        due, oldest = due_summary(sweep.stages, now)
+        if not due:
+            return False
+        size = self.last_size.get(sweep.endpoint)
+        if size is None or due >= self.settings.enrich_batch_share * size:
+            return True
+        return (now - oldest).total_seconds() >= self.settings.enrich_max_wait
+
+    # -- one sweep ----------------------------------------------------------------------------
+
+    def sweep(self, sweep: Sweep) -> int:
+        now = self.clock()
+        claimed = claim_due(sweep.stages, now, self.settings.enrich_batch_size, self.settings.enrich_lease)
+        if not claimed:
+            return 0
+        self.last_sweep[sweep.endpoint] = time.monotonic()
+        start, end = self.window(sweep, claimed, now)
+        wanted = {m.id for m in claimed}
+        seen: dict[str, str] = {}
+        self.last_size[sweep.endpoint] = 0
+        try:
+            for page in self.pages(sweep, start, end):
+                self.last_size[sweep.endpoint] += len(page)
+                seen.update(self.apply_page(sweep, page))
+                if wanted <= seen.keys():
+                    break                      # everything we came for is found: stop paging
+        except TwinError as error:
+            log.warning("%s sweep failed, %d messages due again shortly: %s", sweep.endpoint, len(claimed),
+                        error)
+            remember_twin_error(error, now)
+            release(claimed, self.clock() + dt.timedelta(seconds=self.settings.enrich_backoff_start),
+                    str(error))
+            return len(claimed)
+        remember_twin_ok(sweep.endpoint, now)
+        self.settle(sweep, claimed, seen)
+        log.info("%s sweep: %d claimed, %d found, window %s .. %s", sweep.endpoint, len(claimed),
+                 sum(1 for m in claimed if m.id in seen), start.isoformat(), end.isoformat())
+        return len(claimed)
+
+    def window(self, sweep: Sweep, claimed: list[Message], now: dt.datetime):
+        """The statistics window that covers every claimed message, wider for those missed before.
+
+        TWIN filters message statistics by creation time and sessions by start time (our reading
+        of its API). Until TWIN has told us a session's startedAt, we only know when our callbacks
+        came, so each message's anchor is padded by a margin that doubles each time the message
+        was not found. Once it has, the window is that moment by TWIN's own clock: re-checks for
+        a bot's answer then page through a few seconds of sessions, not the whole mailing.
+        """
+        margin = self.settings.enrich_window_margin
+        latest = now + dt.timedelta(seconds=max(margin, 60.0))
+        starts, ends = [], []
+        for message in claimed:
+            if message.session_started_at is not None:
+                starts.append(message.session_started_at - SESSION_SLACK)
+                ends.append(message.session_started_at + SESSION_SLACK)
+                continue
+            widening = 2 ** min(message.attempts, MAX_WIDENING)
+            starts.append(message_anchor(message) - dt.timedelta(seconds=margin * widening))
+            ends.append(latest)
+        return _aware(min(starts)), _aware(max(ends))
+
+    def pages(self, sweep: Sweep, start, end):
+        if sweep.endpoint == "sessions_stats":
+            return self.client.iter_sessions(start, end, fields=SESSION_FIELDS)
+        return self.client.iter_messages(start, end, fields=MESSAGE_FIELDS)
+
+    def apply_page(self, sweep: Sweep, items: list) -> dict[str, str]:
+        items = [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
+        if sweep.endpoint == "sessions_stats":
+            return apply_sessions(items, self.clock(), self.settings)
+        return apply_messages(items, self.clock(), self.settings)
+
+    def settle(self, sweep: Sweep, claimed: list[Message], seen: dict[str, str]) -> None:
+        """Release the batch, and schedule what this sweep did not finish: later, or never."""
+        now = self.clock()
+        with write_transaction():
+            for chunk in _chunks([m.id for m in claimed]):
+                Message.update(lease_until=None).where(Message.id.in_(chunk)).execute()
+            for message in claimed:
+                outcome = seen.get(message.id)
+                if outcome == SEEN_DONE:
+                    continue
+                setting, reason = HORIZONS[message.stage]
+                horizon = dt.timedelta(seconds=getattr(self.settings, setting))
+                if now - message_anchor(message) > horizon:
+                    give_up(message, f"{reason} within {_hours(horizon)}")
+                    continue
+                attempts = message.attempts + 1
+                error = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
+                Message.update(
+                    attempts=attempts, next_check_at=now + dt.timedelta(seconds=self.backoff(attempts)),
+                    last_error=error,
+                ).where(Message.id == message.id, Message.stage == message.stage).execute()
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds until the next look: growing, capped, with jitter so batches spread out."""
+        base = self.settings.enrich_backoff_start * 2 ** min(attempts - 1, 20)
+        return min(self.settings.enrich_backoff_max, base) * random.uniform(0.9, 1.1)
+
+
+# -- claiming ---------------------------------------------------------------------------------
+
+def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_seconds: float) -> list[Message]:
+    """Lease up to `limit` due messages of a stage. Two workers never hold the same message."""
+    lease_until = now + dt.timedelta(seconds=lease_seconds)
+    due = (Message
+           .select(Message.id, Message.stage, Message.attempts, Message.sent_at, Message.first_seen_at,
+                   Message.delivered_at, Message.chat_id_at, Message.session_started_at)
+           .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
+                  (Message.lease_until.is_null()) | (Message.lease_until < now))
+           .order_by(Message.next_check_at)
+           .limit(limit))
+    is_postgres = isinstance(db.obj, PostgresqlDatabase)
+    with write_transaction():
+        # PostgreSQL: rows another worker is claiming right now are skipped, not waited for.
+        # SQLite: the write lock taken at BEGIN already makes claims one at a time.
+        claimed = list(due.for_update("FOR UPDATE SKIP LOCKED") if is_postgres else due)
+        for chunk in _chunks([m.id for m in claimed]):
+            Message.update(lease_until=lease_until).where(Message.id.in_(chunk)).execute()
+    return claimed
+
+
+def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, dt.datetime | None]:
+    """How many messages of these stages are due and unclaimed, and since when the oldest is."""
+    return (Message
+            .select(fn.COUNT(Message.id), _earliest(Message.next_check_at))
+            .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
+                   (Message.lease_until.is_null()) | (Message.lease_until < now))
+            .tuples()
+            .get())
+
+
+def release(claimed: list[Message], due_at: dt.datetime, error: str) -> None:
+    with write_transaction():
+        for chunk in _chunks([m.id for m in claimed]):
+            Message.update(lease_until=None, next_check_at=due_at, last_error=error[:500]).where(
+                Message.id.in_(chunk)).execute()
+
+
+def give_up(message: Message, reason: str) -> None:
+    Message.update(stage=STAGE_GIVEN_UP, given_up_reason=reason, next_check_at=None, lease_until=None,
+                   last_error=None).where(Message.id == message.id, Message.stage == message.stage).execute()
+
+
+# -- applying what TWIN said ------------------------------------------------------------------
+
+def apply_messages(items: list[dict], now: dt.datetime, settings) -> dict[str, str]:
+    """Apply message statistics to the stored messages they name: status, and chat session id."""
+    by_id = {item["id"]: item for item in items}
+    seen: dict[str, str] = {}
+    first_check = now + dt.timedelta(seconds=settings.enrich_first_check)
+    with write_transaction():
+        for message in _stored(Message.id, list(by_id), MESSAGES_SWEEP.stages):
+            item = by_id[message.id]
+            status = item.get("status")
+            if isinstance(status, str) and status.strip():
+                status = status.strip().upper()
+                # Statistics carry no status code: keep the one we have if the status moves.
+                Message.update(forward_update(status, Message.status_code, now, settings)).where(
+                    Message.id == message.id).execute()
+            chat_id = item.get("providerMessageId")
+            if isinstance(chat_id, (str, int)) and str(chat_id).strip() and message.stage in (
+                    STAGE_NONE, STAGE_CHAT_ID):
+                Message.update(
+                    chat_id=str(chat_id), chat_id_at=now, stage=STAGE_RESULT, attempts=0,
+                    next_check_at=first_check, lease_until=None, last_error=None,
+                    delivered_at=fn.COALESCE(Message.delivered_at, now),
+                ).where(Message.id == message.id, Message.stage.in_([STAGE_NONE, STAGE_CHAT_ID])).execute()
+                seen[message.id] = SEEN_DONE
+            elif message.stage == STAGE_NONE and isinstance(status, str) and is_final(status):
+                seen[message.id] = SEEN_DONE       # settled: forward_update scheduled what comes next
+            else:
+                seen[message.id] = SEEN_WAITING
+    return seen
+
+
+def apply_sessions(items: list[dict], now: dt.datetime, settings) -> dict[str, str]:
+    """Apply chat-session statistics to the messages whose chat id they carry: the bot's result."""
+    by_chat_id = {item["id"]: item for item in items}
+    seen: dict[str, str] = {}
+    with write_transaction():
+        for message in _stored(Message.chat_id, list(by_chat_id), SESSIONS_SWEEP.stages):
+            session = by_chat_id[message.chat_id]
+            result = bot_result(session.get("dialogResultsFromBotJson"))
+            closed = session_closed(session)
+            update = {
+                Message.session: json.dumps(session, ensure_ascii=False, separators=(",", ":")),
+                Message.session_status: _short(session.get("status")),
+                Message.bot_status: _short(session.get("botStatus")),
+                Message.session_started_at: twin_time(session.get("startedAt")),
+            }
+            if result is not None:
+                if result != message.result:
+                    update.update({Message.result: result, Message.result_at: now})
+                if closed:
+                    update.update({Message.stage: STAGE_DONE, Message.next_check_at: None,
+                                   Message.lease_until: None, Message.last_error: None})
+                    seen[message.id] = SEEN_DONE
+                else:
+                    seen[message.id] = SEEN_WAITING    # the bot may still change its answer
+            elif closed:
+                update.update({Message.stage: STAGE_GIVEN_UP, Message.next_check_at: None,
+                               Message.lease_until: None,
+                               Message.given_up_reason: "the dialog closed without a bot result"})
+                seen[message.id] = SEEN_DONE
+            else:
+                seen[message.id] = SEEN_WAITING
+            Message.update(update).where(Message.id == message.id, Message.stage == STAGE_RESULT).execute()
+    return seen
+
+
+def _stored(column, values: list, stages: tuple[str, ...]):
+    for chunk in _chunks(values):
+        yield from (Message
+                    .select(Message.id, Message.stage, Message.chat_id, Message.result)
+                    .where(column.in_(chunk), Message.stage.in_(stages)))
+
+
+def bot_result(value) -> str | None:
+    """dialogResultsFromBotJson as JSON text, or None while the bot has recorded nothing."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)     # some answers carry it as a JSON string
+        except ValueError:
+            return json.dumps(value, ensure_ascii=False) if value.strip() else None
+    if not value:
+        return None
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def twin_time(value) -> dt.datetime | None:
+    """A timestamp from TWIN's statistics as naive UTC; None when absent or unreadable."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None       # no zone: we cannot tell which moment it names, so do not narrow on it
+    return moment.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def session_closed(session: dict) -> bool:
+    states = {str(session.get(key) or "").strip().upper() for key in ("status", "botStatus")}
+    return bool(states & CLOSED_SESSION_STATES)
+
+
+def message_anchor(message: Message) -> dt.datetime:
+    """When the message's current stage began, as seen from here, for windows and horizons."""
+    if message.stage == STAGE_RESULT:
+        return message.delivered_at or message.chat_id_at or message.first_seen_at
+    if message.stage == STAGE_CHAT_ID:
+        return message.delivered_at or message.sent_at or message.first_seen_at
+    return message.sent_at or message.first_seen_at
+
+
+def _earliest(column):
+    # MIN() of a datetime column comes back from SQLite as text unless told what it is.
+    return fn.MIN(column).python_value(column.python_value)
+
+
+def _short(value) -> str | None:
+    return None if value is None else str(value)[:64]
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(tzinfo=dt.UTC)
+
+
+def _hours(delta: dt.timedelta) -> str:
+    hours = delta.total_seconds() / 3600
+    return f"{hours:g} h" if hours >= 1 else f"{delta.total_seconds():g} s"
+
+
+def _chunks(values: list, size: int = CHUNK):
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+# -- what operators watch ---------------------------------------------------------------------
+
+def count_twin_call(endpoint: str, outcome: str) -> None:
+    metrics.TWIN_CALLS.labels(endpoint=endpoint, outcome=outcome).inc()
+
+
+def remember_twin_error(error: TwinError, now: dt.datetime) -> None:
+    (TwinCall.insert(endpoint=error.endpoint, last_error=str(error)[:1000], last_error_at=now)
+     .on_conflict(conflict_target=[TwinCall.endpoint],
+                  update={TwinCall.last_error: str(error)[:1000], TwinCall.last_error_at: now})
+     .execute())
+
+
+def remember_twin_ok(endpoint: str, now: dt.datetime) -> None:
+    (TwinCall.insert(endpoint=endpoint, last_ok_at=now)
+     .on_conflict(conflict_target=[TwinCall.endpoint], update={TwinCall.last_ok_at: now})
+     .execute())
+
+
+def backlog(now: dt.datetime | None = None) -> dict:
+    """Messages per stage, how many are due, how overdue the oldest is, the last TWIN errors."""
+    now = now or utcnow()
+    stages = dict(Message.select(Message.stage, fn.COUNT(Message.id)).group_by(Message.stage).tuples())
+    due_filter = (Message.stage.in_(list(ACTIVE_STAGES) + [STAGE_NONE])) & (Message.next_check_at <= now)
+    due = Message.select().where(due_filter).count()
+    oldest = Message.select(_earliest(Message.next_check_at)).where(due_filter).scalar()
+    errors = {row.endpoint: (row.last_error, row.last_error_at)
+              for row in TwinCall.select().where(TwinCall.last_error.is_null(False))}
+    return {
+        "stages": stages, "due": due,
+        "oldest_due_seconds": (now - oldest).total_seconds() if oldest else None,
+        "twin_errors": errors,
+    }

@@ -1,0 +1,140 @@
+"""Housekeeping: a consistent copy of the SQLite file while the service runs, and event retention.
+
+    flask --app receiver backup /var/backups/twin24-receiver --keep 14
+    flask --app receiver prune                  # events older than EVENT_RETENTION_DAYS
+    flask --app receiver prune --days 90 --dry-run
+
+Backups use SQLite's online backup API: one read transaction copies a snapshot of the database as
+it was when the copy began, while the web and worker processes go on writing (WAL mode lets the
+writer proceed beside a reader). The copy is written to a temporary file beside the destination,
+checked, switched to a single self-contained file (no -wal) and only then renamed into place, so a
+destination never holds half a backup. PostgreSQL is backed up with its own tools (pg_dump).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from peewee import SqliteDatabase
+
+from . import models
+from .models import Event, Rejected, utcnow
+
+BACKUP_PREFIX = "receiver-"
+BACKUP_SUFFIX = ".db"
+PRUNE_BATCH = 1000
+
+
+class MaintenanceError(RuntimeError):
+    """A maintenance command cannot do what was asked; str(error) says why and what to do instead."""
+
+
+def sqlite_path() -> Path:
+    """The file of the bound SQLite database, or MaintenanceError on PostgreSQL."""
+    database = models.db.obj
+    if not isinstance(database, SqliteDatabase):
+        raise MaintenanceError(
+            "backup works on the SQLite file only; DATABASE_URL is PostgreSQL: back it up with "
+            "pg_dump (e.g. pg_dump --format=custom --file=receiver.dump \"$DATABASE_URL\") or your "
+            "provider's snapshots")
+    return Path(database.database)
+
+
+def backup(dest: str | os.PathLike, *, keep: int = 0, now: dt.datetime | None = None) -> Path:
+    """Copy the live SQLite database to `dest`; the path written.
+
+    `dest` is a file name, or an existing directory where `receiver-<UTC time>.db` is created; there,
+    `keep` > 0 removes all but the `keep` newest such backups afterwards.
+    """
+    source_path = sqlite_path()
+    dest = Path(dest)
+    into_directory = dest.is_dir()
+    if into_directory:
+        stamp = (now or utcnow()).strftime("%Y%m%dT%H%M%SZ")
+        dest = dest / f"{BACKUP_PREFIX}{stamp}{BACKUP_SUFFIX}"
+    if dest.resolve() == source_path.resolve():
+        raise MaintenanceError(f"backup: {dest} is the live database itself")
+    if not dest.parent.is_dir():
+        raise MaintenanceError(f"backup: directory {dest.parent} does not exist")
+
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    # The copy holds the tokens kept in the database: readable by its owner only.
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    try:
+        timeout = max(float(getattr(models.db.obj, "_timeout", None) or 30.0), 1.0)
+        source = sqlite3.connect(source_path, timeout=timeout)
+        target = sqlite3.connect(partial)
+        try:
+            # pages=-1: one step, one read transaction, one consistent snapshot. (In small steps,
+            # every write by another connection would restart the copy, and a busy service could
+            # keep it from ever finishing.)
+            source.backup(target, pages=-1)
+            target.execute("PRAGMA journal_mode=DELETE")     # one self-contained file, no -wal
+            problem = target.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise MaintenanceError(f"backup: the copy failed its check: {problem}")
+        finally:
+            target.close()
+            source.close()
+        os.replace(partial, dest)
+    except BaseException:
+        for leftover in (partial, Path(f"{partial}-journal")):
+            if leftover.exists():
+                leftover.unlink()
+        raise
+    if into_directory and keep > 0:
+        prune_backups(dest.parent, keep)
+    return dest
+
+
+def prune_backups(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` newest receiver-*.db backups in `directory`; the removed paths."""
+    backups = sorted(p for p in directory.glob(f"{BACKUP_PREFIX}*{BACKUP_SUFFIX}") if p.is_file())
+    removed = backups[:-keep] if keep > 0 else []
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    cutoff: dt.datetime
+    events: int
+    rejected: int
+    dry_run: bool
+
+
+def prune(days: int, *, batch_size: int = PRUNE_BATCH, dry_run: bool = False,
+          now: dt.datetime | None = None) -> PruneResult:
+    """Delete events (and refused callbacks) received more than `days` days ago.
+
+    Messages are never touched: a message's current status, chat id and result stay. The rows go
+    in batches of `batch_size`, each its own short transaction, found through the indexed
+    received_at column, so that callbacks keep being stored while a large backlog is pruned.
+    """
+    if days < 1:
+        raise MaintenanceError("prune: the retention must be at least 1 day (EVENT_RETENTION_DAYS or --days)")
+    if batch_size < 1:
+        raise MaintenanceError("prune: the batch size must be at least 1")
+    cutoff = (now or utcnow()) - dt.timedelta(days=days)
+    counts = {}
+    for model in (Event, Rejected):
+        if dry_run:
+            counts[model] = model.select().where(model.received_at < cutoff).count()
+        else:
+            counts[model] = _delete_before(model, cutoff, batch_size)
+    return PruneResult(cutoff=cutoff, events=counts[Event], rejected=counts[Rejected], dry_run=dry_run)
+
+
+def _delete_before(model, cutoff: dt.datetime, batch_size: int) -> int:
+    deleted = 0
+    while True:
+        with models.db.atomic():
+            ids = [row.id for row in model.select(model.id).where(model.received_at < cutoff)
+                   .order_by(model.received_at, model.id).limit(batch_size)]
+            if not ids:
+                return deleted
+            deleted += model.delete().where(model.id.in_(ids)).execute()

@@ -1,0 +1,18 @@
+"""Prometheus counters shared by the web processes and the worker.
+
+Under gunicorn every worker is its own process: with PROMETHEUS_MULTIPROC_DIR set (deploy/ and
+the run script set it), prometheus_client keeps each process's counts in files there and `/metrics`
+adds them up. The enrichment backlog is read from the database at scrape time instead (api.py), so
+it is right whichever process or machine asks.
+"""
+from prometheus_client import Counter
+
+CALLBACKS = Counter(
+    "receiver_callbacks_total", "Status callbacks stored, by new status ('duplicate' for exact repeats).",
+    ["status"])
+CALLBACKS_UNSTORED = Counter(
+    "receiver_callbacks_unstored_total", "Callbacks answered 503 because the database could not store them.")
+REJECTED = Counter(
+    "receiver_rejected_total", "Callbacks refused, by reason.", ["reason"])
+TWIN_CALLS = Counter(
+    "receiver_twin_calls_total", "HTTP attempts made to TWIN, by endpoint and outcome.", ["endpoint", "outcome"])

@@ -1,0 +1,278 @@
+"""Storage: the peewee models, the database they live in, and the `results` view.
+
+Everything the receiver knows is in these tables, and they are meant to be read directly
+(`sqlite3 data/receiver.db 'select * from results'`). All times are UTC.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from pathlib import Path
+
+from peewee import (
+    BlobField, BooleanField, CharField, DatabaseProxy, DateTimeField, FloatField, IntegerField,
+    Model, PostgresqlDatabase, SqliteDatabase, TextField,
+)
+from playhouse.db_url import connect as connect_url
+
+db = DatabaseProxy()
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC, the form every timestamp column holds."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+# Enrichment stages of a message (Message.stage).
+STAGE_NONE = "none"          # not delivered (yet): nothing to look up
+STAGE_CHAT_ID = "chat_id"    # delivered: looking for its chat session id
+STAGE_RESULT = "result"      # session known: waiting for the bot's result
+STAGE_DONE = "done"          # result stored
+STAGE_GIVEN_UP = "given_up"  # past the horizon; given_up_reason says why
+STAGES = (STAGE_NONE, STAGE_CHAT_ID, STAGE_RESULT, STAGE_DONE, STAGE_GIVEN_UP)
+ACTIVE_STAGES = (STAGE_CHAT_ID, STAGE_RESULT)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class Message(BaseModel):
+    """One TWIN message (one destination of a send), with its current status and what enrichment found."""
+    id = CharField(primary_key=True, max_length=128)          # TWIN's message id
+    callback_data = TextField(null=True, index=True)           # verbatim, opaque
+    bulk_id = CharField(null=True, max_length=128, index=True)
+    group_id = CharField(null=True, max_length=128)
+    flow_id = CharField(null=True, max_length=128)
+    # Known only when the message was sent through the receiver (receiver/sending.py).
+    phone = CharField(null=True, max_length=32)
+    messenger_user_id = CharField(null=True, max_length=128)
+    variables = TextField(null=True)                           # JSON object
+    destination_index = IntegerField(null=True)
+    send_id = IntegerField(null=True, index=True)
+    sent_at = DateTimeField(null=True)
+
+    status = CharField(max_length=64, default="CREATED")
+    status_code = IntegerField(null=True)
+    status_rank = IntegerField(default=0)
+    status_at = DateTimeField(null=True)                       # when the current status was learned
+    price = FloatField(null=True)
+    part_count = IntegerField(null=True)
+    first_seen_at = DateTimeField(default=utcnow)
+    last_seen_at = DateTimeField(default=utcnow)
+    delivered_at = DateTimeField(null=True)                    # when DELIVERED was first learned
+
+    # Enrichment: the chat session (providerMessageId) and the bot's result.
+    stage = CharField(max_length=16, default=STAGE_NONE)
+    next_check_at = DateTimeField(null=True)
+    attempts = IntegerField(default=0)
+    lease_until = DateTimeField(null=True)
+    last_error = TextField(null=True)
+    given_up_reason = TextField(null=True)
+    chat_id = CharField(null=True, max_length=128, index=True)
+    chat_id_at = DateTimeField(null=True)
+    session = TextField(null=True)                             # the session item as TWIN gave it (JSON)
+    session_started_at = DateTimeField(null=True)              # its startedAt, by TWIN's clock
+    session_status = CharField(null=True, max_length=64)
+    bot_status = CharField(null=True, max_length=64)
+    result = TextField(null=True)                              # dialogResultsFromBotJson (JSON)
+    result_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("stage", "next_check_at"), False),)
+
+
+class Event(BaseModel):
+    """Every status callback as received. Exact repeats (same message, old and new status) once."""
+    message_id = CharField(max_length=128, index=True)
+    dedup_key = TextField(unique=True)
+    old_status = CharField(null=True, max_length=64)
+    new_status = CharField(max_length=64, index=True)
+    old_status_code = IntegerField(null=True)
+    new_status_code = IntegerField(null=True)
+    price = FloatField(null=True)
+    part_count = IntegerField(null=True)
+    callback_data = TextField(null=True)
+    received_at = DateTimeField(default=utcnow, index=True)
+    remote_addr = CharField(null=True, max_length=64)
+    content_type = CharField(null=True, max_length=128)
+    raw = TextField()                                          # the body exactly as it came
+
+
+class Rejected(BaseModel):
+    """A callback we refused, kept so that nothing is lost silently and an operator can replay it."""
+    received_at = DateTimeField(default=utcnow, index=True)
+    reason = CharField(max_length=64)                          # from a small vocabulary (callbacks.py)
+    detail = TextField(null=True)
+    remote_addr = CharField(null=True, max_length=64)
+    method = CharField(null=True, max_length=16)
+    content_type = CharField(null=True, max_length=128)
+    content_length = IntegerField(null=True)
+    body = BlobField(null=True)                                # at most REJECTED_BODY_CAP bytes
+    body_truncated = BooleanField(default=False)
+
+
+class Meta(BaseModel):
+    """Small key/value facts the service keeps: generated tokens, the schema version."""
+    key = CharField(primary_key=True, max_length=64)
+    value = TextField()
+
+
+class TwinCall(BaseModel):
+    """The last TWIN error per endpoint, shared by every worker process (for `flask status`)."""
+    endpoint = CharField(primary_key=True, max_length=32)
+    last_error = TextField(null=True)
+    last_error_at = DateTimeField(null=True)
+    last_ok_at = DateTimeField(null=True)
+
+
+MODELS = [Message, Event, Rejected, Meta, TwinCall]
+
+RESULTS_VIEW = """
+CREATE VIEW results AS
+SELECT m.id AS message_id,
+       m.callback_data,
+       m.phone,
+       m.status,
+       m.chat_id,
+       m.result,
+       m.stage,
+       m.given_up_reason,
+       m.status_code,
+       m.bulk_id,
+       m.destination_index,
+       m.session_status,
+       m.bot_status,
+       m.first_seen_at,
+       m.delivered_at,
+       m.chat_id_at,
+       m.result_at,
+       m.last_seen_at
+FROM message AS m
+"""
+SCHEMA_VERSION = "1"
+
+
+def make_database(settings):
+    """Open the database named by settings.database_url (not yet connected)."""
+    url = settings.database_url
+    if settings.is_sqlite:
+        path = url.split("sqlite:///", 1)[-1] if url.startswith("sqlite:///") else None
+        if not path or path == ":memory:":
+            raise ValueError("DATABASE_URL: sqlite needs a file path, e.g. sqlite:///data/receiver.db")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return SqliteDatabase(path, pragmas=sqlite_pragmas(settings), timeout=settings.sqlite_busy_timeout,
+                              check_same_thread=False)
+    return connect_url(url.replace("postgres://", "postgresql://", 1))
+
+
+def sqlite_pragmas(settings) -> dict:
+    # WAL lets readers (the results page, exports) run beside the writer; the busy timeout makes
+    # concurrent writers wait their turn instead of failing with "database is locked".
+    return {
+        "journal_mode": "wal",
+        "synchronous": settings.sqlite_synchronous,
+        "busy_timeout": int(settings.sqlite_busy_timeout * 1000),
+        "foreign_keys": 1,
+    }
+
+
+def bind(settings):
+    """Point the models at the configured database and return it."""
+    database = make_database(settings)
+    db.initialize(database)
+    return database
+
+
+def write_transaction():
+    """A transaction that will write. On SQLite it takes the write lock at BEGIN: a transaction
+    that reads first and writes later cannot wait for the lock (SQLite answers "database is
+    locked" at once when another writer committed in between), while BEGIN IMMEDIATE waits its
+    turn under the busy timeout."""
+    return db.atomic("IMMEDIATE") if isinstance(db.obj, SqliteDatabase) else db.atomic()
+
+
+def create_schema() -> None:
+    """Create tables, indexes and the results view if missing. Safe to run from many processes at once."""
+    with db.connection_context():
+        with _schema_lock():
+            db.create_tables(MODELS, safe=True)
+            if "results" not in [view.name for view in db.get_views()]:
+                db.execute_sql(RESULTS_VIEW)
+            Meta.insert(key="schema_version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
+
+
+class _schema_lock:
+    """Serialise schema creation: gunicorn starts several workers that all run create_app()."""
+
+    def __enter__(self):
+        self.txn = write_transaction()
+        self.txn.__enter__()
+        if isinstance(db.obj, PostgresqlDatabase):
+            db.execute_sql("SELECT pg_advisory_xact_lock(2402402401)")
+        return self
+
+    def __exit__(self, *exc):
+        return self.txn.__exit__(*exc)
+
+
+def ensure_token(key: str, configured: str | None) -> tuple[str, bool]:
+    """The token from the settings, or one generated once and kept in the database.
+
+    Returns (token, generated_now); generated_now is True in exactly one process, the one that
+    should tell the operator.
+    """
+    if configured:
+        return configured, False
+    candidate = secrets.token_urlsafe(32)
+    with db.connection_context():
+        inserted = Meta.insert(key=key, value=candidate).on_conflict_ignore().execute()
+        stored = Meta.get_by_id(key).value
+    return stored, bool(inserted) and stored == candidate
+
+
+def reset_for_tests() -> None:
+    """Drop everything (used by test fixtures on throw-away databases only)."""
+    with db.connection_context():
+        db.execute_sql("DROP VIEW IF EXISTS results")
+        db.drop_tables(MODELS, safe=True)
+
+
+# --- Sending through the receiver (receiver/sending.py, docs/sending.md) ---------------------------
+class Send(BaseModel):
+    """One mailing sent through the receiver. `key` names it (chat settings + callbackData), so a rerun
+    finds it; `lease_*` is the claim of the one process sending it right now."""
+    key = CharField(max_length=64, unique=True)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+    source = CharField(null=True, max_length=255)             # the file name, or "api"
+    chat = TextField()                                         # channels.chat as sent (JSON)
+    callback_data = TextField(null=True)
+    total = IntegerField(default=0)                            # outbox rows
+    batches = IntegerField(default=0)                          # requests made so far
+    lease_owner = CharField(null=True, max_length=64)
+    lease_until = DateTimeField(null=True)
+
+
+class Outbox(BaseModel):
+    """One destination of a send: pending -> in_flight -> sent | rejected | not_taken | unknown."""
+    send = IntegerField(column_name="send_id", index=True)    # Send.id
+    row_index = IntegerField()                                 # 0-based position in the input
+    line = IntegerField()                                      # the input's line (or item number)
+    phone = CharField(max_length=32)
+    messenger_user_id = CharField(null=True, max_length=128)
+    variables = TextField(null=True)                           # JSON object
+    state = CharField(max_length=16, default="pending")
+    batch = IntegerField(null=True)                            # which request carried it
+    attempts = IntegerField(default=0)
+    message_id = CharField(null=True, max_length=128, index=True)
+    error = TextField(null=True)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("send", "phone"), True), (("send", "state"), False))
+
+
+MODELS.extend([Send, Outbox])

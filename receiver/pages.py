@@ -1,0 +1,183 @@
+"""The results page: pick a mailing, see its funnel and the bot's answers, browse and download the rows.
+
+Server-rendered (Jinja templates, plain CSS, charts as inline SVG): no JavaScript, no build step,
+nothing fetched from the internet.
+
+Auth: the API token. A person signs in once with a small form and gets a signed, HttpOnly cookie
+(SameSite=Lax, Secure when the request came over HTTPS) valid for SESSION_HOURS; scripts may send
+HTTP Basic instead (any user name, the token as the password). The cookie's signing key is derived
+from the API token with HMAC, so no new setting is needed and changing API_TOKEN signs everyone out.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import urlencode
+
+from flask import (
+    Blueprint,
+    current_app,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from . import results
+from .api import SECRET_QUERY_NAMES, api_token_ok, csv_response
+
+bp = Blueprint("pages", __name__)
+
+COOKIE = "receiver_session"
+SESSION_HOURS = 12
+PAGE_ROWS = 100
+ANSWER_VALUES = 12                  # bars per answer chart; the rest are summed as "(other)"
+PUBLIC_ENDPOINTS = {"pages.login"}
+
+
+def _signer() -> URLSafeTimedSerializer:
+    key = hmac.new(current_app.config["API_TOKEN"].encode(), b"twin24-receiver results page session",
+                   hashlib.sha256).hexdigest()
+    return URLSafeTimedSerializer(key, salt="results-page")
+
+
+def _signed_in() -> bool:
+    cookie = request.cookies.get(COOKIE)
+    if cookie:
+        try:
+            _signer().loads(cookie, max_age=SESSION_HOURS * 3600)
+            return True
+        except BadSignature:
+            pass
+    auth = request.authorization
+    return bool(auth and auth.type == "basic" and api_token_ok(auth.password))
+
+
+@bp.before_request
+def _guard():
+    if any(name in request.args for name in SECRET_QUERY_NAMES):
+        return _page("error.html", 400, message="Never put the token in the URL; sign in with the form.")
+    if request.endpoint in PUBLIC_ENDPOINTS or _signed_in():
+        return None
+    if request.authorization and request.authorization.type == "basic":
+        return _page("error.html", 401, message="Wrong token.",
+                     headers={"WWW-Authenticate": 'Basic realm="twin24-receiver"'})
+    return redirect(url_for("pages.login", next=request.full_path.rstrip("?")))
+
+
+@bp.after_request
+def _private(response):
+    response.headers.setdefault("Cache-Control", "private, no-store")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response
+
+
+def _page(template: str, status: int = 200, headers: dict | None = None, **context):
+    response = make_response(render_template(template, **context), status)
+    response.headers.update(headers or {})
+    return response
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path on this site (no scheme, no //host) may be the place to go after signing in."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return url_for("pages.results_page")
+    return target
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    target = _safe_next(request.values.get("next"))
+    if request.method == "GET":
+        return _page("login.html", next=target)
+    if not api_token_ok(request.form.get("token", "")):
+        return _page("login.html", 401, next=target, error="That is not the API token.")
+    response = redirect(target)
+    response.set_cookie(COOKIE, _signer().dumps({"v": 1}), max_age=SESSION_HOURS * 3600,
+                        httponly=True, samesite="Lax", secure=request.is_secure)
+    return response
+
+
+@bp.post("/logout")
+def logout():
+    response = redirect(url_for("pages.login"))
+    response.delete_cookie(COOKIE, httponly=True, samesite="Lax", secure=request.is_secure)
+    return response
+
+
+@bp.get("/")
+def index():
+    return redirect(url_for("pages.results_page"))
+
+
+def _page_filters():
+    """The filters of the page: a `mailing` picked in the form ("c:<callbackData>" or "b:<bulkId>")
+    becomes callbackData/bulkId; everything else is the API's own parameters."""
+    args = request.args.copy()
+    mailing = args.pop("mailing", "")
+    if mailing[:2] == "c:":
+        args.setlist("callbackData", [mailing[2:]])
+        args.pop("bulkId", None)
+    elif mailing[:2] == "b:":
+        args.setlist("bulkId", [mailing[2:]])
+        args.pop("callbackData", None)
+    for name in list(args.keys()):          # an empty form field means "any"
+        if not any(v.strip() for v in args.getlist(name)):
+            args.pop(name)
+    return results.Filters.from_args(args, allowed=("cursor", "excel"))
+
+
+@bp.get("/results")
+def results_page():
+    try:
+        filters = _page_filters()
+        found = results.page(filters, limit=PAGE_ROWS, cursor=request.args.get("cursor") or None)
+    except results.FilterError as error:
+        return _page("error.html", 400, message=f"{error.param}: {error.detail}",
+                     back=url_for("pages.results_page"))
+    mailing_filters = filters.mailing_only()
+    summary = results.summarize(mailing_filters)
+    keys = summary.keys
+    rows = [results.flat_row(row, keys) for row in found.rows]
+    args = filters.to_args()
+    selected = (f"c:{filters.callback_data}" if filters.callback_data is not None
+                else f"b:{filters.bulk_id}" if filters.bulk_id is not None else "")
+    funnel = _chart([(key, label, count) for key, label, count in summary.funnel], summary.sent)
+    answers = {key: _chart([(value, value, count) for value, count in values[:ANSWER_VALUES]],
+                           summary.answered, rest=sum(count for _, count in values[ANSWER_VALUES:]))
+               for key, values in summary.answers.items()}
+    return _page(
+        "results.html", filters=filters, summary=summary, keys=keys, rows=rows,
+        funnel=funnel, answers=answers,
+        mailings=results.mailings(), selected=selected, stages=results.STAGES,
+        statuses=sorted(summary.statuses),
+        next_url=url_for("pages.results_page", **args, cursor=found.next_cursor) if found.next_cursor else None,
+        first_url=url_for("pages.results_page", **args) if request.args.get("cursor") else None,
+        csv_url=url_for("pages.results_csv") + ("?" + urlencode(args) if args else ""),
+        excel_url=url_for("pages.results_csv") + "?" + urlencode({**args, "excel": "1"}),
+    )
+
+
+def _chart(items, total: int, rest: int = 0) -> list[dict]:
+    """Bars for a chart: each with its count, its share of `total`, and its length (of the longest)."""
+    if rest:
+        items = [*items, ("(other)", "(other values)", rest)]
+    longest = max((count for _, _, count in items), default=0)
+    return [{"key": key, "label": label, "count": count,
+             "percent": round(100 * count / total) if total else 0,
+             "length": count / longest if longest else 0}
+            for key, label, count in items]
+
+
+@bp.get("/results.csv")
+def results_csv():
+    """The download link of the page: the same CSV as /api/results.csv, signed in with the cookie."""
+    try:
+        filters = _page_filters()
+    except results.FilterError as error:
+        return _page("error.html", 400, message=f"{error.param}: {error.detail}")
+    excel = request.args.get("excel", "").lower() in ("1", "true", "yes", "on")
+    return csv_response(filters, excel=excel, filename=(filters.callback_data or filters.bulk_id or "results"))

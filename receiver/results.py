@@ -1,0 +1,443 @@
+"""Reading the results: one query with its filters, keyset pages, flat rows, CSV and JSON streams.
+
+The CLI export, the JSON/CSV API and the results page all read through this module, so a filter or a
+column means the same thing everywhere.
+
+- Order: (first_seen_at, message id), ascending. first_seen_at never changes once a message is
+  stored, so the order is stable; a page ends with a cursor naming its last row, and the next page
+  starts strictly after it (keyset pagination: no OFFSET, so page 10,000 costs what page 1 costs, and
+  no row is seen twice or skipped while callbacks keep adding rows — new rows sort last).
+- Streams (CSV, JSON, JSON lines) walk the same keyset pages one chunk at a time, each chunk read with
+  `.iterator()`: memory is one chunk (CHUNK rows), however many rows match, and no cursor or read
+  transaction is held open while the client reads.
+- CSV columns: the fixed columns, `result` (the JSON text as stored, lossless), then one
+  `result.<key>` column per key of the bot's result. The keys come from a first pass that groups the
+  matching rows by their result text (`SELECT result, COUNT(*) ... GROUP BY result`): the database
+  does the work and Python parses each distinct result once.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import datetime as dt
+import io
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from peewee import Tuple, fn
+
+from .models import STAGES, Message
+
+# Output columns, in order, and the Message field each comes from.
+COLUMNS = (
+    ("message_id", Message.id),
+    ("callback_data", Message.callback_data),
+    ("bulk_id", Message.bulk_id),
+    ("phone", Message.phone),
+    ("destination_index", Message.destination_index),
+    ("status", Message.status),
+    ("status_code", Message.status_code),
+    ("stage", Message.stage),
+    ("given_up_reason", Message.given_up_reason),
+    ("chat_id", Message.chat_id),
+    ("session_status", Message.session_status),
+    ("bot_status", Message.bot_status),
+    ("first_seen_at", Message.first_seen_at),
+    ("delivered_at", Message.delivered_at),
+    ("chat_id_at", Message.chat_id_at),
+    ("result_at", Message.result_at),
+    ("last_seen_at", Message.last_seen_at),
+)
+COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
+RESULT_PREFIX = "result."
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+CHUNK = 1000                       # rows per keyset chunk when streaming
+CSV_ROWS_PER_WRITE = 200           # rows per yielded piece of CSV text
+EXCEL_BOM = "\ufeff"
+# Parameter names of the HTTP API (the same names as TWIN's callback fields where there is one).
+PARAMS = ("callbackData", "bulkId", "status", "stage", "since", "until")
+
+
+class FilterError(ValueError):
+    """A filter or cursor that cannot be used; `param` names it."""
+
+    def __init__(self, param: str, detail: str):
+        super().__init__(f"{param}: {detail}")
+        self.param, self.detail = param, detail
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What to read. Empty means everything. `since` is inclusive, `until` exclusive, both on
+    first_seen_at (when the receiver first heard of the message), in UTC."""
+    callback_data: str | None = None
+    bulk_id: str | None = None
+    status: tuple[str, ...] = ()
+    stage: tuple[str, ...] = ()
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+    @classmethod
+    def build(cls, callback_data=None, bulk_id=None, status: Iterable[str] = (), stage: Iterable[str] = (),
+              since=None, until=None) -> Filters:
+        """Filters from loose values (strings as people type them); FilterError names a bad one."""
+        statuses = tuple(dict.fromkeys(s.strip().upper() for s in _split(status) if s.strip()))
+        stages = tuple(dict.fromkeys(s.strip().lower() for s in _split(stage) if s.strip()))
+        for name in stages:
+            if name not in STAGES:
+                raise FilterError("stage", f"unknown stage {name!r}; one of {', '.join(STAGES)}")
+        since_at = parse_time("since", since) if isinstance(since, str) else since
+        until_at = parse_time("until", until) if isinstance(until, str) else until
+        if since_at and until_at and since_at >= until_at:
+            raise FilterError("until", "must be after since")
+        return cls(callback_data=callback_data or None, bulk_id=bulk_id or None, status=statuses,
+                   stage=stages, since=since_at, until=until_at)
+
+    @classmethod
+    def from_args(cls, args, allowed: Iterable[str] = ()) -> Filters:
+        """Filters from request arguments (a werkzeug MultiDict). Unknown arguments are an error:
+        a misspelt filter must not silently return everything."""
+        known = set(PARAMS) | set(allowed)
+        for name in args.keys():
+            if name not in known:
+                raise FilterError(name, f"unknown parameter; known: {', '.join(sorted(known))}")
+        return cls.build(
+            callback_data=args.get("callbackData"), bulk_id=args.get("bulkId"),
+            status=args.getlist("status"), stage=args.getlist("stage"),
+            since=args.get("since") or None, until=args.get("until") or None)
+
+    def to_args(self) -> dict:
+        """The HTTP arguments that give these filters back (for links)."""
+        args = {"callbackData": self.callback_data, "bulkId": self.bulk_id,
+                "status": ",".join(self.status) or None, "stage": ",".join(self.stage) or None,
+                "since": iso(self.since), "until": iso(self.until)}
+        return {k: v for k, v in args.items() if v is not None}
+
+    def mailing_only(self) -> Filters:
+        return Filters(callback_data=self.callback_data, bulk_id=self.bulk_id)
+
+    def where(self, query):
+        if self.callback_data is not None:
+            query = query.where(Message.callback_data == self.callback_data)
+        if self.bulk_id is not None:
+            query = query.where(Message.bulk_id == self.bulk_id)
+        if self.status:
+            query = query.where(Message.status.in_(list(self.status)))
+        if self.stage:
+            query = query.where(Message.stage.in_(list(self.stage)))
+        if self.since is not None:
+            query = query.where(Message.first_seen_at >= self.since)
+        if self.until is not None:
+            query = query.where(Message.first_seen_at < self.until)
+        return query
+
+
+def _split(values) -> list[str]:
+    """`status=A,B` and `status=A&status=B` mean the same."""
+    if isinstance(values, str):
+        values = [values]
+    return [part for value in values for part in value.split(",")]
+
+
+def parse_time(param: str, text: str) -> dt.datetime:
+    """ISO 8601 date or date-time; without an offset it is UTC. Returns naive UTC, like the columns."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise FilterError(param, f"expected an ISO 8601 date or date-time, got {text!r}") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value is not None else None
+
+
+# ---- cursors ------------------------------------------------------------------------------------
+
+def encode_cursor(row: Mapping) -> str:
+    key = json.dumps([row["first_seen_at"].isoformat(), row["id"]], separators=(",", ":"))
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        first_seen, message_id = json.loads(raw)
+        return dt.datetime.fromisoformat(first_seen), str(message_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise FilterError("cursor", "not a cursor this API gave out") from None
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def _select(filters: Filters, after: tuple[dt.datetime, str] | None, limit: int):
+    query = filters.where(Message.select(*(f for _, f in COLUMNS), Message.result))
+    if after is not None:
+        query = query.where(Tuple(Message.first_seen_at, Message.id) > Tuple(*after))
+    return query.order_by(Message.first_seen_at, Message.id).limit(limit)
+
+
+@dataclass
+class Page:
+    rows: list[dict]
+    next_cursor: str | None
+
+
+def page(filters: Filters, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+    """One page of raw rows (Message field names) after `cursor`; next_cursor is None on the last."""
+    after = decode_cursor(cursor) if cursor else None
+    rows = list(_select(filters, after, limit + 1).dicts().iterator())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(rows[-1]) if more else None)
+
+
+def iterate(filters: Filters, chunk: int = CHUNK) -> Iterator[dict]:
+    """Every matching raw row, in order, one keyset chunk at a time.
+
+    Each chunk is read whole (`.iterator()`, so peewee keeps no second copy) before any of it is
+    yielded: no cursor or read transaction stays open while a slow client takes the rows, and a
+    connection closed between chunks is simply reopened for the next one.
+    """
+    after = None
+    while True:
+        rows = list(_select(filters, after, chunk).dicts().iterator())
+        yield from rows
+        if len(rows) < chunk:
+            return
+        after = (rows[-1]["first_seen_at"], rows[-1]["id"])
+
+
+def result_counts(filters: Filters) -> Iterator[tuple[str | None, int]]:
+    """(result text, number of messages) for each distinct result among the matching rows."""
+    query = filters.where(Message.select(Message.result, fn.COUNT(Message.id)))
+    return query.group_by(Message.result).tuples().iterator()
+
+
+def parse_result(text: str | None):
+    """The stored result as JSON, or the text itself if it is not JSON."""
+    if text is None or text == "":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def result_keys(filters: Filters) -> list[str]:
+    """The keys of the bot's results among the matching rows, most common first (ties by name)."""
+    seen: Counter = Counter()
+    for text, count in result_counts(filters):
+        value = parse_result(text)
+        if isinstance(value, dict):
+            for key in value:
+                seen[str(key)] += count
+    return sorted(seen, key=lambda key: (-seen[key], key))
+
+
+# ---- shaping rows -------------------------------------------------------------------------------
+
+def _base(row: Mapping) -> dict:
+    out = {}
+    for name, f in COLUMNS:
+        value = row[f.name]
+        out[name] = iso(value) if isinstance(value, dt.datetime) else value
+    return out
+
+
+def row_json(row: Mapping) -> dict:
+    """A row for JSON: the columns, with `result` as the bot's JSON object."""
+    out = _base(row)
+    out["result"] = parse_result(row["result"])
+    return out
+
+
+def cell(value) -> str:
+    """A value as CSV text: strings as they are, null empty, anything else as JSON text."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def flat_row(row: Mapping, keys: Iterable[str]) -> dict:
+    """A row for CSV: the columns, `result` as stored, and `result.<key>` for each key asked for.
+    Nested values are JSON text."""
+    out = _base(row)
+    out["result"] = row["result"]
+    value = parse_result(row["result"])
+    value = value if isinstance(value, dict) else {}
+    for key in keys:
+        out[RESULT_PREFIX + key] = value.get(key)
+    return {k: cell(v) for k, v in out.items()}
+
+
+# ---- streams ------------------------------------------------------------------------------------
+
+def csv_header(keys: Iterable[str]) -> list[str]:
+    return [*COLUMN_NAMES, "result", *(RESULT_PREFIX + key for key in keys)]
+
+
+def _excel_safe(value):
+    """Cells that a spreadsheet would run as a formula get a leading apostrophe (numbers stay)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def csv_stream(filters: Filters, excel: bool = False, chunk: int = CHUNK) -> Iterator[str]:
+    """The matching rows as CSV text (RFC 4180 quoting, CRLF line ends), in pieces.
+
+    excel=True starts with a UTF-8 byte order mark (so Excel reads Cyrillic right) and defuses cells
+    that Excel would evaluate as formulas; leave it off for programs.
+    """
+    keys = result_keys(filters)
+    header = csv_header(keys)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(header)
+    yield (EXCEL_BOM if excel else "") + _drain(buffer)
+    pending = 0
+    for row in iterate(filters, chunk):
+        values = flat_row(row, keys)
+        cells = [values[name] for name in header]
+        writer.writerow([_excel_safe(c) for c in cells] if excel else cells)
+        pending += 1
+        if pending >= CSV_ROWS_PER_WRITE:
+            yield _drain(buffer)
+            pending = 0
+    if pending:
+        yield _drain(buffer)
+
+
+def _drain(buffer: io.StringIO) -> str:
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    return text
+
+
+def _dumps(document) -> str:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+def jsonl_stream(filters: Filters, chunk: int = CHUNK) -> Iterator[str]:
+    """One JSON object per line."""
+    for row in iterate(filters, chunk):
+        yield _dumps(row_json(row)) + "\n"
+
+
+def json_stream(filters: Filters, chunk: int = CHUNK) -> Iterator[str]:
+    """One JSON array, written as it is read."""
+    yield "["
+    separator = "\n"
+    for row in iterate(filters, chunk):
+        yield separator + _dumps(row_json(row))
+        separator = ",\n"
+    yield "\n]\n"
+
+
+# ---- what the page shows ------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    sent: int = 0
+    delivered: int = 0
+    session_started: int = 0
+    answered: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    stages: dict[str, int] = field(default_factory=dict)
+    # key -> [(value as text, count)]: numbers in numeric order, other answers most common first.
+    # Only keys with plain values (text, numbers, booleans); nested objects are in `keys` and the rows.
+    answers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)   # every key of the results, most common first
+
+    @property
+    def funnel(self) -> list[tuple[str, str, int]]:
+        return [("sent", "Sent", self.sent), ("delivered", "Delivered", self.delivered),
+                ("session_started", "Session started", self.session_started),
+                ("answered", "Answered", self.answered)]
+
+    def as_json(self) -> dict:
+        return {"funnel": {key: count for key, _, count in self.funnel},
+                "statuses": self.statuses, "stages": self.stages, "keys": self.keys,
+                "answers": {key: [{"value": v, "count": c} for v, c in values]
+                            for key, values in self.answers.items()}}
+
+
+def answered(value) -> bool:
+    """A result counts as an answer when it says something: not null, not {} or []."""
+    return value not in (None, "", {}, [])
+
+
+def summarize(filters: Filters) -> Summary:
+    """The funnel (sent -> delivered -> session started -> answered), statuses, stages, and how the
+    bot's answers are distributed, for the matching messages. Four GROUP BY/COUNT queries."""
+    summary = Summary()
+    counts = filters.where(Message.select(
+        fn.COUNT(Message.id), fn.COUNT(Message.delivered_at), fn.COUNT(Message.chat_id))).tuples()
+    summary.sent, summary.delivered, summary.session_started = counts.get()
+    for column, target in ((Message.status, summary.statuses), (Message.stage, summary.stages)):
+        query = filters.where(Message.select(column, fn.COUNT(Message.id))).group_by(column)
+        for name, count in sorted(query.tuples(), key=lambda item: (-item[1], str(item[0]))):
+            target[name] = count
+    distribution: dict[str, Counter] = {}
+    keys: Counter = Counter()
+    nested: set[str] = set()
+    numeric: dict[str, bool] = {}
+    for text, count in result_counts(filters):
+        value = parse_result(text)
+        if not answered(value):
+            continue
+        summary.answered += count
+        if not isinstance(value, dict):
+            value = {"result": value}
+        for key, answer in value.items():
+            key = str(key)
+            keys[key] += count
+            if isinstance(answer, (dict, list)):
+                nested.add(key)
+                continue
+            is_number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+            numeric[key] = numeric.get(key, True) and is_number
+            distribution.setdefault(key, Counter())[cell(answer)] += count
+    summary.keys = sorted(keys, key=lambda k: (-keys[k], k))
+    for key in summary.keys:
+        if key in nested or key not in distribution:
+            continue
+        values = distribution[key]
+        order = (lambda item: float(item[0])) if numeric[key] else (lambda item: (-item[1], item[0]))
+        summary.answers[key] = sorted(values.items(), key=order)
+    return summary
+
+
+@dataclass
+class Mailing:
+    kind: str            # "callbackData" or "bulkId"
+    value: str
+    messages: int
+    last_seen_at: dt.datetime | None
+
+
+def mailings(limit: int = 200) -> list[Mailing]:
+    """The most recent mailings, by callbackData and by bulkId, newest first."""
+    found = []
+    for kind, column in (("callbackData", Message.callback_data), ("bulkId", Message.bulk_id)):
+        last = fn.MAX(Message.first_seen_at)
+        query = (Message.select(column, fn.COUNT(Message.id), last).where(column.is_null(False))
+                 .group_by(column).order_by(last.desc()).limit(limit))
+        for value, count, seen in query.tuples():
+            if isinstance(seen, str):      # SQLite gives an aggregate of a date back as text
+                seen = dt.datetime.fromisoformat(seen)
+            found.append(Mailing(kind, value, count, seen))
+    return found

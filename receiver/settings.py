@@ -1,0 +1,166 @@
+"""One frozen settings object, built from the environment and an optional `.env` file.
+
+The environment wins over `.env`, so a systemd unit or a container can override what a file says.
+A missing or malformed value raises `SettingsError` with one line that names the variable; the
+entry points (wsgi.py, the CLI) print that line and stop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+PRODUCTION_AUTH_URL = "https://iam.twin24.ai/api/v1/auth"
+PRODUCTION_NOTIFY_URL = "https://notify.twin24.ai/api/v1"
+PRODUCTION_ANALYSE_URL = "https://analyse.twin24.ai/api/v1"
+
+SQLITE_SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; str(error) is one line naming it."""
+
+
+def _env(name: str, *, kind: str = "str", default=None, minimum=None, choices=None, secret=False):
+    """Declare a setting: the dataclass field carries how to read it from the environment."""
+    return field(default=default, metadata={
+        "env": name, "kind": kind, "minimum": minimum, "choices": choices, "secret": secret,
+    })
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = _env("DATABASE_URL", default="sqlite:///data/receiver.db")
+    sqlite_synchronous: str = _env("SQLITE_SYNCHRONOUS", default="NORMAL",
+                                   choices=SQLITE_SYNCHRONOUS_LEVELS)
+    sqlite_busy_timeout: float = _env("SQLITE_BUSY_TIMEOUT", kind="float", default=30.0, minimum=0)
+
+    # Secrets. Unset tokens are generated on first start and kept in the database (see models.Meta).
+    callback_token: str | None = _env("CALLBACK_TOKEN", secret=True)
+    api_token: str | None = _env("API_TOKEN", secret=True)
+    public_url: str = _env("PUBLIC_URL", kind="url", default="http://127.0.0.1:8000")
+
+    twin24_token: str | None = _env("TWIN24_TOKEN", secret=True)
+    twin24_login: str | None = _env("TWIN24_LOGIN")
+    twin24_password: str | None = _env("TWIN24_PASSWORD", secret=True)
+    twin24_auth_url: str = _env("TWIN24_AUTH_URL", kind="url", default=PRODUCTION_AUTH_URL)
+    twin24_notify_url: str = _env("TWIN24_NOTIFY_URL", kind="url", default=PRODUCTION_NOTIFY_URL)
+    twin24_analyse_url: str = _env("TWIN24_ANALYSE_URL", kind="url", default=PRODUCTION_ANALYSE_URL)
+    twin24_connect_timeout: float = _env("TWIN24_CONNECT_TIMEOUT", kind="float", default=5.0, minimum=0.1)
+    twin24_read_timeout: float = _env("TWIN24_READ_TIMEOUT", kind="float", default=60.0, minimum=0.1)
+    twin24_retries: int = _env("TWIN24_RETRIES", kind="int", default=5, minimum=0)
+    twin24_max_retry_wait: float = _env("TWIN24_MAX_RETRY_WAIT", kind="float", default=60.0, minimum=0)
+    twin24_page_size: int = _env("TWIN24_PAGE_SIZE", kind="int", default=1000, minimum=1)
+    twin24_token_ttl: int = _env("TWIN24_TOKEN_TTL", kind="int", default=3600, minimum=60)
+
+    # The callback endpoint.
+    max_body_bytes: int = _env("MAX_BODY_BYTES", kind="int", default=64 * 1024, minimum=1024)
+    rejected_body_cap: int = _env("REJECTED_BODY_CAP", kind="int", default=16 * 1024, minimum=0)
+    trusted_proxies: int = _env("TRUSTED_PROXIES", kind="int", default=0, minimum=0)
+
+    # Enrichment timings, in seconds (see receiver/enrich.py for how they combine).
+    enrich_first_check: float = _env("ENRICH_FIRST_CHECK", kind="float", default=2.0, minimum=0)
+    enrich_backoff_start: float = _env("ENRICH_BACKOFF_START", kind="float", default=5.0, minimum=0.01)
+    enrich_backoff_max: float = _env("ENRICH_BACKOFF_MAX", kind="float", default=900.0, minimum=0.01)
+    enrich_stale_after: float = _env("ENRICH_STALE_AFTER", kind="float", default=900.0, minimum=0)
+    enrich_sweep_interval: float = _env("ENRICH_SWEEP_INTERVAL", kind="float", default=4.0, minimum=0)
+    enrich_result_interval: float = _env("ENRICH_RESULT_INTERVAL", kind="float", default=30.0, minimum=0)
+    enrich_batch_share: float = _env("ENRICH_BATCH_SHARE", kind="float", default=0.2, minimum=0)
+    enrich_max_wait: float = _env("ENRICH_MAX_WAIT", kind="float", default=30.0, minimum=0)
+    enrich_chat_id_horizon: float = _env("ENRICH_CHAT_ID_HORIZON", kind="float", default=6 * 3600, minimum=1)
+    enrich_result_horizon: float = _env("ENRICH_RESULT_HORIZON", kind="float", default=72 * 3600, minimum=1)
+    enrich_window_margin: float = _env("ENRICH_WINDOW_MARGIN", kind="float", default=600.0, minimum=0)
+    enrich_batch_size: int = _env("ENRICH_BATCH_SIZE", kind="int", default=20000, minimum=1)
+    enrich_lease: float = _env("ENRICH_LEASE", kind="float", default=900.0, minimum=1)
+    enrich_poll_interval: float = _env("ENRICH_POLL_INTERVAL", kind="float", default=1.0, minimum=0.01)
+
+    # Sending.
+    send_batch_size: int = _env("SEND_BATCH_SIZE", kind="int", default=500, minimum=1)
+
+    # Housekeeping: events older than this many days are deleted by `flask prune` (0 keeps them all).
+    event_retention_days: int = _env("EVENT_RETENTION_DAYS", kind="int", default=0, minimum=0)
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, env_file: str | os.PathLike | None = ".env",
+                 **overrides) -> "Settings":
+        """Read every setting; `overrides` (field names) win over both sources, for tests."""
+        source: dict[str, str] = {}
+        if env_file and Path(env_file).is_file():
+            source.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        source.update(os.environ if environ is None else environ)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in overrides:
+                values[f.name] = overrides.pop(f.name)
+                continue
+            raw = source.get(f.metadata["env"])
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(f, raw.strip())
+        if overrides:
+            raise TypeError(f"unknown settings: {', '.join(sorted(overrides))}")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not self.database_url.startswith(("sqlite:", "postgres", "postgresql")):
+            raise SettingsError("DATABASE_URL: must be sqlite:///path or postgresql://... "
+                                f"(got scheme {urlsplit(self.database_url).scheme!r})")
+        if self.twin24_login and not self.twin24_password:
+            raise SettingsError("TWIN24_PASSWORD: required when TWIN24_LOGIN is set")
+        for name in ("callback_token", "api_token"):
+            value = getattr(self, name)
+            if value is not None and len(value) < 16:
+                raise SettingsError(f"{name.upper()}: must be at least 16 characters")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+    @property
+    def has_twin24_credentials(self) -> bool:
+        return bool(self.twin24_token or (self.twin24_login and self.twin24_password))
+
+    def __repr__(self) -> str:  # secrets never reach a log through a repr
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    name, kind = f.metadata["env"], f.metadata["kind"]
+    if kind == "int":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected a whole number, got {raw!r}") from None
+    elif kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    elif kind == "url":
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SettingsError(f"{name}: expected an http(s) URL, got {raw!r}")
+        value = raw.rstrip("/")
+    else:
+        value = raw
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}, got {raw!r}")
+    choices = f.metadata["choices"]
+    if choices is not None:
+        value = value.upper()
+        if value not in choices:
+            raise SettingsError(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
+    return value

@@ -1,0 +1,204 @@
+"""deploy/nginx/twin24-receiver.conf: `nginx -t` passes, and a callback through nginx reaches the app.
+
+The site is rendered with test paths and ports (a self-signed certificate, logs in a temp dir) into
+a throw-away nginx.conf, run with `nginx -p <tmp> -c ...` in the foreground, in front of gunicorn
+started with deploy/gunicorn.conf.py.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import urllib3
+
+from receiver import models
+
+from ..conftest import CALLBACK_TOKEN, make_settings
+from .helpers import DEPLOY, Gunicorn, free_port
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                       if os.access(p, os.X_OK)), None)
+SITE = DEPLOY / "nginx" / "twin24-receiver.conf"
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed"),
+]
+
+
+def render_site(tmp: Path, http_port: int, https_port: int, upstream_port: int) -> str:
+    site = SITE.read_text()
+    replacements = {
+        "listen [::]:80;": "",
+        "listen [::]:443 ssl;": "",
+        "listen 80;": f"listen 127.0.0.1:{http_port};",
+        "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+        "server 127.0.0.1:8000;": f"server 127.0.0.1:{upstream_port};",
+        "/etc/letsencrypt/live/receiver.example.com/fullchain.pem": str(tmp / "cert.pem"),
+        "/etc/letsencrypt/live/receiver.example.com/privkey.pem": str(tmp / "key.pem"),
+        "/var/log/nginx/twin24-receiver.access.log": str(tmp / "access.log"),
+        "/var/log/nginx/twin24-receiver.error.log": str(tmp / "site-error.log"),
+        "/var/www/html": str(tmp / "www"),
+    }
+    for old, new in replacements.items():
+        assert old in site, f"the site file no longer has {old!r}: update this test"
+        site = site.replace(old, new)
+    return site
+
+
+def nginx_conf(tmp: Path, site: Path) -> Path:
+    temp_paths = "\n".join(f"    {name}_temp_path {tmp / name};" for name in
+                           ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    user = "user root root;\n" if os.geteuid() == 0 else ""   # workers read the 0700 pytest temp dir
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""{user}worker_processes 1;
+pid {tmp / 'nginx.pid'};
+error_log {tmp / 'error.log'} info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+{temp_paths}
+    include {site};
+}}
+""")
+    return conf
+
+
+def make_certificate(tmp: Path) -> None:
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-subj", "/CN=localhost", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
+        check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def nginx_site(tmp_path):
+    """(nginx.conf path, http port, https port, upstream port), rendered and certified."""
+    make_certificate(tmp_path)
+    (tmp_path / "www").mkdir()
+    http_port, https_port, upstream_port = free_port(), free_port(), free_port()
+    site = tmp_path / "site.conf"
+    site.write_text(render_site(tmp_path, http_port, https_port, upstream_port))
+    return nginx_conf(tmp_path, site), http_port, https_port, upstream_port
+
+
+def nginx(conf: Path, *args: str, **kwargs):
+    prefix = conf.parent
+    return [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), *args], kwargs
+
+
+def test_nginx_t_accepts_the_site(nginx_site):
+    conf = nginx_site[0]
+    command, _ = nginx(conf, "-t")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr and "test is successful" in result.stderr
+
+
+def post_from(address: str, port: int, path: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+    """POST over HTTPS from a chosen local address (so nginx's view of the client differs from gunicorn's)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context,
+                                             source_address=(address, 0))
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def test_a_callback_through_nginx_reaches_the_app_with_the_clients_address(nginx_site, tmp_path):
+    conf, http_port, https_port, upstream_port = nginx_site
+    database_url = f"sqlite:///{tmp_path}/receiver.db"
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    gunicorn = Gunicorn(database_url, app_dir, GUNICORN_BIND=f"127.0.0.1:{upstream_port}",
+                        GUNICORN_WORKERS="2", TRUSTED_PROXIES="1")
+    gunicorn.url = f"http://127.0.0.1:{upstream_port}"
+    command, _ = nginx(conf, "-g", "daemon off;")
+    with gunicorn:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_for_port(https_port, server)
+            path = f"/callbacks/{CALLBACK_TOKEN}"
+            body = json.dumps({"id": "via-nginx-1", "newStatus": "DELIVERED", "callbackData": "nginx"}).encode()
+            # The client (127.0.0.2) says it is someone else: that header must not be believed.
+            status, answer = post_from("127.0.0.2", https_port, path, body, {
+                "Content-Type": "application/json", "X-Forwarded-For": "203.0.113.9"})
+            assert status == 200, answer
+            assert json.loads(answer) == {"stored": True, "duplicate": False}
+
+            # Over the size limit: nginx answers 413 itself.
+            status, _ = post_from("127.0.0.2", https_port, path, b'{"id":"' + b"x" * 70_000 + b'"}',
+                                  {"Content-Type": "application/json"})
+            assert status == 413
+
+            # Plain HTTP is redirected to HTTPS.
+            answer = requests.get(f"http://127.0.0.1:{http_port}/healthz", allow_redirects=False, timeout=10)
+            assert answer.status_code == 301
+            assert answer.headers["Location"].startswith("https://")
+            with _quiet_insecure():
+                answer = requests.get(f"https://127.0.0.1:{https_port}/healthz", verify=False, timeout=10)
+            assert answer.status_code == 200 and answer.json()["status"] == "ok"
+            assert "max-age" in answer.headers["Strict-Transport-Security"]
+            # A token in a query string is refused by the app, and masked in nginx's log.
+            with _quiet_insecure():
+                answer = requests.get(f"https://127.0.0.1:{https_port}/api/messages?id=1&api_token=QUERYSECRET123",
+                                      verify=False, timeout=10)
+            assert answer.status_code == 400
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+    models.bind(make_settings(database_url))
+    try:
+        with models.db.connection_context():
+            event = models.Event.get(models.Event.message_id == "via-nginx-1")
+    finally:
+        models.db.close()
+    # gunicorn saw nginx at 127.0.0.1; the app stored the address nginx saw.
+    assert event.remote_addr == "127.0.0.2"
+
+    access = (tmp_path / "access.log").read_text()
+    assert '"POST /callbacks/*** HTTP/1.1" 200' in access
+    assert '"POST /callbacks/*** HTTP/1.1" 413' in access
+    assert CALLBACK_TOKEN not in access
+    assert "QUERYSECRET123" not in access and "api_token=***" in access
+    assert CALLBACK_TOKEN not in gunicorn.access_log.read_text()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10.0) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nginx exited: {process.stderr.read().decode(errors='replace')}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nginx did not listen in time")
+
+
+class _quiet_insecure:
+    def __enter__(self):
+        import warnings
+        self.catcher = warnings.catch_warnings()
+        self.catcher.__enter__()
+        warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+
+    def __exit__(self, *exc):
+        self.catcher.__exit__(*exc)

@@ -1,0 +1,105 @@
+"""Property-based fuzzing of the callback endpoint: the real app on a real database (both backends).
+
+Whatever arrives (random JSON, callback-shaped objects with wrong types, huge strings, random bytes
+under assorted content types and charsets, random headers and methods), the endpoint never answers
+5xx, and a request that is not answered 2xx changes no stored message and adds no event.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import HypothesisWarning
+
+from receiver.models import Event, Message
+
+from ..conftest import CALLBACK_TOKEN
+
+warnings.filterwarnings("ignore", "Generating overly large repr", HypothesisWarning)
+PATH = f"/callbacks/{CALLBACK_TOKEN}"
+FIELDS = ["id", "bulkId", "groupId", "flowId", "oldStatus", "newStatus", "oldStatusCode", "newStatusCode",
+          "price", "partCount", "callbackData"]
+STATUSES = ["CREATED", "PENDING", "DELIVERED", "UNDELIVERED", "ERROR", "delivered", "DELAYED", "", "Ω"]
+SEED_IDS = ["m-1", "m-2", "m-3"]
+
+json_scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
+json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), children, max_size=4), max_leaves=12)
+odd_values = (json_values | st.text(min_size=100, max_size=3000) | st.just("x" * 70_000)
+              | st.sampled_from(["NaN", "1e999", "-0", "  12 ", "٣", "1.5", "0x10", "\x00", "\ud800"]))
+
+
+@st.composite
+def callback_shaped(draw):
+    """A TWIN callback where some fields are right, some wrong, some missing, some extra."""
+    body = {"id": draw(st.sampled_from(SEED_IDS) | st.text(max_size=20)),
+            "newStatus": draw(st.sampled_from(STATUSES))}
+    for name in draw(st.lists(st.sampled_from(FIELDS), max_size=6, unique=True)):
+        body[name] = draw(odd_values | st.sampled_from(STATUSES) | st.sampled_from(SEED_IDS))
+    for name in draw(st.lists(st.sampled_from(list(body)), max_size=2, unique=True)):
+        if draw(st.booleans()):
+            del body[name]
+    if draw(st.booleans()):
+        body[draw(st.text(max_size=12))] = draw(json_values)
+    return body
+
+
+def encoded(document, charset):
+    text = json.dumps(document, ensure_ascii=False, allow_nan=False)
+    return text.encode(charset, "surrogatepass" if charset.startswith("utf") else "replace")
+
+
+CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "application/json; charset=latin-1",
+                 "application/json; charset=utf-16", "text/plain", "application/x-www-form-urlencoded",
+                 "multipart/form-data", "multipart/form-data; boundary=zz", "application/vnd.twin+json",
+                 "application/xml", "text/html; charset=koi8-r", "", "*/*", ";;;", "application/json; charset=\"\""]
+header_names = st.sampled_from(["X-Forwarded-For", "X-Real-IP", "Content-Encoding", "Transfer-Encoding",
+                                "Accept", "Accept-Charset", "Authorization", "Cookie", "Expect", "Range",
+                                "X-Request-Id", "Origin", "If-None-Match"]) | st.from_regex(r"X-[A-Za-z]{1,12}",
+                                                                                          fullmatch=True)
+header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
+
+bodies = st.one_of(
+    st.tuples(st.sampled_from(["utf-8", "utf-16", "latin-1", "cp1251", "utf-8-sig"]),
+              callback_shaped() | json_values).map(lambda pair: encoded(pair[1], pair[0])),
+    st.binary(max_size=2000),
+    st.text(max_size=500).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.just(b'{"id": "m-1", "newStatus": "DELIVERED", "price": NaN}'),
+    st.just(b'{"id": "m-1", "newStatus": "DELIVERED"' + b', "x": [' * 5000),
+    st.just(b"[" * 100_000),
+    st.just(b"id=m-1&newStatus=DELIVERED&partCount=abc"),
+    st.just(b"id=m-2&newStatus=" + b"A" * 200),
+)
+
+
+def snapshot():
+    return ([tuple(m.__data__.items()) for m in Message.select().order_by(Message.id)],
+            Event.select().count())
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, content_type=st.sampled_from(CONTENT_TYPES) | st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=30),
+       headers=st.dictionaries(header_names, header_values, max_size=4),
+       method=st.sampled_from(["POST"] * 8 + ["PUT", "GET", "PATCH", "DELETE"]))
+def test_no_input_makes_a_500_or_changes_a_message_when_refused(client, body, content_type, headers, method):
+    if not Message.select().exists():
+        for n, message_id in enumerate(SEED_IDS):
+            seeded = client.post(PATH, json={"id": message_id, "oldStatus": "PENDING", "newStatus": "DELIVERED",
+                                             "newStatusCode": 6, "callbackData": f"seed-{n}", "price": 1.0})
+            assert seeded.status_code == 200
+    before = snapshot()
+    headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+    if content_type:
+        headers["Content-Type"] = content_type
+
+    answer = client.open(PATH, method=method, data=body, headers=headers)
+
+    assert answer.status_code < 500, (answer.status_code, answer.data[:300])
+    if not 200 <= answer.status_code < 300:
+        assert snapshot() == before, "a refused request changed the stored messages"
+        # Known gap (reported to the lead): a non-POST with a body over MAX_BODY_BYTES gets werkzeug's
+        # HTML 413, because refuse() reads the body to keep it; everything else is a JSON refusal.
+        assert (answer.is_json and answer.json.get("error")) or answer.status_code == 413, answer.data[:300]

@@ -1,0 +1,154 @@
+"""GET /api/results, /api/results.csv and /api/results/summary: auth, pages, filters, CSV quoting."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from receiver.models import Message
+
+from .conftest import API_TOKEN
+from .results_helpers import answer, seed
+
+ENDPOINTS = ("/api/results", "/api/results.csv", "/api/results/summary")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_refusals(client, path):
+    missing = client.get(path)
+    assert missing.status_code == 401 and missing.get_json()["error"] == "unauthorized"
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = client.get(path, headers={"Authorization": "Bearer " + API_TOKEN[:-1] + "x"})
+    assert wrong.status_code == 401
+    basic = client.get(path, headers={"Authorization": "Basic " + API_TOKEN})
+    assert basic.status_code == 401
+    for name in ("token", "api_token", "access_token"):
+        # Even the right token is refused in a URL: it would end up in logs.
+        in_query = client.get(f"{path}?{name}={API_TOKEN}", headers={"Authorization": f"Bearer {API_TOKEN}"})
+        assert in_query.status_code == 400 and in_query.get_json()["error"] == "token_in_query"
+
+
+def test_pages_follow_the_cursor_with_no_row_twice_or_missing(client, api_headers):
+    ids = seed(client, 12)
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": 5, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/api/results", query_string=query, headers=api_headers).get_json()
+        assert page["limit"] == 5 and len(page["results"]) <= 5
+        seen += [row["message_id"] for row in page["results"]]
+        if pages == 0:
+            seed(client, 3, prefix="late")          # arrives while the client is paging
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids + ["late00000", "late00001", "late00002"]
+    assert pages == 3
+
+
+@pytest.mark.parametrize("query, param", [
+    ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "ten"}, "limit"),
+    ({"cursor": "bogus"}, "cursor"), ({"callback_data": "x"}, "callback_data"),
+    ({"stage": "finished"}, "stage"), ({"since": "last week"}, "since"),
+])
+def test_bad_parameters(client, api_headers, query, param):
+    answer_ = client.get("/api/results", query_string=query, headers=api_headers)
+    assert answer_.status_code == 400
+    assert answer_.get_json()["parameter"] == param
+
+
+def test_filters_and_json_shape(client, api_headers):
+    survey = seed(client, 3, callback_data="Опрос", bulk_id="b1")
+    failed = seed(client, 2, prefix="f", callback_data="Опрос", bulk_id="b1", status="UNDELIVERED")
+    seed(client, 2, prefix="o", callback_data="other", bulk_id="b2")
+    answer(survey[0], {"confirmation": "Отказ", "nps": 7})
+
+    def ids(**query):
+        answer_ = client.get("/api/results", query_string=query, headers=api_headers)
+        assert answer_.status_code == 200, answer_.get_json()
+        return [row["message_id"] for row in answer_.get_json()["results"]]
+
+    assert ids(callbackData="Опрос") == survey + failed
+    assert ids(bulkId="b2") == ["o00000", "o00001"]
+    assert ids(callbackData="Опрос", status="UNDELIVERED") == failed
+    assert ids(status="undelivered,delivered", bulkId="b1") == survey + failed
+    assert ids(stage="done") == [survey[0]]
+    first_failed = Message.get_by_id(failed[0]).first_seen_at.isoformat()
+    assert ids(since=first_failed, callbackData="Опрос") == failed
+    assert ids(until=first_failed) == survey
+
+    raw = client.get("/api/results", query_string={"stage": "done"}, headers=api_headers)
+    assert "Отказ".encode() in raw.data                     # Cyrillic as UTF-8, not \u escapes
+    row = raw.get_json()["results"][0]
+    assert row["result"] == {"confirmation": "Отказ", "nps": 7}
+    assert row["chat_id"] == f"chat-{survey[0]}" and row["status"] == "DELIVERED"
+
+
+NASTY = 'Рассылка, "весна"\nвторая строка; =1+1'
+
+
+def test_csv_quotes_cyrillic_commas_quotes_and_newlines(client, api_headers):
+    ids = seed(client, 3, callback_data=NASTY)
+    answer(ids[0], {"confirmation": "Отказ, но вежливо", "comment": 'сказал "нет"\r\nи ушёл', "nps": 7,
+                    "nested": {"a": [1, "б"]}})
+    answer(ids[1], {"confirmation": "Да"})
+    response = client.get("/api/results.csv", query_string={"callbackData": NASTY}, headers=api_headers)
+    assert response.status_code == 200
+    assert response.is_streamed
+    assert response.headers["Content-Type"] == "text/csv; charset=utf-8"
+    assert response.headers["Content-Disposition"] == 'attachment; filename="results.csv"'
+    text = response.get_data().decode("utf-8")
+    assert not text.startswith("\ufeff")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [row["message_id"] for row in rows] == ids
+    assert {row["callback_data"] for row in rows} == {NASTY}
+    first = rows[0]
+    assert first["result.confirmation"] == "Отказ, но вежливо"
+    assert first["result.comment"] == 'сказал "нет"\r\nи ушёл'
+    assert first["result.nps"] == "7"
+    assert json.loads(first["result.nested"]) == {"a": [1, "б"]}
+    assert json.loads(first["result"])["comment"] == 'сказал "нет"\r\nи ушёл'
+    assert rows[1]["result.confirmation"] == "Да" and rows[1]["result.comment"] == ""
+    assert rows[2]["result"] == "" and rows[2]["stage"] == "chat_id"
+    assert list(rows[0])[-5:] == ["result", "result.confirmation", "result.comment", "result.nested",
+                                  "result.nps"]
+
+
+def test_csv_for_excel_has_a_bom_and_no_live_formulas(client, api_headers):
+    ids = seed(client, 2, callback_data="=HYPERLINK(\"http://x\")")
+    answer(ids[0], {"comment": "@SUM(A1)", "nps": -5})
+    Message.update(phone="+79991234567").execute()
+    text = client.get("/api/results.csv?excel=1", headers=api_headers).get_data().decode("utf-8")
+    assert text.startswith("\ufeff")
+    rows = list(csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline="")))
+    assert rows[0]["callback_data"] == "'=HYPERLINK(\"http://x\")"
+    assert rows[0]["result.comment"] == "'@SUM(A1)"
+    assert rows[0]["result.nps"] == "-5"            # numbers stay numbers
+    assert rows[0]["phone"] == "+79991234567"
+
+
+def test_empty_csv_has_the_header(client, api_headers):
+    text = client.get("/api/results.csv?callbackData=none", headers=api_headers).get_data(as_text=True)
+    assert text.splitlines() == [
+        "message_id,callback_data,bulk_id,phone,destination_index,status,status_code,stage,given_up_reason,"
+        "chat_id,session_status,bot_status,first_seen_at,delivered_at,chat_id_at,result_at,last_seen_at,result"]
+
+
+def test_csv_refuses_bad_filters(client, api_headers):
+    answer_ = client.get("/api/results.csv?stage=nope", headers=api_headers)
+    assert answer_.status_code == 400 and answer_.get_json()["parameter"] == "stage"
+
+
+def test_summary(client, api_headers):
+    ids = seed(client, 4, callback_data="s")
+    seed(client, 1, prefix="u", callback_data="s", status="ERROR")
+    answer(ids[0], {"confirmation": "Да", "nps": 10})
+    answer(ids[1], {"confirmation": "Нет", "nps": 3})
+    answer(ids[2], {})
+    body = client.get("/api/results/summary?callbackData=s", headers=api_headers).get_json()
+    assert body["funnel"] == {"sent": 5, "delivered": 4, "session_started": 3, "answered": 2}
+    assert body["statuses"] == {"DELIVERED": 4, "ERROR": 1}
+    assert body["answers"]["nps"] == [{"value": "3", "count": 1}, {"value": "10", "count": 1}]
+    assert body["keys"] == ["confirmation", "nps"]

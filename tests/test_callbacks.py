@@ -1,0 +1,242 @@
+"""The callback endpoint, as TWIN and a careless proxy would use it."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+import requests
+
+from receiver.models import Event, Message, Rejected
+
+from .conftest import CALLBACK_TOKEN
+
+
+def callback(message_id="m-1", old="CREATED", new="PENDING", **extra):
+    codes = {"CREATED": 1, "PENDING": 2, "DELIVERED": 6, "UNDELIVERED": 7, "ERROR": 8}
+    body = {
+        "id": message_id, "bulkId": "bulk-1", "groupId": "group-1", "flowId": "flow-1",
+        "oldStatus": old, "newStatus": new,
+        "oldStatusCode": codes.get(old), "newStatusCode": codes.get(new),
+        "price": 0.5, "partCount": 1, "callbackData": "mailing-7",
+    }
+    body.update(extra)
+    return body
+
+
+def stored_messages():
+    return {m.id: m for m in Message.select()}
+
+
+def test_a_callback_is_stored_with_its_message(client, callback_path):
+    answer = client.post(callback_path, json=callback())
+
+    assert answer.status_code == 200
+    assert answer.json == {"stored": True, "duplicate": False}
+    message = Message.get_by_id("m-1")
+    assert (message.status, message.status_code, message.callback_data) == ("PENDING", 2, "mailing-7")
+    assert (message.bulk_id, message.group_id, message.flow_id) == ("bulk-1", "group-1", "flow-1")
+    assert message.stage == "none"
+    event = Event.get()
+    assert (event.message_id, event.old_status, event.new_status) == ("m-1", "CREATED", "PENDING")
+    assert json.loads(event.raw) == callback()
+
+
+def test_the_raw_body_is_kept_byte_for_byte_with_unknown_fields(client, callback_path):
+    raw = '{"id":"m-1", "newStatus":"PENDING",  "surprise": {"nested": [1, 2]}, "callbackData": "x"}'
+
+    client.post(callback_path, data=raw, content_type="application/json")
+
+    assert Event.get().raw == raw
+
+
+def test_an_exact_repeat_is_recorded_once(client, callback_path):
+    first = client.post(callback_path, json=callback())
+    again = client.post(callback_path, json=callback())
+
+    assert first.json["duplicate"] is False
+    assert again.status_code == 200 and again.json["duplicate"] is True
+    assert Event.select().count() == 1
+
+
+def test_status_never_goes_backwards_when_callbacks_arrive_out_of_order(client, callback_path):
+    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
+    client.post(callback_path, json=callback(old="CREATED", new="PENDING"))
+
+    message = Message.get_by_id("m-1")
+    assert (message.status, message.status_code) == ("DELIVERED", 6)
+    assert message.stage == "chat_id", "a DELIVERED message is queued for its chat session"
+    assert [e.new_status for e in Event.select().order_by(Event.id)] == ["DELIVERED", "PENDING"]
+
+
+def test_a_late_failure_does_not_undo_a_delivery(client, callback_path):
+    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
+    client.post(callback_path, json=callback(old="PENDING", new="UNDELIVERED"))
+
+    assert Message.get_by_id("m-1").status == "DELIVERED"
+
+
+def test_an_unknown_status_is_stored_and_ranked_before_final_ones(client, callback_path):
+    client.post(callback_path, json=callback(old="PENDING", new="QUEUED_AT_OPERATOR"))
+    assert Message.get_by_id("m-1").status == "QUEUED_AT_OPERATOR"
+
+    client.post(callback_path, json=callback(old="QUEUED_AT_OPERATOR", new="DELIVERED"))
+    client.post(callback_path, json=callback(old="PENDING", new="SOMETHING_ELSE"))
+    assert Message.get_by_id("m-1").status == "DELIVERED"
+
+
+@pytest.mark.parametrize("value, stored", [
+    ("123", "123"),
+    ('"id":"23233"', '"id":"23233"'),          # TWIN's own captured example, quotes inside
+    ("Рассылка №5, ноябрь", "Рассылка №5, ноябрь"),
+    (123, "123"),                              # a number where a string was expected: kept as text
+    (None, None),
+])
+def test_callback_data_is_opaque_text_kept_verbatim(client, callback_path, value, stored):
+    client.post(callback_path, json=callback(callbackData=value))
+
+    assert Message.get_by_id("m-1").callback_data == stored
+    assert Event.get().callback_data == stored
+
+
+def test_one_callback_data_covers_many_messages(client, callback_path, api_headers):
+    for n in range(3):
+        client.post(callback_path, json=callback(message_id=f"m-{n}", callbackData="Акция 1"))
+    client.post(callback_path, json=callback(message_id="other", callbackData="Акция 2"))
+
+    answer = client.get("/api/messages", query_string={"callbackData": "Акция 1"}, headers=api_headers)
+
+    assert answer.status_code == 200
+    assert sorted(m["id"] for m in answer.json["messages"]) == ["m-0", "m-1", "m-2"]
+    assert answer.json["messages"][0]["history"][0]["new_status"] == "PENDING"
+
+
+def test_a_form_encoded_callback_is_accepted_when_its_fields_are_there(client, callback_path):
+    answer = client.post(callback_path, data={"id": "m-9", "newStatus": "DELIVERED", "newStatusCode": "6",
+                                              "price": "1.25", "callbackData": "форма"})
+
+    assert answer.status_code == 200
+    message = Message.get_by_id("m-9")
+    assert (message.status, message.status_code, message.price, message.callback_data) == (
+        "DELIVERED", 6, 1.25, "форма")
+
+
+BAD_INPUTS = [
+    # (name, request kwargs, expected status, expected reason)
+    ("not json", dict(data="{nope", content_type="application/json"), 400, "unparsable_json"),
+    ("json array", dict(json=[callback()]), 400, "not_an_object"),
+    ("json string", dict(json="DELIVERED"), 400, "not_an_object"),
+    ("NaN price", dict(data='{"id":"m-1","newStatus":"PENDING","price":NaN}', content_type="application/json"),
+     400, "unparsable_json"),
+    ("missing id", dict(json={"newStatus": "PENDING"}), 422, "missing_field"),
+    ("missing newStatus", dict(json={"id": "m-1", "oldStatus": "CREATED"}), 422, "missing_field"),
+    ("id is an object", dict(json=callback(id={"x": 1})), 422, "wrong_type"),
+    ("newStatus is a number", dict(json=callback(newStatus=6)), 422, "wrong_type"),
+    ("code is text", dict(json=callback(newStatusCode="six")), 422, "wrong_type"),
+    ("code is huge", dict(json=callback(newStatusCode=10**30)), 422, "wrong_type"),
+    ("price is a boolean", dict(json=callback(price=True)), 422, "wrong_type"),
+    ("id too long", dict(json=callback(id="x" * 500)), 422, "field_too_long"),
+    ("xml", dict(data="<id>m-1</id>", content_type="application/xml"), 415, "unsupported_content_type"),
+    ("not utf-8", dict(data=b'{"id":"\xff\xfe"}', content_type="application/json"), 400, "bad_encoding"),
+    ("empty form", dict(data="", content_type="application/x-www-form-urlencoded"), 422, "missing_field"),
+    ("too large", dict(data=json.dumps(callback(padding="x" * 70_000)), content_type="application/json"),
+     413, "payload_too_large"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, status, reason", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_refused_with_a_reason_kept_and_touches_no_message(
+        client, callback_path, name, kwargs, status, reason):
+    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
+    before = {m.id: m.__data__ for m in Message.select()}
+
+    answer = client.post(callback_path, **kwargs)
+
+    assert answer.status_code == status
+    assert answer.json["error"] == reason and answer.json["detail"]
+    kept = Rejected.get()
+    assert (kept.reason, kept.method) == (reason, "POST")
+    assert kept.received_at is not None
+    if reason != "payload_too_large":
+        assert bytes(kept.body) == (kwargs.get("data") or json.dumps(kwargs.get("json")).encode()
+                                    if "data" not in kwargs else _as_bytes(kwargs["data"]))
+    assert {m.id: m.__data__ for m in Message.select()} == before
+    assert Event.select().count() == 1
+
+
+def _as_bytes(data):
+    return data if isinstance(data, bytes) else data.encode()
+
+
+def test_a_refused_body_is_capped_but_its_size_kept(app, client, callback_path):
+    cap = app.config["SETTINGS"].rejected_body_cap
+    body = "[" + "1," * 20_000 + "1]"
+
+    client.post(callback_path, data=body, content_type="application/json")
+
+    kept = Rejected.get()
+    assert kept.reason == "not_an_object"
+    assert len(bytes(kept.body)) == cap and kept.body_truncated
+    assert kept.content_length == len(body)
+
+
+def test_wrong_method_is_405_and_kept(client, callback_path):
+    answer = client.get(callback_path)
+
+    assert answer.status_code == 405
+    assert answer.headers["Allow"] == "POST"
+    assert Rejected.get().reason == "method_not_allowed"
+
+
+@pytest.mark.parametrize("method", ["post", "get"])
+def test_a_wrong_token_is_404_and_stores_nothing(client, method):
+    answer = getattr(client, method)("/callbacks/" + "x" * len(CALLBACK_TOKEN), json=callback())
+
+    assert answer.status_code == 404
+    assert Event.select().count() == 0 and Rejected.select().count() == 0 and Message.select().count() == 0
+
+
+def test_the_results_view_reads_like_the_recipe_table_from_the_sqlite_file(settings, client, callback_path):
+    if not settings.is_sqlite:
+        pytest.skip("reads the SQLite file itself")
+    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED", callbackData="Опрос"))
+
+    path = settings.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as connection:
+        cursor = connection.execute("select * from results")
+        columns = [c[0] for c in cursor.description]
+        rows = cursor.fetchall()
+
+    assert columns[:6] == ["message_id", "callback_data", "phone", "status", "chat_id", "result"]
+    assert rows[0][:6] == ("m-1", "Опрос", None, "DELIVERED", None, None)
+
+
+def test_concurrent_callbacks_from_many_threads_are_all_stored(live_app):
+    url = f"{live_app.url}/callbacks/{CALLBACK_TOKEN}"
+    failures = []
+
+    def post_many(thread_number):
+        with requests.Session() as session:
+            for n in range(40):
+                body = callback(message_id=f"t{thread_number}-{n}", old="PENDING", new="DELIVERED")
+                answer = session.post(url, json=body, timeout=30)
+                if answer.status_code != 200:
+                    failures.append((answer.status_code, answer.text))
+                session.post(url, json=body, timeout=30)          # and a duplicate
+
+    threads = [threading.Thread(target=post_many, args=(t,)) for t in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    assert Event.select().count() == 12 * 40
+    assert Message.select().where(Message.status == "DELIVERED").count() == 12 * 40
+
+
+def test_healthz_checks_the_database(client):
+    answer = client.get("/healthz")
+
+    assert answer.status_code == 200 and answer.json["database"] == "ok"

@@ -1,0 +1,274 @@
+"""Enrichment against the TWIN simulator over real HTTP: chat session ids and the bot's results.
+
+Each test sends a mailing to the simulator with the live receiver as callbackUrl, lets the
+callbacks arrive, runs the enrichment loop, and compares what the receiver stored with the
+simulator's ground truth.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from receiver.enrich import MESSAGES_SWEEP, Enricher
+from receiver.models import Message
+
+from .support import phones, send_mailing, wait_for
+
+
+@pytest.fixture
+def enricher(app):
+    return Enricher.from_app(app)
+
+
+def enrich_until_settled(enricher, count, timeout=30.0):
+    """Run the loop until `count` messages are done or given up; their rows."""
+    settled = Message.stage.in_(["done", "given_up"])
+    wait_for(lambda: Message.select().where(settled).count() >= count,
+             step=lambda: enricher.run_once(force=True), timeout=timeout)
+    return {m.id: m for m in Message.select()}
+
+
+def assert_matches_truth(twin, stored, ids):
+    truth = {t["id"]: t for t in twin.truth()}
+    for message_id in ids:
+        expected, message = truth[message_id], stored[message_id]
+        assert message.status == expected["finalStatus"], message_id
+        if expected["finalStatus"] != "DELIVERED":
+            continue
+        assert message.chat_id == expected["sessionId"], message_id
+        if expected["result"]:
+            assert message.stage == "done", (message_id, message.given_up_reason)
+            assert json.loads(message.result) == expected["result"], message_id
+            assert message.result_at is not None
+
+
+def test_a_clean_mailing_gets_every_chat_id_and_result(twin, live_app, enricher):
+    ids = send_mailing(twin, live_app.url, phones(40))
+    assert twin.wait_idle(timeout=20)
+
+    stored = enrich_until_settled(enricher, 40)
+
+    assert_matches_truth(twin, stored, ids)
+    assert {m.stage for m in stored.values()} == {"done"}
+    calls = twin.calls()
+    assert sum(calls["messages_stats"].values()) <= 4, calls
+    assert sum(calls["sessions_stats"].values()) <= 4, calls
+
+
+def test_duplicate_and_reordered_callbacks_change_nothing(twin, live_app, enricher):
+    twin.configure(duplicate_callbacks=0.5, reorder_callbacks=0.7)
+    ids = send_mailing(twin, live_app.url, phones(30))
+    assert twin.wait_idle(timeout=20)
+
+    stored = enrich_until_settled(enricher, 30)
+
+    assert_matches_truth(twin, stored, ids)
+
+
+def test_statistics_that_lag_behind_callbacks_are_waited_for(twin, live_app, enricher):
+    twin.configure(stats_lag=1.0)
+    ids = send_mailing(twin, live_app.url, phones(10))
+    assert twin.wait_idle(timeout=20)
+
+    stored = enrich_until_settled(enricher, 10)
+
+    assert_matches_truth(twin, stored, ids)
+    assert all(m.chat_id_at > m.delivered_at for m in stored.values())
+
+
+def test_a_result_that_comes_late_is_picked_up(twin, live_app, enricher):
+    twin.configure(result_after=(1.0, 1.5), session_close_after=5.0)
+    ids = send_mailing(twin, live_app.url, phones(8))
+    assert twin.wait_idle(timeout=20)
+
+    enricher.run_once(force=True)
+    waiting = Message.select().where(Message.stage == "result").count()
+    stored = enrich_until_settled(enricher, 8)
+
+    assert waiting == 8, "right after delivery the sessions exist but the bot has not answered"
+    assert_matches_truth(twin, stored, ids)
+
+
+def test_no_reply_is_given_up_after_the_horizon_and_the_view_says_so(settings, twin, app, live_app):
+    twin.configure(no_reply_rate=1.0, session_close_after=60.0)
+    enricher = Enricher(settings.__class__(**{**settings.__dict__, "enrich_result_horizon": 1.5}),
+                        Enricher.from_app(app).client)
+    send_mailing(twin, live_app.url, phones(5))
+    assert twin.wait_idle(timeout=20)
+
+    stored = enrich_until_settled(enricher, 5)
+
+    assert {m.stage for m in stored.values()} == {"given_up"}
+    assert all(m.chat_id for m in stored.values()), "the session was found, only the result is missing"
+    assert {m.given_up_reason for m in stored.values()} == {"no bot result within 1.5 s"}
+    row = Message.raw("select stage, given_up_reason, result from results limit 1").dicts()[0]
+    assert row == {"stage": "given_up", "given_up_reason": "no bot result within 1.5 s", "result": None}
+
+
+def test_a_dialog_closed_without_an_answer_is_given_up_at_once(twin, live_app, enricher):
+    twin.configure(no_reply_rate=1.0, session_close_after=0.2)
+    send_mailing(twin, live_app.url, phones(4))
+    assert twin.wait_idle(timeout=20)
+
+    stored = wait_for(lambda: _settled_after_close(enricher), timeout=10)
+
+    assert {m.given_up_reason for m in stored} == {"the dialog closed without a bot result"}
+
+
+def _settled_after_close(enricher):
+    enricher.run_once(force=True)
+    rows = list(Message.select())
+    return rows if rows and all(m.stage == "given_up" for m in rows) else None
+
+
+def test_padded_shuffled_sessions_and_small_pages_are_matched_by_id(twin, live_app, enricher):
+    twin.configure(padding_sessions=4, shuffle=True, page_cap=7)
+    ids = send_mailing(twin, live_app.url, phones(30))
+    assert twin.wait_idle(timeout=20)
+
+    stored = enrich_until_settled(enricher, 30)
+
+    assert_matches_truth(twin, stored, ids)
+
+
+def test_429_and_5xx_storms_are_ridden_out(twin, live_app, enricher):
+    ids = send_mailing(twin, live_app.url, phones(20))
+    assert twin.wait_idle(timeout=20)
+    twin.configure(error_rate=0.5, rate_limit=3, page_cap=5)
+
+    stored = enrich_until_settled(enricher, 20, timeout=60)
+
+    assert_matches_truth(twin, stored, ids)
+    outcomes = {code for endpoint in ("messages_stats", "sessions_stats") for code in twin.calls()[endpoint]}
+    assert outcomes & {"500", "502", "503"} and "429" in outcomes, "the storm really happened"
+
+
+def test_tokens_that_expire_mid_run_are_renewed(database_url, twin):
+    from receiver import create_app
+
+    from .conftest import LiveServer, make_settings
+
+    settings = make_settings(database_url, twin24_login=twin.login, twin24_password=twin.password,
+                             twin24_auth_url=twin.auth_url, twin24_notify_url=twin.notify_url,
+                             twin24_analyse_url=twin.analyse_url)
+    app = create_app(settings)
+    server = LiveServer(app).start()
+    try:
+        enricher = Enricher.from_app(app)
+        twin.configure(result_after=(1.0, 1.2))     # results come after the tokens have expired
+        ids = send_mailing(twin, server.url, phones(10))
+        assert twin.wait_idle(timeout=20)
+        enricher.run_once(force=True)
+        assert Message.select().where(Message.stage == "result").count() == 10
+        twin.expire_tokens()
+
+        stored = enrich_until_settled(enricher, 10)
+    finally:
+        server.stop()
+
+    assert_matches_truth(twin, stored, ids)
+    calls = twin.calls()
+    assert calls["login"].get("200", 0) + calls.get("refresh", {}).get("200", 0) >= 2, calls
+
+
+def test_a_lost_delivered_callback_is_found_in_the_statistics(settings, twin, app, client, callback_path):
+    # TWIN cannot reach us at all: only the PENDING callbacks are posted here, by hand.
+    twin.configure(callback_retries=0)
+    ids = send_mailing(twin, "http://127.0.0.1:9", phones(6))
+    assert twin.wait_idle(timeout=20)
+    for message_id in ids:
+        client.post(callback_path, json={"id": message_id, "oldStatus": "CREATED", "newStatus": "PENDING"})
+    stale_soon = settings.__class__(**{**settings.__dict__, "enrich_stale_after": 0.0})
+    Message.update(next_check_at=Message.first_seen_at).execute()
+
+    stored = enrich_until_settled(Enricher(stale_soon, Enricher.from_app(app).client), 6)
+
+    assert_matches_truth(twin, stored, ids)
+    assert {m.status for m in stored.values()} == {"DELIVERED"}
+
+
+def test_undelivered_messages_are_not_looked_up(twin, live_app, enricher):
+    twin.configure(undelivered_rate=1.0)
+    send_mailing(twin, live_app.url, phones(5))
+    assert twin.wait_idle(timeout=20)
+
+    enricher.run_once(force=True)
+
+    assert {(m.status, m.stage, m.next_check_at) for m in Message.select()} == {("UNDELIVERED", "none", None)}
+    assert "messages_stats" not in twin.calls() or not twin.calls()["messages_stats"]
+
+
+def test_a_result_that_changes_while_the_dialog_is_open_is_updated(twin, live_app, enricher):
+    twin.configure(close_on_answer=False, session_close_after=60.0, result_after=(0.0, 0.05))
+    ids = send_mailing(twin, live_app.url, phones(1))
+    assert twin.wait_idle(timeout=20)
+    first = wait_for(lambda: Message.get_by_id(ids[0]).result, step=lambda: enricher.run_once(force=True))
+    assert Message.get_by_id(ids[0]).stage == "result", "an open dialog may still change its answer"
+
+    session_id = twin.truth()[0]["sessionId"]
+    twin.rewrite_result(session_id, {"confirmation": "Передумал", "nps": 10}, close=True)
+    stored = enrich_until_settled(enricher, 1)
+
+    assert json.loads(first) != {"confirmation": "Передумал", "nps": 10}
+    message = stored[ids[0]]
+    assert (message.stage, json.loads(message.result)) == ("done", {"confirmation": "Передумал", "nps": 10})
+
+
+def test_workers_claiming_at_the_same_moment_never_share_a_message(twin, live_app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from receiver.enrich import MESSAGES_SWEEP, claim_due
+    from receiver.models import db, utcnow
+
+    send_mailing(twin, live_app.url, phones(60))
+    assert twin.wait_idle(timeout=20)
+    now = utcnow()
+
+    def claim(_):
+        with db.connection_context():      # each worker thread on its own connection
+            return [m.id for m in claim_due(MESSAGES_SWEEP.stages, now, 25, lease_seconds=60)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        claims = list(pool.map(claim, range(4)))
+
+    everything = [message_id for claim in claims for message_id in claim]
+    assert len(everything) == len(set(everything)) == 60
+
+
+def test_an_expired_lease_is_claimed_again(twin, live_app):
+    import datetime as dt
+
+    from receiver.enrich import MESSAGES_SWEEP, claim_due
+    from receiver.models import utcnow
+
+    send_mailing(twin, live_app.url, phones(3))
+    assert twin.wait_idle(timeout=20)
+    crashed = claim_due(MESSAGES_SWEEP.stages, utcnow(), 10, lease_seconds=0.2)
+
+    later = utcnow() + dt.timedelta(seconds=0.5)
+    assert {m.id for m in claim_due(MESSAGES_SWEEP.stages, later, 10, 60)} == {m.id for m in crashed}
+
+
+def test_a_sweep_waits_until_enough_is_due_or_the_oldest_has_waited(settings, client, callback_path):
+    import datetime as dt
+
+    from receiver.models import utcnow
+
+    patient = settings.__class__(**{**settings.__dict__, "enrich_batch_share": 0.5, "enrich_max_wait": 60.0})
+    enricher = Enricher(patient, client=None)
+    enricher.last_size["messages_stats"] = 100          # the last sweep paged through 100 messages
+
+    def deliver(count, start=0):
+        for n in range(start, start + count):
+            client.post(callback_path, json={"id": f"m-{n}", "oldStatus": "PENDING", "newStatus": "DELIVERED"})
+
+    deliver(10)
+    assert not enricher.worth_sweeping(MESSAGES_SWEEP), "10 due of a 100-message window: wait"
+    deliver(45, start=10)
+    assert enricher.worth_sweeping(MESSAGES_SWEEP), "55 due: half the window, worth the calls"
+
+    Message.update(next_check_at=utcnow() + dt.timedelta(hours=1)).where(Message.id != "m-0").execute()
+    assert not enricher.worth_sweeping(MESSAGES_SWEEP)
+    Message.update(next_check_at=utcnow() - dt.timedelta(seconds=61)).where(Message.id == "m-0").execute()
+    assert enricher.worth_sweeping(MESSAGES_SWEEP), "one message waited past ENRICH_MAX_WAIT"

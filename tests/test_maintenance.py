@@ -1,0 +1,166 @@
+"""flask backup (SQLite online backup while the service writes) and flask prune (event retention)."""
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import stat
+import threading
+import time
+
+import pytest
+
+from receiver import create_app, maintenance, models
+from receiver.models import Event, Message, Rejected, utcnow
+
+from .conftest import make_settings
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def add_events(prefix: str, count: int, received_at: dt.datetime | None = None, raw_size: int = 40):
+    rows = [dict(message_id=f"{prefix}-{n}", dedup_key=f"{prefix}-{n}\x1fPENDING\x1fDELIVERED",
+                 old_status="PENDING", new_status="DELIVERED", raw="x" * raw_size,
+                 received_at=received_at or utcnow()) for n in range(count)]
+    with models.db.atomic():
+        for start in range(0, len(rows), 200):
+            Event.insert_many(rows[start:start + 200]).execute()
+
+
+# --- backup -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sqlite_app(tmp_path):
+    app = create_app(make_settings(f"sqlite:///{tmp_path}/live/receiver.db"))
+    yield app
+    models.db.close()
+
+
+def test_backup_while_another_thread_writes(sqlite_app, tmp_path):
+    # Enough data that the copy takes a moment, committed before the backup begins.
+    add_events("before", 6000, raw_size=2000)
+    written, stop, errors = [], threading.Event(), []
+
+    def writer():
+        n = 0
+        try:
+            while not stop.is_set():
+                with models.db.atomic():      # this thread's own connection, as a web worker has
+                    Event.insert(message_id=f"during-{n}", dedup_key=f"during-{n}", new_status="PENDING",
+                                 raw="{}").execute()
+                written.append(n)
+                n += 1
+        except Exception as error:            # noqa: BLE001 - reported below
+            errors.append(error)
+        finally:
+            models.db.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while len(written) < 20:
+            time.sleep(0.005)
+        at_start = len(written)
+        copy = maintenance.backup(tmp_path / "copy.db")
+        at_end = len(written)
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert not errors, errors
+    assert at_end > at_start, "the writer was not blocked during the backup"
+
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert not (tmp_path / "copy.db-wal").exists()
+    connection = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        assert connection.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        before = connection.execute("SELECT count(*) FROM event WHERE message_id LIKE 'before-%'").fetchone()[0]
+        during = connection.execute("SELECT count(*) FROM event WHERE message_id LIKE 'during-%'").fetchone()[0]
+        assert before == 6000
+        assert at_start <= during <= len(written)      # a consistent snapshot: everything committed by then
+        assert connection.execute("SELECT count(*) FROM results").fetchone() is not None
+    finally:
+        connection.close()
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_backup_into_a_directory_keeps_the_newest(sqlite_app, tmp_path):
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    add_events("a", 3)
+    for day in range(1, 5):
+        maintenance.backup(backups, keep=2, now=dt.datetime(2026, 1, day, 3, 0, 0))
+    assert sorted(p.name for p in backups.iterdir()) == ["receiver-20260103T030000Z.db",
+                                                           "receiver-20260104T030000Z.db"]
+
+
+def test_backup_command(sqlite_app, tmp_path):
+    add_events("cli", 5)
+    result = sqlite_app.test_cli_runner().invoke(args=["backup", str(tmp_path / "cli.db")])
+    assert result.exit_code == 0, result.output
+    assert "backup written" in result.output
+    connection = sqlite3.connect(tmp_path / "cli.db")
+    assert connection.execute("SELECT count(*) FROM event").fetchone()[0] == 5
+    connection.close()
+
+    result = sqlite_app.test_cli_runner().invoke(args=["backup", str(tmp_path / "missing" / "x.db")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_backup_on_each_backend(app, settings, tmp_path):
+    result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "copy.db")])
+    if settings.is_sqlite:
+        assert result.exit_code == 0 and (tmp_path / "copy.db").exists()
+    else:   # PostgreSQL: refused, with what to use instead
+        assert result.exit_code == 1
+        assert "pg_dump" in result.output
+        assert not (tmp_path / "copy.db").exists()
+
+
+# --- prune --------------------------------------------------------------------------------------------
+
+def test_prune_removes_old_events_only_and_leaves_messages(app):
+    now = utcnow()
+    add_events("old", 25, received_at=now - dt.timedelta(days=40))
+    add_events("edge", 3, received_at=now - dt.timedelta(days=29, hours=23))
+    add_events("new", 5, received_at=now - dt.timedelta(hours=1))
+    Message.insert_many([{"id": f"old-{n}", "status": "DELIVERED"} for n in range(25)]).execute()
+    Rejected.create(reason="unparsable_json", received_at=now - dt.timedelta(days=31))
+    Rejected.create(reason="unparsable_json", received_at=now)
+
+    dry = maintenance.prune(30, dry_run=True, now=now)
+    assert (dry.events, dry.rejected, dry.dry_run) == (25, 1, True)
+    assert Event.select().count() == 33
+
+    result = maintenance.prune(30, batch_size=4, now=now)     # 7 batches
+    assert (result.events, result.rejected) == (25, 1)
+    left = {e.message_id.rsplit("-", 1)[0] for e in Event.select()}
+    assert left == {"edge", "new"} and Event.select().count() == 8
+    assert Rejected.select().count() == 1
+    assert Message.select().count() == 25                      # messages stay, with their status
+    assert maintenance.prune(30, now=now).events == 0
+
+
+def test_prune_command_uses_the_retention_setting(database_url):
+    app = create_app(make_settings(database_url, event_retention_days=7))
+    try:
+        add_events("old", 4, received_at=utcnow() - dt.timedelta(days=8))
+        add_events("new", 2)
+        runner = app.test_cli_runner()
+        result = runner.invoke(args=["prune", "--dry-run"])
+        assert result.exit_code == 0, result.output
+        assert "would delete 4 events" in result.output and Event.select().count() == 6
+        result = runner.invoke(args=["prune"])
+        assert "deleted 4 events" in result.output and Event.select().count() == 2
+        result = runner.invoke(args=["prune", "--days", "1"])
+        assert "deleted 0 events" in result.output
+    finally:
+        models.db.close()
+
+
+def test_prune_command_without_retention_deletes_nothing(app):
+    add_events("old", 2, received_at=utcnow() - dt.timedelta(days=1000))
+    result = app.test_cli_runner().invoke(args=["prune"])
+    assert result.exit_code == 0
+    assert "retention is off" in result.output
+    assert Event.select().count() == 2

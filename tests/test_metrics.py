@@ -1,0 +1,122 @@
+"""/metrics: open, Prometheus text, counters from every process, backlog gauges read from the database."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from peewee import OperationalError
+from prometheus_client.parser import text_string_to_metric_families
+
+from receiver import enrich, metrics
+from receiver.models import Message, TwinCall, utcnow
+
+from .conftest import API_TOKEN, CALLBACK_TOKEN
+from .results_helpers import CALLBACK_PATH, seed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scrape(client, **headers) -> dict:
+    answer = client.get("/metrics", headers=headers)
+    assert answer.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(answer.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_are_open_and_count_what_happened(client):
+    before = scrape(client)
+    seed(client, 3)
+    seed(client, 1, prefix="p", status="PENDING")
+    seed(client, 1, callback_data="mailing-1")                      # an exact repeat
+    assert client.post(CALLBACK_PATH, data="{nope", content_type="application/json").status_code == 400
+    Message.update(next_check_at=utcnow() - dt.timedelta(seconds=90)).where(Message.id == "m00000").execute()
+    Message.update(next_check_at=utcnow() + dt.timedelta(hours=1)).where(Message.id != "m00000").execute()
+    enrich.count_twin_call("messages_stats", "ok")
+    TwinCall.insert(endpoint="sessions_stats", last_error="HTTP 502", last_error_at=dt.datetime(2025, 1, 2),
+                    last_ok_at=dt.datetime(2025, 1, 1)).execute()
+
+    answer = client.get("/metrics")
+    assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    after = scrape(client)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("receiver_callbacks_total", status="DELIVERED") == 3
+    assert delta("receiver_callbacks_total", status="PENDING") == 1
+    assert delta("receiver_callbacks_total", status="duplicate") == 1
+    assert delta("receiver_rejected_total", reason="unparsable_json") == 1
+    assert delta("receiver_twin_calls_total", endpoint="messages_stats", outcome="ok") == 1
+    assert value(after, "receiver_database_up") == 1
+    assert value(after, "receiver_messages", stage="chat_id") == 3
+    assert value(after, "receiver_messages", stage="none") == 1
+    assert value(after, "receiver_messages", stage="given_up") == 0
+    assert value(after, "receiver_enrichment_due") == 1
+    assert 89 <= value(after, "receiver_enrichment_oldest_due_seconds") < 150
+    assert value(after, "receiver_events_stored") == 4
+    assert value(after, "receiver_rejected_stored") == 1
+    assert value(after, "receiver_twin_last_error_timestamp_seconds", endpoint="sessions_stats") == \
+        dt.datetime(2025, 1, 2, tzinfo=dt.UTC).timestamp()
+    assert value(after, "receiver_twin_last_ok_timestamp_seconds", endpoint="sessions_stats") == \
+        dt.datetime(2025, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+def test_openmetrics_when_asked(client):
+    answer = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert answer.get_data(as_text=True).rstrip().endswith("# EOF")
+
+
+def test_a_database_that_does_not_answer_is_a_gauge_not_a_500(client, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(enrich, "backlog", fail)
+    samples = scrape(client)
+    assert value(samples, "receiver_database_up") == 0
+    assert ("receiver_messages", (("stage", "none"),)) not in samples
+    assert metrics.CALLBACKS._name == "receiver_callbacks"      # the counters are still there
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    from receiver import create_app
+    client = create_app().test_client()
+    for message_id in sys.argv[1:]:
+        assert client.post("/callbacks/{token}", json={{"id": message_id, "newStatus": "DELIVERED"}}).status_code == 200
+""")
+SCRAPER = textwrap.dedent("""
+    from receiver import create_app
+    print(create_app().test_client().get("/metrics").get_data(as_text=True))
+""")
+
+
+def test_counters_add_up_across_worker_processes(tmp_path):
+    """As under gunicorn: each process counts in PROMETHEUS_MULTIPROC_DIR; any one of them reports all."""
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared), "PYTHONPATH": str(ROOT),
+           "DATABASE_URL": f"sqlite:///{tmp_path}/receiver.db", "API_TOKEN": API_TOKEN,
+           "CALLBACK_TOKEN": CALLBACK_TOKEN}
+    worker = WORKER.format(token=CALLBACK_TOKEN)
+    workers = [subprocess.Popen([sys.executable, "-c", worker, *ids], env=env, cwd=tmp_path)
+               for ids in (["a1", "a2"], ["b1", "b2", "b3"])]
+    assert [w.wait(timeout=60) for w in workers] == [0, 0]
+    text = subprocess.run([sys.executable, "-c", SCRAPER], env=env, cwd=tmp_path, check=True,
+                          capture_output=True, text=True, timeout=60).stdout
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert value(samples, "receiver_callbacks_total", status="DELIVERED") == 5
+    assert value(samples, "receiver_messages", stage="chat_id") == 5
+    assert value(samples, "receiver_events_stored") == 5

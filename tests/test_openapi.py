@@ -1,0 +1,116 @@
+"""receiver/openapi.yaml: a valid OpenAPI 3 description, served, covering every route, and true of
+what the service really answers (requests and responses checked with openapi-core)."""
+from __future__ import annotations
+
+import pytest
+from openapi_core import OpenAPI
+from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
+from openapi_spec_validator import validate
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
+
+from receiver.api import openapi_document
+
+from .conftest import API_TOKEN
+from .results_helpers import CALLBACK_PATH, answer, seed
+
+# Routes that are not part of the API: the results page and its files.
+NOT_API = {"/", "/login", "/logout", "/results", "/results.csv", "/static/<path:filename>"}
+# Documented by their own engineers as they land; remove a name once its path is in openapi.yaml.
+PENDING = {"/api/sends"}
+
+
+@pytest.fixture(scope="module")
+def spec() -> OpenAPI:
+    return OpenAPI.from_dict(openapi_document())
+
+
+def test_the_description_is_valid_openapi():
+    validate(openapi_document())
+
+
+def test_it_is_served(client):
+    answer_ = client.get("/api/openapi.json")
+    assert answer_.status_code == 200 and answer_.get_json() == openapi_document()
+
+
+def test_every_route_is_described(app):
+    documented = set(openapi_document()["paths"])
+    for rule in app.url_map.iter_rules():
+        path = rule.rule.replace("<token>", "{token}")
+        if rule.rule in NOT_API or rule.rule in PENDING:
+            continue
+        assert path in documented, f"{rule.rule} is not in receiver/openapi.yaml"
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            if path.startswith("/callbacks/") and method != "POST":
+                continue                # answered 405 (and kept), not an operation
+            assert method.lower() in openapi_document()["paths"][path], f"{method} {rule.rule}"
+
+
+def exchange(client, spec, method, path, *, valid_request=True, **kwargs):
+    """Make the request; check the answer (and, for a valid request, the request) against the spec."""
+    request = Request(EnvironBuilder(path=path, method=method, **kwargs).get_environ())
+    response = client.open(path, method=method, **kwargs)
+    response.get_data()              # a streamed body is read whole here
+    if valid_request:
+        spec.validate_request(WerkzeugOpenAPIRequest(request))
+    spec.validate_response(WerkzeugOpenAPIRequest(request), WerkzeugOpenAPIResponse(response))
+    return response
+
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def test_answers_match_the_description(client, spec):
+    ids = seed(client, 4, callback_data="Опрос")
+    seed(client, 1, prefix="u", callback_data="Опрос", status="UNDELIVERED")
+    answer(ids[0], {"confirmation": "Да", "nps": 9, "meta": {"a": [1]}})
+    answer(ids[1], {})
+    answer(ids[2], "plain text result")
+
+    cases = [
+        ("GET", "/healthz", {}, 200),
+        ("GET", "/metrics", {}, 200),
+        ("GET", "/api/openapi.json", {}, 200),
+        ("GET", "/api/messages", dict(query_string={"callbackData": "Опрос"}, headers=AUTH), 200),
+        ("GET", "/api/messages", dict(query_string={"id": ids[0]}, headers=AUTH), 200),
+        ("GET", "/api/results", dict(headers=AUTH), 200),
+        ("GET", "/api/results", dict(query_string={"limit": 2, "status": "DELIVERED", "stage": "done",
+                                                   "since": "2000-01-01", "until": "2100-01-01"},
+                                     headers=AUTH), 200),
+        ("GET", "/api/results.csv", dict(query_string={"callbackData": "Опрос", "excel": "1"},
+                                         headers=AUTH), 200),
+        ("GET", "/api/results/summary", dict(query_string={"bulkId": "bulk-1"}, headers=AUTH), 200),
+        ("POST", CALLBACK_PATH, dict(json={"id": "new-1", "newStatus": "PENDING", "callbackData": "x",
+                                           "price": 1.5, "partCount": 1}), 200),
+        ("POST", CALLBACK_PATH, dict(data={"id": "new-2", "newStatus": "DELIVERED"}), 200),
+    ]
+    for method, path, kwargs, status in cases:
+        assert exchange(client, spec, method, path, **kwargs).status_code == status, (method, path)
+
+    # a page with a cursor
+    first = client.get("/api/results?limit=2", headers=AUTH).get_json()
+    exchange(client, spec, "GET", "/api/results", query_string={"limit": 2, "cursor": first["next_cursor"]},
+             headers=AUTH)
+
+
+def test_refusals_match_the_description(client, spec):
+    cases = [
+        ("GET", "/api/results", dict(), 401),
+        ("GET", "/api/results.csv", dict(headers={"Authorization": "Bearer wrong-token-xxxxxxxx"}), 401),
+        ("GET", "/api/results/summary", dict(), 401),
+        ("GET", "/api/messages", dict(), 401),
+        ("GET", "/api/results", dict(query_string={"token": API_TOKEN}, headers=AUTH), 400),
+        ("GET", "/api/results", dict(query_string={"limit": 0}, headers=AUTH), 400),
+        ("GET", "/api/results", dict(query_string={"cursor": "nope"}, headers=AUTH), 400),
+        ("GET", "/api/results.csv", dict(query_string={"stage": "nope"}, headers=AUTH), 400),
+        ("GET", "/api/messages", dict(headers=AUTH), 400),
+        ("POST", "/callbacks/not-the-token", dict(json={"id": "1", "newStatus": "PENDING"}), 404),
+        ("POST", CALLBACK_PATH, dict(data="{nope", content_type="application/json"), 400),
+        ("POST", CALLBACK_PATH, dict(json={"newStatus": "PENDING"}), 422),
+        ("POST", CALLBACK_PATH, dict(data="<x/>", content_type="application/xml"), 415),
+        ("POST", CALLBACK_PATH, dict(json={"id": "1", "newStatus": "PENDING", "pad": "x" * 70000}), 413),
+    ]
+    for method, path, kwargs, status in cases:
+        got = exchange(client, spec, method, path, valid_request=False, **kwargs)
+        assert got.status_code == status, (method, path, got.status_code)

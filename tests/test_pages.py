@@ -1,0 +1,103 @@
+"""The results page without a browser: who gets in, where sign-in leads, what the page and its CSV say.
+(tests/browser/ drives the same page in a real Chromium.)"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+
+import pytest
+
+from .conftest import API_TOKEN
+from .results_helpers import answer, seed
+
+
+def basic(password: str, user: str = "anyone") -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def sign_in(client, token: str = API_TOKEN, next_: str = "/results"):
+    return client.post("/login", data={"token": token, "next": next_})
+
+
+@pytest.mark.parametrize("path", ["/results", "/results.csv", "/"])
+def test_strangers_are_sent_to_sign_in(client, path):
+    answer_ = client.get(path)
+    assert answer_.status_code == 302 and answer_.location.startswith("/login?next=")
+
+
+def test_sign_in_sets_a_signed_cookie_and_sign_out_drops_it(client):
+    refused = sign_in(client, "wrong-token-wrong-token")
+    assert refused.status_code == 401 and "That is not the API token." in refused.get_data(as_text=True)
+    signed = sign_in(client, next_="/results?status=DELIVERED")
+    assert signed.status_code == 302 and signed.location == "/results?status=DELIVERED"
+    cookie = signed.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and API_TOKEN not in cookie
+    page = client.get("/results")
+    assert page.status_code == 200 and page.headers["Cache-Control"] == "private, no-store"
+    assert client.post("/logout").status_code == 302
+    assert client.get("/results").status_code == 302
+
+
+def test_a_forged_cookie_is_not_a_session(client):
+    client.set_cookie("receiver_session", "eyJ2IjoxfQ.forged.signature")
+    assert client.get("/results").status_code == 302
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "results", "/\\evil.example"])
+def test_sign_in_never_leads_off_site(client, target):
+    assert sign_in(client, next_=target).location == "/results"
+
+
+def test_http_basic_with_the_token(client):
+    assert client.get("/results", headers=basic(API_TOKEN)).status_code == 200
+    wrong = client.get("/results", headers=basic("not-the-token-xxxxxxx"))
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"].startswith("Basic")
+
+
+def test_a_token_in_the_url_is_refused(client):
+    assert client.get(f"/results?token={API_TOKEN}", headers=basic(API_TOKEN)).status_code == 400
+
+
+def test_the_page_shows_the_mailing(client):
+    ids = seed(client, 4, callback_data="Опрос <весна>")
+    seed(client, 1, prefix="u", callback_data="Опрос <весна>", status="UNDELIVERED")
+    seed(client, 2, prefix="o", callback_data="other")
+    answer(ids[0], {"confirmation": "Да", "nps": 9})
+    answer(ids[1], {"confirmation": "Отказ", "nps": 3})
+    html = client.get("/results", query_string={"mailing": "c:Опрос <весна>"},
+                      headers=basic(API_TOKEN)).get_data(as_text=True)
+    assert '<dd id="count-sent">5</dd>' in html
+    assert '<dd id="count-delivered">4</dd>' in html
+    assert '<dd id="count-session_started">2</dd>' in html
+    assert '<dd id="count-answered">2</dd>' in html
+    assert "Опрос &lt;весна&gt;" in html and "Опрос <весна>" not in html      # escaped
+    assert html.count('class="result-row"') == 5
+    assert 'data-key="Отказ" data-count="1"' in html
+    assert "callbackData=%D0%9E%D0%BF%D1%80%D0%BE%D1%81+%3C%D0%B2%D0%B5%D1%81%D0%BD%D0%B0%3E" in html
+
+
+def test_the_page_pages_and_filters(client):
+    seed(client, 130)
+    seed(client, 3, prefix="u", status="ERROR")
+    first = client.get("/results", headers=basic(API_TOKEN)).get_data(as_text=True)
+    assert first.count('class="result-row"') == 100 and 'id="next-page"' in first
+    filtered = client.get("/results?status=ERROR&stage=&since=", headers=basic(API_TOKEN)).get_data(as_text=True)
+    assert filtered.count('class="result-row"') == 3 and 'id="next-page"' not in filtered
+    bad = client.get("/results?since=someday", headers=basic(API_TOKEN))
+    assert bad.status_code == 400 and "since" in bad.get_data(as_text=True)
+
+
+def test_the_download_link(client):
+    seed(client, 3, callback_data="Опрос, март")
+    seed(client, 1, prefix="x", callback_data="other")
+    answer_ = client.get("/results.csv?mailing=c:Опрос, март", headers=basic(API_TOKEN))
+    assert answer_.is_streamed and answer_.headers["Content-Type"] == "text/csv; charset=utf-8"
+    assert answer_.headers["Content-Disposition"] == (
+        "attachment; filename=\"results.csv\"; "
+        "filename*=UTF-8''%D0%9E%D0%BF%D1%80%D0%BE%D1%81%2C%20%D0%BC%D0%B0%D1%80%D1%82.csv")
+    rows = list(csv.DictReader(io.StringIO(answer_.get_data(as_text=True), newline="")))
+    assert len(rows) == 3 and {row["callback_data"] for row in rows} == {"Опрос, март"}
+    plain = client.get("/results.csv?callbackData=other", headers=basic(API_TOKEN))
+    assert plain.headers["Content-Disposition"] == 'attachment; filename="other.csv"'
+    plain.get_data()

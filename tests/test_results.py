@@ -1,0 +1,170 @@
+"""receiver/results.py: the one query behind the export, the API and the page (both backends)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from werkzeug.datastructures import MultiDict
+
+from receiver import results
+from receiver.models import Message
+from receiver.results import FilterError, Filters
+
+from .results_helpers import answer, bulk_messages, callback, seed
+
+
+def walk(filters: Filters, limit: int, between=None) -> list[str]:
+    """Every id, page by page; `between(n)` runs after page n (to add rows mid-walk)."""
+    seen, cursor, n = [], None, 0
+    while True:
+        found = results.page(filters, limit=limit, cursor=cursor)
+        seen += [row["id"] for row in found.rows]
+        if between:
+            between(n)
+        n += 1
+        if found.next_cursor is None:
+            return seen
+        cursor = found.next_cursor
+
+
+def test_pages_give_every_row_once_while_rows_arrive(client):
+    before = seed(client, 23)
+    added = []
+
+    def add(n):
+        added.extend(seed(client, 2, prefix="late", start=2 * n))
+
+    seen = walk(Filters(), limit=5, between=add)
+    assert len(seen) == len(set(seen))
+    assert seen[:23] == before                      # oldest first, none skipped
+    assert set(seen) <= set(before) | set(added)
+    assert set(added) - set(seen) <= set(added[-2:])  # only what came after the last page may be missing
+
+
+def test_pages_split_rows_with_the_same_first_seen_time(app):
+    ids = bulk_messages(37, same_time=True)
+    assert walk(Filters(), limit=4) == sorted(ids)
+
+
+def test_iterate_reads_in_chunks_and_sees_rows_added_while_streaming(client):
+    seed(client, 20)
+    stream = results.iterate(Filters(), chunk=6)
+    first = next(stream)
+    callback(client, "zz-late")
+    rest = [row["id"] for row in stream]
+    assert first["id"] == "m00000"
+    assert rest[-1] == "zz-late" and len(rest) == 20
+
+
+def test_filters(client):
+    a = seed(client, 3, prefix="a", callback_data="Опрос, март", bulk_id="b-1")
+    b = seed(client, 2, prefix="b", callback_data="other", bulk_id="b-2", status="UNDELIVERED")
+    c = seed(client, 2, prefix="c", callback_data="other", bulk_id="b-2", status="PENDING")
+    answer(a[0], {"confirmation": "Да"})
+
+    def ids(**kwargs):
+        return [row["id"] for row in results.iterate(Filters.build(**kwargs))]
+
+    assert ids(callback_data="Опрос, март") == a
+    assert ids(bulk_id="b-2") == b + c
+    assert ids(status="undelivered") == b
+    assert ids(status="UNDELIVERED,PENDING") == b + c
+    assert ids(status=["UNDELIVERED", "PENDING"]) == b + c
+    assert ids(stage="done") == [a[0]]
+    assert ids(stage="chat_id,done") == a
+    assert ids(callback_data="other", status="PENDING") == c
+    assert ids(callback_data="nobody") == []
+
+    # since is inclusive, until exclusive, both on first_seen_at
+    times = {m.id: m.first_seen_at for m in Message.select()}
+    assert ids(since=times[b[0]]) == b + c
+    assert ids(until=times[b[0]]) == a
+    assert ids(since=times[b[0]].isoformat(), until=times[c[0]].isoformat() + "+00:00") == b
+    # an offset is converted to UTC
+    later = (times[b[0]] + dt.timedelta(hours=3)).isoformat() + "+03:00"
+    assert ids(since=later) == b + c
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(stage="finished"), "stage"),
+    (dict(since="yesterday"), "since"),
+    (dict(since="2025-01-02", until="2025-01-01"), "until"),
+])
+def test_bad_filters_name_the_parameter(kwargs, param):
+    with pytest.raises(FilterError) as error:
+        Filters.build(**kwargs)
+    assert error.value.param == param
+
+
+def test_from_args_refuses_unknown_parameters():
+    with pytest.raises(FilterError) as error:
+        Filters.from_args(MultiDict({"callback_data": "x"}))
+    assert error.value.param == "callback_data"
+    filters = Filters.from_args(MultiDict([("callbackData", "x"), ("status", "a"), ("status", "b,c"),
+                                           ("since", "2025-01-01")]))
+    assert filters == Filters(callback_data="x", status=("A", "B", "C"), since=dt.datetime(2025, 1, 1))
+    assert Filters.from_args(MultiDict(filters.to_args())) == filters
+
+
+def test_bad_cursor(app):
+    for cursor in ("nonsense", "W10", "%%%"):
+        with pytest.raises(FilterError) as error:
+            results.page(Filters(), cursor=cursor)
+        assert error.value.param == "cursor"
+
+
+def test_rows_flattened_for_csv_and_kept_whole_for_json(client):
+    ids = seed(client, 4)
+    answer(ids[0], {"confirmation": "Отказ", "nps": 7, "tags": ["a", "б"], "extra": {"x": None}, "ok": True})
+    answer(ids[1], {"confirmation": "Да"})
+    answer(ids[2], "not json at all")
+    keys = results.result_keys(Filters())
+    assert keys == ["confirmation", "extra", "nps", "ok", "tags"]
+
+    rows = {row["id"]: row for row in results.iterate(Filters())}
+    flat = results.flat_row(rows[ids[0]], keys)
+    assert flat["result.confirmation"] == "Отказ"
+    assert flat["result.nps"] == "7"
+    assert flat["result.tags"] == '["a","б"]'
+    assert flat["result.extra"] == '{"x":null}'
+    assert flat["result.ok"] == "true"
+    assert json.loads(flat["result"])["nps"] == 7
+    assert results.flat_row(rows[ids[1]], keys)["result.nps"] == ""
+    odd = results.flat_row(rows[ids[2]], keys)
+    assert odd["result"] == "not json at all" and odd["result.confirmation"] == ""
+    empty = results.flat_row(rows[ids[3]], keys)
+    assert empty["result"] == "" and empty["chat_id"] == "" and empty["status"] == "DELIVERED"
+
+    document = results.row_json(rows[ids[0]])
+    assert list(document)[:3] == ["message_id", "callback_data", "bulk_id"]
+    assert document["result"]["tags"] == ["a", "б"]
+    assert document["first_seen_at"].endswith("Z")
+    assert results.row_json(rows[ids[3]])["result"] is None
+
+
+def test_summary_funnel_and_answers(client):
+    sent = seed(client, 6, callback_data="survey")
+    seed(client, 2, prefix="u", callback_data="survey", status="UNDELIVERED")
+    seed(client, 3, prefix="x", callback_data="elsewhere")
+    answer(sent[0], {"confirmation": "Да", "nps": 10})
+    answer(sent[1], {"confirmation": "Да", "nps": 9})
+    answer(sent[2], {"confirmation": "Отказ", "nps": 10, "meta": {"a": 1}})
+    answer(sent[3], {})                       # session closed without an answer
+    Message.update(chat_id="chat-only").where(Message.id == sent[4]).execute()
+
+    summary = results.summarize(Filters(callback_data="survey"))
+    assert summary.as_json()["funnel"] == {"sent": 8, "delivered": 6, "session_started": 5, "answered": 3}
+    assert summary.statuses == {"DELIVERED": 6, "UNDELIVERED": 2}
+    assert summary.stages == {"chat_id": 2, "done": 4, "none": 2}
+    assert summary.answers == {"confirmation": [("Да", 2), ("Отказ", 1)], "nps": [("9", 1), ("10", 2)]}
+    assert summary.keys == ["confirmation", "nps", "meta"]
+
+
+def test_mailings_newest_first(client):
+    seed(client, 2, prefix="o", callback_data="old", bulk_id="bulk-old")
+    seed(client, 1, prefix="n", callback_data="new", bulk_id="bulk-new")
+    found = [(m.kind, m.value, m.messages) for m in results.mailings()]
+    assert found == [("callbackData", "new", 1), ("callbackData", "old", 2),
+                     ("bulkId", "bulk-new", 1), ("bulkId", "bulk-old", 2)]
+    assert all(isinstance(m.last_seen_at, dt.datetime) for m in results.mailings())

@@ -1,0 +1,54 @@
+"""The enrichment worker as the separate process it is in production (`python -m receiver worker`)."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from receiver.models import Message
+
+from .support import phones, send_mailing, settings_env, wait_for
+from .test_enrich import assert_matches_truth
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_worker(env, log_path):
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def all_settled():
+    return Message.select().where(Message.stage.not_in(["done", "given_up"])).count() == 0
+
+
+def test_a_worker_killed_mid_batch_again_and_again_loses_nothing(settings, twin, live_app, tmp_path):
+    # Slow statistics pages, so that a kill lands in the middle of a sweep.
+    twin.configure(slow_rate=1.0, slow_seconds=0.3, page_cap=10)
+    ids = send_mailing(twin, live_app.url, phones(60))
+    assert twin.wait_idle(timeout=30)
+    env = settings_env(settings) | {"ENRICH_LEASE": "2", "ENRICH_POLL_INTERVAL": "0.1"}
+    rng = random.Random(5)
+
+    for _ in range(3):
+        worker = start_worker(env, tmp_path / "worker.log")
+        time.sleep(rng.uniform(0.8, 1.6))
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+    assert not all_settled(), "the kills landed before the work was done"
+
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        settled = wait_for(all_settled, timeout=60, interval=0.2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        exit_code = worker.wait(timeout=15)
+
+    assert settled, (tmp_path / "worker.log").read_text()[-3000:]
+    assert_matches_truth(twin, {m.id: m for m in Message.select()}, ids)
+    assert exit_code == 0, "SIGTERM lets the current sweep finish and exits cleanly"
+    assert Message.select().where(Message.lease_until.is_null(False)).count() == 0
