@@ -85,6 +85,7 @@ class Enricher:
         self.stopping = False
         self.last_sweep: dict[str, float] = {}    # endpoint -> time.monotonic() of its last sweep
         self.last_size: dict[str, int] = {}       # endpoint -> items its last sweep paged through
+        self.failures = 0                         # sweeps failed in a row (TWIN down, credentials wrong)
 
     @classmethod
     def from_app(cls, app) -> Enricher:
@@ -173,9 +174,10 @@ class Enricher:
             log.warning("%s sweep failed, %d messages due again shortly: %s", sweep.endpoint, len(claimed),
                         error)
             remember_twin_error(error, now)
-            release(claimed, self.clock() + dt.timedelta(seconds=self.settings.enrich_backoff_start),
-                    str(error))
+            self.failures += 1
+            release(claimed, self.clock() + dt.timedelta(seconds=self.backoff(self.failures)), str(error))
             return len(claimed)
+        self.failures = 0
         remember_twin_ok(sweep.endpoint, now)
         self.settle(sweep, claimed, seen)
         log.info("%s sweep: %d claimed, %d found, window %s .. %s", sweep.endpoint, len(claimed),

@@ -10,17 +10,27 @@ import secrets
 from pathlib import Path
 
 from peewee import (
-    BlobField, BooleanField, CharField, DatabaseProxy, DateTimeField, FloatField, IntegerField,
-    Model, PostgresqlDatabase, SqliteDatabase, TextField,
+    BlobField,
+    BooleanField,
+    CharField,
+    DatabaseProxy,
+    DateTimeField,
+    FloatField,
+    IntegerField,
+    Model,
+    PostgresqlDatabase,
+    SqliteDatabase,
+    TextField,
 )
 from playhouse.db_url import connect as connect_url
+from playhouse.migrate import SchemaMigrator, migrate
 
 db = DatabaseProxy()
 
 
 def utcnow() -> dt.datetime:
     """Naive UTC, the form every timestamp column holds."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 # Enrichment stages of a message (Message.stage).
@@ -81,7 +91,13 @@ class Message(BaseModel):
     result_at = DateTimeField(null=True)
 
     class Meta:
-        indexes = ((("stage", "next_check_at"), False),)
+        indexes = (
+            (("stage", "next_check_at"), False),          # the queue: what is due, per stage
+            # Results in a stable order (keyset pages, exports), whole or per mailing.
+            (("first_seen_at", "id"), False),
+            (("callback_data", "first_seen_at", "id"), False),
+            (("bulk_id", "first_seen_at", "id"), False),
+        )
 
 
 class Event(BaseModel):
@@ -199,9 +215,27 @@ def create_schema() -> None:
     with db.connection_context():
         with _schema_lock():
             db.create_tables(MODELS, safe=True)
+            add_missing_columns()
             if "results" not in [view.name for view in db.get_views()]:
                 db.execute_sql(RESULTS_VIEW)
             Meta.insert(key="schema_version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
+
+
+def add_missing_columns() -> None:
+    """Bring a database made by an earlier version up to date: add the columns it lacks.
+
+    Every column added after the first release is nullable or has a default, so an upgrade is
+    additive and keeps every row; anything else would need a written migration.
+    """
+    migrator = SchemaMigrator.from_database(db.obj)
+    for model in MODELS:
+        table = model._meta.table_name
+        present = {column.name for column in db.get_columns(table)}
+        missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+        for field in missing:
+            if not field.null and field.default is None:
+                raise RuntimeError(f"{table}.{field.column_name} is missing and cannot be added by itself")
+            migrate(migrator.add_column(table, field.column_name, field))
 
 
 class _schema_lock:

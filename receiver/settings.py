@@ -86,7 +86,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: dict | None = None, env_file: str | os.PathLike | None = ".env",
-                 **overrides) -> "Settings":
+                 **overrides) -> Settings:
         """Read every setting; `overrides` (field names) win over both sources, for tests."""
         source: dict[str, str] = {}
         if env_file and Path(env_file).is_file():

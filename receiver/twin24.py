@@ -26,9 +26,10 @@ import random
 import re
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -118,7 +119,7 @@ def _iso(moment: datetime, *, ceil: bool = False) -> str:
     """Whole-second ISO 8601 in UTC with offset; `ceil` rounds up so a window only ever widens."""
     if not isinstance(moment, datetime) or moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("from/to must be timezone-aware datetimes")
-    moment = moment.astimezone(timezone.utc)
+    moment = moment.astimezone(UTC)
     if moment.microsecond:
         moment = moment.replace(microsecond=0) + (timedelta(seconds=1) if ceil else timedelta(0))
     return moment.isoformat()
@@ -495,8 +496,8 @@ def _retry_after(resp: requests.Response) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _json_or_none(resp: requests.Response):
