@@ -100,17 +100,17 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
     """
     import sys
 
-    from . import callback_url, sending
+    from . import callback_url, destinations, sending
     settings = current_app.config["SETTINGS"]
     options = {"chatId": chat_id, "botId": bot_id, "messengerType": messenger_type,
                "chatSessionName": chat_session_name, "text": text, "provider": provider,
                "callbackData": callback_data, "variables": declared}
     try:
-        values = sending.load_config(config_path) if config_path else {}
+        values = destinations.load_config(config_path) if config_path else {}
         values.update({k: v for k, v in options.items() if v is not None})
-        chat = sending.chat_settings(values)
-        destinations = sending.read_destinations(file, chat.variables, fmt)
-    except sending.InputError as error:
+        chat = destinations.chat_settings(values)
+        rows = destinations.read_destinations(file, chat.variables, fmt)
+    except destinations.InputError as error:
         click.echo(f"{file}: nothing was sent:\n{error}", err=True)
         raise SystemExit(2) from None
     if not settings.has_twin24_credentials and not dry_run:
@@ -119,7 +119,7 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
     url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
     sender = sending.Sender(settings, chat, callback_url=url, batch_size=batch_size,
                             resend_unknown=resend_unknown, source=str(file))
-    plan = sender.plan(destinations)
+    plan = sender.plan(rows)
     if dry_run:
         for line in sending.summary_lines(plan):
             click.echo(line)
@@ -130,10 +130,10 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
         click.echo(f"warning: resending {len(unknown)} rows whose earlier send has an unknown outcome; "
                    "TWIN may have taken them, so these recipients may get the message twice", err=True)
     try:
-        with click.progressbar(length=work, label=f"sending {work} of {len(destinations)}",
+        with click.progressbar(length=work, label=f"sending {work} of {len(rows)}",
                                show_pos=True, file=sys.stderr) as bar:
             sender.progress = bar.update
-            report = sender.run(destinations)
+            report = sender.run(rows)
     except sending.SendInProgress as error:
         click.echo(f"nothing was sent: {error}", err=True)
         raise SystemExit(1) from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from . import sending
+from . import destinations, sending
 from .api import require_api_token
 
 bp = Blueprint("sending_api", __name__)
@@ -32,43 +32,44 @@ def create_send():
     request.max_content_length = MAX_BODY_BYTES          # this view only; callbacks keep their small cap
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return _invalid([sending.Problem("body", None, "must be a JSON object with chat and destinations")])
-    problems: list[sending.Problem] = []
+        return _invalid([destinations.Problem("body", None, "must be a JSON object with chat and destinations")])
+    problems: list[destinations.Problem] = []
     unknown = sorted(set(body) - {"chat", "callbackData", "destinations", "batchSize", "resendUnknown",
                                   "dryRun"})
-    problems += [sending.Problem("body", name, "is not a known field") for name in unknown]
+    problems += [destinations.Problem("body", name, "is not a known field") for name in unknown]
     chat_values = body.get("chat")
     if not isinstance(chat_values, dict):
-        problems.append(sending.Problem("body", "chat", "must be an object of chat settings"))
+        problems.append(destinations.Problem("body", "chat", "must be an object of chat settings"))
         chat_values = {}
     if "callbackData" in body:
         chat_values = {**chat_values, "callbackData": body["callbackData"]}
     batch_size = body.get("batchSize")
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                    or batch_size < 1):
-        problems.append(sending.Problem("body", "batchSize", "must be a whole number of at least 1"))
+        problems.append(destinations.Problem("body", "batchSize", "must be a whole number of at least 1"))
     flags = {}
     for name in ("resendUnknown", "dryRun"):
         flags[name] = body.get(name, False)
         if not isinstance(flags[name], bool):
-            problems.append(sending.Problem("body", name, "must be true or false"))
+            problems.append(destinations.Problem("body", name, "must be true or false"))
     chat = None
     try:
-        chat = sending.chat_settings(chat_values, where="chat")
-    except sending.InputError as error:
+        chat = destinations.chat_settings(chat_values, where="chat")
+    except destinations.InputError as error:
         problems += error.problems
-    destinations = body.get("destinations")
-    if isinstance(destinations, list) and len(destinations) > MAX_DESTINATIONS:
-        problems.append(sending.Problem("body", "destinations", f"has {len(destinations)} items; at most "
-                                        f"{MAX_DESTINATIONS} per request (use several, or `flask send`)"))
-    elif destinations is None:
-        problems.append(sending.Problem("body", "destinations", "is required"))
+    items = body.get("destinations")
+    rows = []
+    if isinstance(items, list) and len(items) > MAX_DESTINATIONS:
+        problems.append(destinations.Problem("body", "destinations", f"has {len(items)} items; at most "
+                                             f"{MAX_DESTINATIONS} per request (use several, or `flask send`)"))
+    elif items is None:
+        problems.append(destinations.Problem("body", "destinations", "is required"))
     else:
         try:
-            destinations = sending.destinations_from_items(destinations, chat.variables if chat else None)
-        except sending.InputError as error:
-            problems += [sending.Problem(p.where if p.where != "file" else "body",
-                                         p.field if p.where != "file" else "destinations", p.message)
+            rows = destinations.destinations_from_items(items, chat.variables if chat else None)
+        except destinations.InputError as error:
+            problems += [destinations.Problem(p.where if p.where != "file" else "body",
+                                              p.field if p.where != "file" else "destinations", p.message)
                          for p in error.problems]
     if problems:
         return _invalid(problems)
@@ -78,17 +79,17 @@ def create_send():
                             callback_url=callback_url(settings, current_app.config["CALLBACK_TOKEN"]),
                             source="api")
     if flags["dryRun"]:
-        return jsonify(sender.plan(destinations).as_json()), 200
+        return jsonify(sender.plan(rows).as_json()), 200
     if not settings.has_twin24_credentials:
         return jsonify(error="not_configured",
                        detail="set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD"), 503
     try:
-        report = sender.run(destinations)
+        report = sender.run(rows)
     except sending.SendInProgress as error:
         return jsonify(error="send_in_progress", detail=str(error), send=error.send_id), 409
     return jsonify(report.as_json()), 200 if report.complete else 207
 
 
-def _invalid(problems: list[sending.Problem]):
+def _invalid(problems: list[destinations.Problem]):
     return jsonify(error="invalid_input", detail="nothing was sent",
                    problems=[p.as_json() for p in problems]), 422

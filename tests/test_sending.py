@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from receiver import create_app, models, sending
+from receiver import create_app, destinations, models, sending
 from receiver.models import Message, Outbox, Send
 from receiver.simulator import SimConfig, Simulator
 from receiver.twin24 import TwinClient
@@ -107,15 +107,15 @@ def outbox_states() -> Counter:
 # ------------------------------------------------------------------------------------ input checks
 class TestInput:
     def test_phone_normalisation(self):
-        assert sending.normalize_phone("+7 (999) 123-45-67") == "79991234567"
-        assert sending.normalize_phone(79991234567) == "79991234567"
-        assert sending.normalize_phone("7999.123.45.67") == "79991234567"
+        assert destinations.normalize_phone("+7 (999) 123-45-67") == "79991234567"
+        assert destinations.normalize_phone(79991234567) == "79991234567"
+        assert destinations.normalize_phone("7999.123.45.67") == "79991234567"
         for bad in ("12ab", "123456789", "1234567890123456", "", "++79991234567", True, 7.9e10, None, "٧٩٩٩١٢٣٤٥٦٧"):
-            assert sending.normalize_phone(bad) is None, bad
+            assert destinations.normalize_phone(bad) is None, bad
 
     def test_csv_reads_variables_in_order_with_line_numbers(self):
         text = "\ufeffPhone;messengerUserId;name\n\n+7 999 000-00-01;u1;Ivan\n79990000002;;\"Petrov; Ivan\"\n"
-        rows = sending.read_csv(text)
+        rows = destinations.read_csv(text)
         assert [(d.index, d.line, d.phone, d.messenger_user_id, d.variables) for d in rows] == [
             (0, 3, "79990000001", "u1", {"name": "Ivan"}),
             (1, 4, "79990000002", None, {"name": "Petrov; Ivan"}),
@@ -138,25 +138,25 @@ class TestInput:
          "line 2, messengerUserId: is longer than 128"),
     ])
     def test_bad_csv(self, text, declared, expected):
-        with pytest.raises(sending.InputError) as caught:
-            sending.read_csv(text, declared)
+        with pytest.raises(destinations.InputError) as caught:
+            destinations.read_csv(text, declared)
         assert expected in str(caught.value)
 
     def test_every_problem_is_reported_at_once(self):
-        with pytest.raises(sending.InputError) as caught:
-            sending.read_csv("phone\n1\n79990000001\n2\n79990000001\n")
+        with pytest.raises(destinations.InputError) as caught:
+            destinations.read_csv("phone\n1\n79990000001\n2\n79990000001\n")
         assert [str(p).split(":")[0] for p in caught.value.problems] == [
             "line 2, phone", "line 4, phone", "line 5, phone"]
 
     def test_json_shapes_and_line_numbers(self):
         text = json.dumps([{"phone": "79990000001", "variables": {"name": "Ivan"}, "age": 30},
                            {"phone": 79990000002, "messengerUserId": "u2"}], indent=2)
-        rows = sending.read_json(text)
+        rows = destinations.read_json(text)
         assert [(d.line, d.phone, d.messenger_user_id, d.variables) for d in rows] == [
             (2, "79990000001", None, {"name": "Ivan", "age": "30"}),
             (9, "79990000002", "u2", {}),
         ]
-        assert len(sending.read_json(json.dumps({"destinations": [{"phone": "79990000001"}]}))) == 1
+        assert len(destinations.read_json(json.dumps({"destinations": [{"phone": "79990000001"}]}))) == 1
 
     @pytest.mark.parametrize("document, expected", [
         ("", "file: is empty"),
@@ -174,32 +174,32 @@ class TestInput:
     ])
     def test_bad_json(self, document, expected):
         declared = ("name",) if '"x"' in document else None
-        with pytest.raises(sending.InputError) as caught:
-            sending.read_json(document, declared)
+        with pytest.raises(destinations.InputError) as caught:
+            destinations.read_json(document, declared)
         assert expected in str(caught.value)
 
     def test_chat_settings(self, tmp_path):
-        chat = sending.chat_settings({"chatId": "c", "botId": "b", "text": "t"})
+        chat = destinations.chat_settings({"chatId": "c", "botId": "b", "text": "t"})
         assert chat.chat_json() == {"chatId": "c", "botId": "b", "messengerType": "WHATSAPP", "text": "t",
                                     "provider": "TWIN"}
-        with pytest.raises(sending.InputError) as caught:
-            sending.chat_settings({"chatId": "c", "text": " ", "chatID": "x"})
+        with pytest.raises(destinations.InputError) as caught:
+            destinations.chat_settings({"chatId": "c", "text": " ", "chatID": "x"})
         message = str(caught.value)
         assert "botId: is missing (give --bot-id" in message and "text: is missing" in message
         assert "chatID: is not a chat setting" in message
         toml = write(tmp_path, 'chatId = "c"\nbotId = "b"\ntext = "t"\nvariables = ["name"]\n', "chat.toml")
-        assert sending.chat_settings(sending.load_config(toml)).variables == ("name",)
+        assert destinations.chat_settings(destinations.load_config(toml)).variables == ("name",)
         ini = write(tmp_path, "[chat]\nchatId = c\nbotId = b\ntext = t\ncallbackData = 7\n", "chat.ini")
-        assert sending.chat_settings(sending.load_config(ini)).callback_data == "7"
+        assert destinations.chat_settings(destinations.load_config(ini)).callback_data == "7"
         bad = write(tmp_path, '{"chatId": "c", "bot": "b"}', "chat.json")
-        with pytest.raises(sending.InputError, match="bot: is not a chat setting"):
-            sending.load_config(bad)
+        with pytest.raises(destinations.InputError, match="bot: is not a chat setting"):
+            destinations.load_config(bad)
 
     def test_the_mailing_key_ignores_the_list_but_not_the_text_or_callback_data(self):
         base = dict(chatId="c", botId="b", text="t", callbackData="1")
-        assert sending.chat_settings(base).key == sending.chat_settings(dict(base)).key
-        assert sending.chat_settings(base).key != sending.chat_settings({**base, "text": "u"}).key
-        assert sending.chat_settings(base).key != sending.chat_settings({**base, "callbackData": "2"}).key
+        assert destinations.chat_settings(base).key == destinations.chat_settings(dict(base)).key
+        assert destinations.chat_settings(base).key != destinations.chat_settings({**base, "text": "u"}).key
+        assert destinations.chat_settings(base).key != destinations.chat_settings({**base, "callbackData": "2"}).key
 
     def test_line_ranges(self):
         assert sending.line_ranges([5, 2, 3, 4, 9, 11, 12]) == "2-5, 9, 11-12"
@@ -295,18 +295,18 @@ def sim_like(settings, **changes):
 
 def test_not_taken_mid_list_then_a_rerun_finishes_without_duplicates(sim, sim_app, tmp_path):
     settings = sim_app.config["SETTINGS"]
-    chat = sending.chat_settings({**CHAT_JSON, "callbackData": "c-2"})
-    destinations = sending.read_csv(csv_text(30))
+    chat = destinations.chat_settings({**CHAT_JSON, "callbackData": "c-2"})
+    rows = destinations.read_csv(csv_text(30))
     url = "http://127.0.0.1:1/callbacks/x"
     report = sending.Sender(settings, chat, callback_url=url, client=FlakyClient(settings, 2),
-                            batch_size=10).run(destinations)
+                            batch_size=10).run(rows)
     assert not report.complete and report.failure_kind == sending.NOT_TAKEN
     assert "did not reach TWIN" in report.failure
     assert report.counts["sent"] == 10 and report.counts["not_taken"] == 10 and report.counts["pending"] == 10
     assert [r.state for r in report.rows[9:12]] == ["sent", "not_taken", "not_taken"]
     assert send_requests(sim) == 1
 
-    rerun = sending.Sender(settings, chat, callback_url=url, batch_size=10).run(destinations)
+    rerun = sending.Sender(settings, chat, callback_url=url, batch_size=10).run(rows)
     assert rerun.complete and rerun.counts["sent"] == 30
     assert sum(not r.earlier for r in rerun.rows) == 20
     counts = sends_per_phone(sim)
@@ -341,28 +341,28 @@ def test_an_answer_dropped_after_accept_is_unknown_and_not_resent(make_sim, make
 
 def test_a_crash_while_the_request_is_out_leaves_the_rows_unknown(sim, sim_app):
     settings = sim_app.config["SETTINGS"]
-    chat = sending.chat_settings(CHAT_JSON)
-    destinations = sending.read_csv(csv_text(3))
+    chat = destinations.chat_settings(CHAT_JSON)
+    rows = destinations.read_csv(csv_text(3))
 
     class Crashing:
         def send(self, payload):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sending.Sender(settings, chat, callback_url="http://x/y", client=Crashing()).run(destinations)
+        sending.Sender(settings, chat, callback_url="http://x/y", client=Crashing()).run(rows)
     assert outbox_states() == {"unknown": 3}
     assert Send.get().lease_owner is None           # the claim was released
     # A process killed outright leaves rows in flight: the next run treats them as unknown.
     Outbox.update(state=sending.IN_FLIGHT).execute()
-    report = sending.Sender(settings, chat, callback_url="http://x/y").run(destinations)
+    report = sending.Sender(settings, chat, callback_url="http://x/y").run(rows)
     assert report.counts["unknown"] == 3 and send_requests(sim) == 0
     assert "stopped while the request was out" in report.rows[0].error
 
 
 def test_a_callback_that_raced_ahead_keeps_its_status_and_gets_the_phone(sim, sim_app):
     settings = sim_app.config["SETTINGS"]
-    chat = sending.chat_settings({**CHAT_JSON, "callbackData": "race"})
-    destinations = sending.read_csv(csv_text(2))
+    chat = destinations.chat_settings({**CHAT_JSON, "callbackData": "race"})
+    rows = destinations.read_csv(csv_text(2))
     client = sim_app.test_client()
 
     class Racing:
@@ -376,7 +376,7 @@ def test_a_callback_that_raced_ahead_keeps_its_status_and_gets_the_phone(sim, si
             assert response.status_code == 200
             return answer
 
-    report = sending.Sender(settings, chat, callback_url="http://x/y", client=Racing()).run(destinations)
+    report = sending.Sender(settings, chat, callback_url="http://x/y", client=Racing()).run(rows)
     assert report.complete
     first = Message.get_by_id(report.rows[0].message_id)
     assert (first.status, first.stage, first.phone, first.destination_index) == \
@@ -439,7 +439,7 @@ def test_api(sim, sim_app, api_headers):
 
     # Someone else is sending this mailing right now.
     other = {**body, "callbackData": "api-2"}
-    key = sending.chat_settings({**CHAT_JSON, "callbackData": "api-2"}).key
+    key = destinations.chat_settings({**CHAT_JSON, "callbackData": "api-2"}).key
     Send.create(key=key, chat="{}", lease_owner="someone",
                 lease_until=models.utcnow() + dt.timedelta(minutes=5))
     busy = client.post("/api/sends", headers=api_headers, json=other)

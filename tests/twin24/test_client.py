@@ -6,20 +6,26 @@ import json
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 import requests
 
-from receiver.twin24 import (SendNotTaken, SendOutcomeUnknown, SendRejected, TwinAuthError, TwinClient,
-                             TwinError)
+from receiver.twin24 import (
+    SendNotTaken,
+    SendOutcomeUnknown,
+    SendRejected,
+    TwinAuthError,
+    TwinClient,
+    TwinError,
+)
 
 from .conftest import Recorder, send_body, settings_for
 
 
 def window():
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now - timedelta(minutes=5), now + timedelta(minutes=5)
 
 
@@ -60,7 +66,7 @@ def test_static_token_send_and_stats(sim, make_client, recorder):
     assert sorted(all_ids(pages)) == sorted(m["id"] for m in truth)
     assert all("phone" in item for item in pages[0])      # fields asked for come back as received
     assert recorder.outcomes("login") == [] and client.calls == 2
-    for method, url, kwargs in session.seen:
+    for _method, _url, kwargs in session.seen:
         assert kwargs["timeout"] == (0.5, 1.0)
         assert kwargs["headers"]["Authorization"] == f"Bearer {sim.static_token}"
         assert kwargs["headers"]["Content-Type"] == "application/json"
@@ -491,7 +497,7 @@ def test_unreadable_statistics_answer(answer):
 
 
 def test_retry_after_http_date_and_cap():
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
     script = iter([(503, {"error": "busy"}, {"Retry-After": when}),
                    (429, {"error": "slow down"}, {"Retry-After": "120"}),
                    (200, {"count": 0, "items": []}, {})])
