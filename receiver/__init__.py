@@ -1,7 +1,7 @@
 """twin24-receiver: records TWIN's status callbacks and links each message to its bot's result.
 
 `create_app()` is the way in: it reads the settings, binds the database, creates the schema, and
-registers the HTTP face (callbacks, api) and the CLI commands.
+registers the HTTP face (callbacks, api, sending_api, pages) and the CLI commands.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flask import Flask
 from peewee import SqliteDatabase
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, callbacks, cli, models
+from . import api, callbacks, cli, models, pages, sending_api
 from .settings import Settings, SettingsError
 
 __all__ = ["create_app", "callback_url", "Settings", "SettingsError"]
@@ -36,12 +36,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.before_request(_connect)
     app.teardown_appcontext(_release)
-    app.register_blueprint(callbacks.bp)
-    app.register_blueprint(api.bp)
-    from . import pages
-    app.register_blueprint(pages.bp)
-    from . import sending_api
-    app.register_blueprint(sending_api.bp)
+    for module in (callbacks, api, sending_api, pages):
+        app.register_blueprint(module.bp)
     cli.register(app)
     return app
 

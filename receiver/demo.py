@@ -62,6 +62,10 @@ def main() -> int:
         if not settled:
             say("not everything settled within 45 s (see the logs in the folder above)")
             return 1
+        wrong = check_against_truth(database, twin.truth())
+        if wrong:
+            say(f"these messages differ from the simulator's ground truth: {', '.join(wrong)}")
+            return 1
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -135,6 +139,20 @@ def print_table(database: Path) -> None:
             shown = f"({given_up})" if given_up else "(waiting)"
         print(f"{message_id:<36}  {phone or '':<12}  {chat_id or '':<36}  {shown}")
     print()
+
+
+def check_against_truth(database: Path, truth: list[dict]) -> list[str]:
+    """The ids of messages whose stored chat id or result is not what the simulator knows."""
+    with sqlite3.connect(database, timeout=30) as connection:
+        stored = {row[0]: row[1:] for row in connection.execute("select message_id, chat_id, result from results")}
+    answered = [t for t in truth if t["finalStatus"] == "DELIVERED" and t["result"] is not None]
+    wrong = [t["id"] for t in answered
+             if t["id"] not in stored or stored[t["id"]][0] != t["sessionId"]
+             or json.loads(stored[t["id"]][1] or "null") != t["result"]]
+    if not wrong:
+        say(f"checked against the simulator's ground truth: all {len(answered)} delivered and answered "
+            f"messages are in the table with the right chatId and result")
+    return wrong
 
 
 def say(text: str) -> None:

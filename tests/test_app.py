@@ -1,0 +1,52 @@
+"""The app factory: schema from the first start, and the tokens it makes when none are set."""
+import sqlite3
+
+from receiver import create_app
+
+from .conftest import make_settings
+
+
+def test_an_unset_callback_token_is_generated_once_kept_and_printed_once(tmp_path, capsys):
+    settings = make_settings(f"sqlite:///{tmp_path}/r.db", callback_token=None, api_token=None)
+
+    first = create_app(settings)
+    printed_first = capsys.readouterr().err
+    second = create_app(settings)
+    printed_second = capsys.readouterr().err
+
+    token = first.config["CALLBACK_TOKEN"]
+    assert len(token) >= 40 and second.config["CALLBACK_TOKEN"] == token
+    assert f"http://127.0.0.1:8000/callbacks/{token}" in printed_first
+    assert token not in printed_second and printed_second == ""
+    assert first.config["API_TOKEN"] != token
+
+
+def test_the_schema_and_results_view_exist_from_the_first_start(tmp_path):
+    create_app(make_settings(f"sqlite:///{tmp_path}/r.db"))
+
+    with sqlite3.connect(tmp_path / "r.db") as connection:
+        names = {row[0] for row in connection.execute("select name from sqlite_master")}
+        columns = [c[1] for c in connection.execute("pragma table_info(results)")]
+        journal = connection.execute("pragma journal_mode").fetchone()[0]
+
+    assert {"message", "event", "rejected", "results"} <= names
+    assert columns[:6] == ["message_id", "callback_data", "phone", "status", "chat_id", "result"]
+    assert journal == "wal"
+
+
+def test_a_database_from_an_earlier_version_gains_the_new_columns_and_keeps_its_rows(tmp_path):
+    from .test_callbacks import callback
+
+    settings = make_settings(f"sqlite:///{tmp_path}/r.db")
+    app = create_app(settings)
+    app.test_client().post("/callbacks/test-callback-token-0123456789", json=callback())
+    with sqlite3.connect(tmp_path / "r.db") as connection:
+        connection.execute("alter table message drop column session_started_at")
+
+    create_app(settings)
+
+    with sqlite3.connect(tmp_path / "r.db") as connection:
+        columns = {c[1] for c in connection.execute("pragma table_info(message)")}
+        rows = connection.execute("select id, status from message").fetchall()
+    assert "session_started_at" in columns
+    assert rows == [("m-1", "PENDING")]
