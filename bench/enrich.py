@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import requests
 
-from receiver.demo import free_port, start_process, wait_healthy
+from receiver.demo import free_port, start_process, stop_processes, wait_healthy
 from receiver.simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,13 +71,7 @@ def main(argv=None) -> int:
         settled_in = wait_settled(workdir / "receiver.db", len(ids), twin, args.timeout, started)
         report(workdir / "receiver.db", twin, ids, sent_in, settled_in, args)
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
         twin.stop()
     print(f"(logs and database kept in {workdir})")
     return 0

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 from flask import Flask, jsonify, request
+
+from receiver.demo import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
@@ -51,12 +52,6 @@ def _bare_health():
 
 
 # --- gunicorn as a child process -------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """gunicorn -c deploy/gunicorn.conf.py <app>, in its own process group, logs in `workdir`."""
 

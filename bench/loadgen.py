@@ -159,6 +159,12 @@ def _drive(host, port, path, connections, duration, seed, duplicates, max_reques
         conn.out = head + str(len(body)).encode() + b"\r\n\r\n" + body
         conn.buf, conn.head_end = b"", -1
         issued += 1
+        if flush(i):
+            sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0), i)
+
+    def flush(i) -> bool:
+        """Send what the socket takes of the request; False when the connection died."""
+        conn = conns[i]
         try:
             sent = conn.sock.send(conn.out)
             conn.out = conn.out[sent:]
@@ -166,8 +172,8 @@ def _drive(host, port, path, connections, duration, seed, duplicates, max_reques
             pass
         except OSError:
             lost(i)
-            return
-        sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0), i)
+            return False
+        return True
 
     def lost(i, delay=0.05):
         conn = conns[i]
@@ -222,13 +228,7 @@ def _drive(host, port, path, connections, duration, seed, duplicates, max_reques
             if conn is None:
                 continue
             if mask & selectors.EVENT_WRITE and conn.out:
-                try:
-                    sent = conn.sock.send(conn.out)
-                    conn.out = conn.out[sent:]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError:
-                    lost(i)
+                if not flush(i):
                     continue
                 if not conn.out:
                     sel.modify(conn.sock, selectors.EVENT_READ, i)

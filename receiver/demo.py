@@ -67,13 +67,7 @@ def main() -> int:
             say(f"these messages differ from the simulator's ground truth: {', '.join(wrong)}")
             return 1
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
         twin.stop()
     say(f"read it yourself: sqlite3 {workdir}/receiver.db 'select * from results'")
     return 0
@@ -166,6 +160,18 @@ def start_process(command: list[str], env: dict, log_path: Path) -> subprocess.P
     executable = str(Path(sys.executable).with_name(command[0])) if command[0] != "python" else sys.executable
     return subprocess.Popen([executable, *command[1:]], cwd=ROOT, env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM to all (they stop together), then SIGKILL to any still running after `timeout`."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

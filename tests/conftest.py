@@ -81,6 +81,48 @@ def make_settings(database_url: str, **overrides) -> Settings:
     return Settings.from_env(environ={}, env_file=None, **values)
 
 
+# The simulator of the simulator, client and sending tests: quick lifecycles, sessions never close.
+SIM_QUICK = dict(pending_after=(0.01, 0.03), final_after=(0.02, 0.05), result_after=(0.05, 0.1),
+                 callback_retry_delay=0.05)
+
+
+@pytest.fixture
+def sim_defaults() -> dict:
+    """SimConfig values of `make_sim`; a test folder or module overrides this fixture to change them."""
+    return {"seed": 1, **SIM_QUICK}
+
+
+@pytest.fixture(scope="session")
+def _sim_stoppers():
+    """Simulators stop in the background (a stop waits out the server's 0.5 s poll); joined at the end."""
+    threads: list[threading.Thread] = []
+    yield threads
+    for thread in threads:
+        thread.join(10)
+
+
+@pytest.fixture
+def make_sim(sim_defaults, _sim_stoppers):
+    """make_sim(**overrides) -> a started Simulator, stopped after the test."""
+    started = []
+
+    def make(**overrides) -> Simulator:
+        sim = Simulator(SimConfig(**{**sim_defaults, **overrides})).start()
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        thread = threading.Thread(target=sim.stop, daemon=True)
+        thread.start()
+        _sim_stoppers.append(thread)
+
+
+@pytest.fixture
+def sim(make_sim):
+    return make_sim()
+
+
 @pytest.fixture
 def twin():
     """A TWIN simulator over real HTTP; a test that asks for it gets a receiver pointed at it."""

@@ -10,15 +10,12 @@ import pytest
 
 from receiver import create_app, destinations, models, sending
 from receiver.models import Message, Outbox, Send
-from receiver.simulator import SimConfig, Simulator
 from receiver.twin24 import TwinClient
 
-from .conftest import CALLBACK_TOKEN, make_settings
+from .conftest import CALLBACK_TOKEN, SIM_QUICK, make_settings
 
 # Lifecycles far in the future: no callbacks while a test runs, unless it asks for them.
 QUIET = dict(pending_after=(60.0, 60.0), final_after=(60.0, 60.0))
-FAST = dict(pending_after=(0.01, 0.03), final_after=(0.02, 0.05), result_after=(0.05, 0.1),
-            callback_retry_delay=0.05)
 CHAT = ["--chat-id", "chan-1", "--bot-id", "bot-1", "--text", "Hello {{name}}",
         "--chat-session-name", "spring", "--callback-data", "campaign-1"]
 CHAT_JSON = {"chatId": "chan-1", "botId": "bot-1", "text": "Hello", "chatSessionName": "spring"}
@@ -31,22 +28,8 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def make_sim():
-    started = []
-
-    def make(**overrides) -> Simulator:
-        sim = Simulator(SimConfig(**{"seed": 1, **QUIET, **overrides})).start()
-        started.append(sim)
-        return sim
-
-    yield make
-    for sim in started:
-        sim.stop()
-
-
-@pytest.fixture
-def sim(make_sim):
-    return make_sim()
+def sim_defaults():
+    return {"seed": 1, **QUIET}
 
 
 def sim_settings(database_url, sim, **overrides):
@@ -471,7 +454,7 @@ def test_api_partial_failure_is_207(make_sim, make_sim_app, api_headers):
 
 # ------------------------------------------------------------------------------------ end to end
 def test_send_callbacks_enrichment_results(make_sim, database_url, live_app, tmp_path):
-    sim = make_sim(**FAST)
+    sim = make_sim(**SIM_QUICK)
     app = create_app(sim_settings(database_url, sim, public_url=live_app.url))
     path = write(tmp_path, csv_text(6))
     result = run_cli(app, path, *CHAT)

@@ -1,47 +1,12 @@
-"""Fixtures for the TWIN client tests: a started simulator, fast settings, a client that records calls."""
+"""Fixtures for the TWIN client tests: fast settings aimed at a simulator, a client that records calls."""
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
 from receiver.settings import Settings
-from receiver.simulator import SimConfig, Simulator
 from receiver.twin24 import TwinClient
-
-FAST_SIM = dict(pending_after=(0.01, 0.03), final_after=(0.02, 0.05), result_after=(0.05, 0.1),
-                callback_retry_delay=0.05)
-
-
-@pytest.fixture(scope="session")
-def _stoppers():
-    """Simulators stop in the background (a stop waits out the server's 0.5 s poll); joined at the end."""
-    threads: list[threading.Thread] = []
-    yield threads
-    for thread in threads:
-        thread.join(10)
-
-
-@pytest.fixture
-def make_sim(_stoppers):
-    started = []
-
-    def make(**overrides) -> Simulator:
-        sim = Simulator(SimConfig(**{"seed": 1, **FAST_SIM, **overrides})).start()
-        started.append(sim)
-        return sim
-
-    yield make
-    for sim in started:
-        thread = threading.Thread(target=sim.stop, daemon=True)
-        thread.start()
-        _stoppers.append(thread)
-
-
-@pytest.fixture
-def sim(make_sim):
-    return make_sim()
 
 
 def settings_for(sim, *, auth="static", **overrides) -> Settings:
