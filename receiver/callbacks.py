@@ -240,10 +240,19 @@ def _fill(column, value):
     return column if value is None else fn.COALESCE(column, value)
 
 
+def _body_to_keep(refusal: Refusal) -> bytes:
+    if refusal.reason == "payload_too_large":
+        return b""
+    try:
+        return request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        return b""          # a wrong method with an oversized body: the refusal is kept, not the body
+
+
 def refuse(refusal: Refusal):
     """Answer a refusal and keep what was refused."""
     settings = current_app.config["SETTINGS"]
-    body = b"" if refusal.reason == "payload_too_large" else request.get_data(cache=True)
+    body = _body_to_keep(refusal)
     metrics.REJECTED.labels(reason=refusal.reason).inc()
     try:
         with db.atomic():

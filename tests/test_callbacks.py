@@ -189,6 +189,14 @@ def test_wrong_method_is_405_and_kept(client, callback_path):
     assert Rejected.get().reason == "method_not_allowed"
 
 
+def test_wrong_method_with_an_oversized_body_is_still_a_405_with_a_reason(client, callback_path):
+    answer = client.put(callback_path, data=b"x" * 70_000, content_type="application/json")
+
+    assert answer.status_code == 405 and answer.json["error"] == "method_not_allowed"
+    kept = Rejected.get()
+    assert kept.reason == "method_not_allowed" and bytes(kept.body) == b""
+
+
 @pytest.mark.parametrize("method", ["post", "get"])
 def test_a_wrong_token_is_404_and_stores_nothing(client, method):
     answer = getattr(client, method)("/callbacks/" + "x" * len(CALLBACK_TOKEN), json=callback())
