@@ -20,8 +20,8 @@ from peewee import DatabaseError, InterfaceError, fn
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import metrics
-from .models import Event, Message, Rejected, db, utcnow, write_transaction
-from .status import forward_update, new_message_fields
+from .models import Event, Message, Prepared, Rejected, db, slot, utcnow, write_transaction
+from .status import check_times, forward_update_for, new_fields_for, variant
 
 log = logging.getLogger(__name__)
 
@@ -205,39 +205,51 @@ def _json_type(value) -> str:
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
+IDENTITY = ("callback_data", "bulk_id", "group_id", "flow_id", "price", "part_count")
+EVENT_COLUMNS = ("message_id", "dedup_key", "old_status", "new_status", "old_status_code", "new_status_code",
+                 "price", "part_count", "callback_data", "received_at", "remote_addr", "content_type", "raw")
+
+
+def _event_insert(_variant):
+    return Event.insert(**{name: slot(name) for name in EVENT_COLUMNS}).on_conflict_ignore()
+
+
+def _message_upsert(variant):
+    """Insert the message, or move the stored one forward; `variant` is status.variant() of the status."""
+    s = {name: slot(name) for name in ("message_id", "new_status", "new_status_code", "received_at",
+                                       "first_check_at", "stale_check_at", *IDENTITY)}
+    update = forward_update_for(variant, s["new_status"], s["new_status_code"], s["received_at"],
+                                s["first_check_at"])
+    # What a later callback adds fills gaps; it never blanks what an earlier one said.
+    update.update({getattr(Message, name): fn.COALESCE(getattr(Message, name), s[name]) for name in IDENTITY})
+    fields = new_fields_for(variant, s["new_status"], s["new_status_code"], s["received_at"],
+                            s["first_check_at"], s["stale_check_at"])
+    return Message.insert(id=s["message_id"], **{name: s[name] for name in IDENTITY}, **fields).on_conflict(
+        conflict_target=[Message.id], update=update)
+
+
+EVENT_INSERT = Prepared(_event_insert)
+MESSAGE_UPSERT = Prepared(_message_upsert)
+
+
 def store_callback(callback: Callback, raw: str) -> bool:
     """Append the event and move the message forward, in one transaction. False for an exact repeat."""
     now = utcnow()
-    settings = current_app.config["SETTINGS"]
+    first_check_at, stale_check_at = check_times(now, current_app.config["SETTINGS"])
+    values = {
+        "message_id": callback.message_id, "dedup_key": callback.dedup_key,
+        "old_status": callback.old_status, "new_status": callback.new_status,
+        "old_status_code": callback.old_status_code, "new_status_code": callback.new_status_code,
+        "callback_data": callback.callback_data, "bulk_id": callback.bulk_id, "group_id": callback.group_id,
+        "flow_id": callback.flow_id, "price": callback.price, "part_count": callback.part_count,
+        "received_at": now, "remote_addr": request.remote_addr, "content_type": request.content_type,
+        "raw": raw, "first_check_at": first_check_at, "stale_check_at": stale_check_at,
+    }
     with write_transaction():
-        cursor = db.execute(Event.insert(
-            message_id=callback.message_id, dedup_key=callback.dedup_key,
-            old_status=callback.old_status, new_status=callback.new_status,
-            old_status_code=callback.old_status_code, new_status_code=callback.new_status_code,
-            price=callback.price, part_count=callback.part_count, callback_data=callback.callback_data,
-            received_at=now, remote_addr=request.remote_addr, content_type=request.content_type,
-            raw=raw,
-        ).on_conflict_ignore())
-        if cursor.rowcount == 0:
+        if EVENT_INSERT.execute(values).rowcount == 0:
             return False
-        identity = {
-            "callback_data": callback.callback_data, "bulk_id": callback.bulk_id,
-            "group_id": callback.group_id, "flow_id": callback.flow_id,
-            "price": callback.price, "part_count": callback.part_count,
-        }
-        update = forward_update(callback.new_status, callback.new_status_code, now, settings)
-        # What a later callback adds fills gaps; it never blanks what an earlier one said.
-        update.update({getattr(Message, name): _fill(getattr(Message, name), value)
-                       for name, value in identity.items()})
-        Message.insert(
-            id=callback.message_id, **identity,
-            **new_message_fields(callback.new_status, callback.new_status_code, now, settings),
-        ).on_conflict(conflict_target=[Message.id], update=update).execute()
+        MESSAGE_UPSERT.execute(values, variant(callback.new_status))
     return True
-
-
-def _fill(column, value):
-    return column if value is None else fn.COALESCE(column, value)
 
 
 def _body_to_keep(refusal: Refusal) -> bytes:

@@ -34,27 +34,51 @@ def is_final(status: str) -> bool:
     return rank_of(status) >= FINAL_RANK
 
 
+def variant(status: str) -> tuple[int, bool]:
+    """What the SQL of a status change depends on: the status's rank, and whether it is DELIVERED."""
+    return rank_of(status), status == DELIVERED
+
+
+def check_times(now, settings) -> tuple:
+    """(first look for a delivered message's chat id, look at the statistics for one stuck in flight)."""
+    return (now + dt.timedelta(seconds=settings.enrich_first_check),
+            now + dt.timedelta(seconds=settings.enrich_stale_after))
+
+
 def new_message_fields(status: str, code: int | None, now, settings) -> dict:
     """Column values for a message first learned of with this status."""
-    fields = {
-        "status": status, "status_code": code, "status_rank": rank_of(status), "status_at": now,
-        "first_seen_at": now, "last_seen_at": now,
-    }
-    if status == DELIVERED:
-        fields.update(delivered_at=now, stage=STAGE_CHAT_ID, next_check_at=_first_check_at(now, settings))
-    elif rank_of(status) < FINAL_RANK:
-        # If no final callback comes, the message statistics are asked for its status (enrich.py).
-        fields.update(next_check_at=now + dt.timedelta(seconds=settings.enrich_stale_after))
-    return fields
+    return new_fields_for(variant(status), status, code, now, *check_times(now, settings))
 
 
 def forward_update(status: str, code, now, settings) -> dict:
     """UPDATE expressions that apply `status` to an existing message row if it moves it forward.
 
-    Used by the callback upsert and by the enrichment loop's lost-callback refresh, so the rule
-    lives in one place and is applied by the database inside one statement (no read-then-write race).
+    Used by the callback upsert, the sends and the enrichment loop's lost-callback refresh, so the
+    rule lives in one place and is applied by the database inside one statement (no read-then-write
+    race).
     """
-    rank = rank_of(status)
+    return forward_update_for(variant(status), status, code, now, check_times(now, settings)[0])
+
+
+# The two functions below take the values as plain values or as SQL expressions (the callback path
+# passes `slot`s of a prepared statement); only `variant` decides the shape of the SQL.
+
+def new_fields_for(variant: tuple[int, bool], status, code, now, first_check_at, stale_check_at) -> dict:
+    rank, delivered = variant
+    fields = {
+        "status": status, "status_code": code, "status_rank": rank, "status_at": now,
+        "first_seen_at": now, "last_seen_at": now,
+    }
+    if delivered:
+        fields.update(delivered_at=now, stage=STAGE_CHAT_ID, next_check_at=first_check_at)
+    elif rank < FINAL_RANK:
+        # If no final callback comes, the message statistics are asked for its status (enrich.py).
+        fields.update(next_check_at=stale_check_at)
+    return fields
+
+
+def forward_update_for(variant: tuple[int, bool], status, code, now, first_check_at) -> dict:
+    rank, delivered = variant
     moves = Message.status_rank < rank
     if rank < FINAL_RANK:
         moves |= (Message.status_rank == rank) & (Message.status != status)
@@ -66,20 +90,15 @@ def forward_update(status: str, code, now, settings) -> dict:
         Message.last_seen_at: now,
     }
     not_started = Message.stage == STAGE_NONE
-    if status == DELIVERED:
+    if delivered:
         # Any DELIVERED starts enrichment, even one that lost the race to another final status:
         # TWIN says a chat session was started.
         update.update({
             Message.delivered_at: fn.COALESCE(Message.delivered_at, now),
             Message.stage: Case(None, [(not_started, STAGE_CHAT_ID)], Message.stage),
-            Message.next_check_at: Case(None, [(not_started, _first_check_at(now, settings))],
-                                        Message.next_check_at),
+            Message.next_check_at: Case(None, [(not_started, first_check_at)], Message.next_check_at),
         })
     elif rank >= FINAL_RANK:
         # Failed for good: nothing left to ask TWIN about it.
         update[Message.next_check_at] = Case(None, [(moves & not_started, None)], Message.next_check_at)
     return update
-
-
-def _first_check_at(now, settings):
-    return now + dt.timedelta(seconds=settings.enrich_first_check)

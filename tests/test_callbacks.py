@@ -220,6 +220,18 @@ def test_the_results_view_reads_like_the_recipe_table_from_the_sqlite_file(setti
     assert rows[0][:6] == ("m-1", "Опрос", None, "DELIVERED", None, None)
 
 
+def test_reading_a_mailing_by_callback_data_uses_an_index_in_the_sqlite_file(settings, client, callback_path):
+    if not settings.is_sqlite:
+        pytest.skip("asks SQLite for its query plan")
+    client.post(callback_path, json=callback(callbackData="Опрос"))
+
+    path = settings.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as connection:
+        plan = connection.execute("explain query plan select * from results where callback_data = ?",
+                                  ["Опрос"]).fetchall()
+    assert any("USING INDEX" in row[-1] and "callback_data" in row[-1] for row in plan), plan
+
+
 def test_concurrent_callbacks_from_many_threads_are_all_stored(live_app):
     url = f"{live_app.url}/callbacks/{CALLBACK_TOKEN}"
     failures = []
