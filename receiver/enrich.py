@@ -23,6 +23,7 @@ import logging
 import random
 import signal
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from peewee import DatabaseError, InterfaceError, PostgresqlDatabase, fn
@@ -47,6 +48,7 @@ from .twin24 import MESSAGE_FIELDS, SESSION_FIELDS, TwinClient, TwinError
 log = logging.getLogger(__name__)
 
 CHUNK = 500                     # ids per IN (...) list: well under SQLite's variable limit
+WRITE_CHUNK = 100               # messages updated one by one per transaction: the write lock is held briefly
 MAX_WIDENING = 3                # a window grows to margin * 2**3 for messages looked up again and again
 CLOSED_SESSION_STATES = {"CLOSED", "FINISHED", "COMPLETED", "ENDED", "INACTIVE", "ARCHIVED", "DONE"}
 
@@ -218,26 +220,34 @@ class Enricher:
         return apply_messages(items, self.clock(), self.settings)
 
     def settle(self, sweep: Sweep, claimed: list[Message], seen: dict[str, str]) -> None:
-        """Release the batch, and schedule what this sweep did not finish: later, or never."""
+        """Release the batch, and schedule what this sweep did not finish: later, or never.
+
+        Messages that share a stage and an attempt count are rescheduled by one UPDATE, in short
+        transactions: a sweep of 20,000 messages must not hold SQLite's write lock for seconds
+        while callbacks wait for it.
+        """
         now = self.clock()
-        with write_transaction():
-            for chunk in _chunks([m.id for m in claimed]):
-                Message.update(lease_until=None).where(Message.id.in_(chunk)).execute()
-            for message in claimed:
-                outcome = seen.get(message.id)
-                if outcome == SEEN_DONE:
-                    continue
-                setting, reason = HORIZONS[message.stage]
-                horizon = dt.timedelta(seconds=getattr(self.settings, setting))
-                if now - message_anchor(message) > horizon:
-                    give_up(message, f"{reason} within {_hours(horizon)}")
-                    continue
-                attempts = message.attempts + 1
-                error = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
-                Message.update(
-                    attempts=attempts, next_check_at=now + dt.timedelta(seconds=self.backoff(attempts)),
-                    last_error=error,
-                ).where(Message.id == message.id, Message.stage == message.stage).execute()
+        given_up: dict[tuple[str, str], list[str]] = defaultdict(list)    # (stage, reason) -> ids
+        again: dict[tuple[str, int, str], list[str]] = defaultdict(list)  # (stage, attempts, why) -> ids
+        for message in claimed:
+            outcome = seen.get(message.id)
+            if outcome == SEEN_DONE:
+                continue
+            setting, reason = HORIZONS[message.stage]
+            horizon = dt.timedelta(seconds=getattr(self.settings, setting))
+            if now - message_anchor(message) > horizon:
+                given_up[message.stage, f"{reason} within {_hours(horizon)}"].append(message.id)
+            else:
+                why = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
+                again[message.stage, message.attempts + 1, why].append(message.id)
+        for (stage, reason), ids in given_up.items():
+            _update_in_chunks(ids, stage, stage=STAGE_GIVEN_UP, given_up_reason=reason, next_check_at=None,
+                              lease_until=None, last_error=None)
+        for (stage, attempts, why), ids in again.items():
+            _update_in_chunks(ids, stage, attempts=attempts, last_error=why, lease_until=None,
+                              next_check_at=now + dt.timedelta(seconds=self.backoff(attempts)))
+        # The rest (done, or moved on to another stage meanwhile) only give their lease back.
+        _update_in_chunks([m.id for m in claimed], None, lease_until=None)
 
     def backoff(self, attempts: int) -> float:
         """Seconds until the next look: growing, capped, with jitter so batches spread out."""
@@ -248,22 +258,31 @@ class Enricher:
 # -- claiming ---------------------------------------------------------------------------------
 
 def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_seconds: float) -> list[Message]:
-    """Lease up to `limit` due messages of a stage. Two workers never hold the same message."""
+    """Lease up to `limit` due messages of a stage. Two workers never hold the same message.
+
+    Claimed CHUNK at a time, each in a transaction of its own, so that the write lock is never
+    held long.
+    """
     lease_until = now + dt.timedelta(seconds=lease_seconds)
-    due = (Message
-           .select(Message.id, Message.stage, Message.attempts, Message.sent_at, Message.first_seen_at,
-                   Message.delivered_at, Message.chat_id_at, Message.session_started_at)
-           .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
-                  (Message.lease_until.is_null()) | (Message.lease_until < now))
-           .order_by(Message.next_check_at)
-           .limit(limit))
     is_postgres = isinstance(db.obj, PostgresqlDatabase)
-    with write_transaction():
-        # PostgreSQL: rows another worker is claiming right now are skipped, not waited for.
-        # SQLite: the write lock taken at BEGIN already makes claims one at a time.
-        claimed = list(due.for_update("FOR UPDATE SKIP LOCKED") if is_postgres else due)
-        for chunk in _chunks([m.id for m in claimed]):
-            Message.update(lease_until=lease_until).where(Message.id.in_(chunk)).execute()
+    claimed: list[Message] = []
+    while len(claimed) < limit:
+        due = (Message
+               .select(Message.id, Message.stage, Message.attempts, Message.sent_at, Message.first_seen_at,
+                       Message.delivered_at, Message.chat_id_at, Message.session_started_at)
+               .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
+                      (Message.lease_until.is_null()) | (Message.lease_until < now))
+               .order_by(Message.next_check_at)
+               .limit(min(CHUNK, limit - len(claimed))))
+        with write_transaction():
+            # PostgreSQL: rows another worker is claiming right now are skipped, not waited for.
+            # SQLite: the write lock taken at BEGIN already makes claims one at a time.
+            batch = list(due.for_update("FOR UPDATE SKIP LOCKED") if is_postgres else due)
+            if batch:
+                Message.update(lease_until=lease_until).where(Message.id.in_([m.id for m in batch])).execute()
+        claimed += batch
+        if len(batch) < CHUNK:
+            break
     return claimed
 
 
@@ -278,15 +297,18 @@ def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, dt.date
 
 
 def release(claimed: list[Message], due_at: dt.datetime, error: str) -> None:
-    with write_transaction():
-        for chunk in _chunks([m.id for m in claimed]):
-            Message.update(lease_until=None, next_check_at=due_at, last_error=error[:500]).where(
-                Message.id.in_(chunk)).execute()
+    _update_in_chunks([m.id for m in claimed], None, lease_until=None, next_check_at=due_at,
+                      last_error=error[:500])
 
 
-def give_up(message: Message, reason: str) -> None:
-    Message.update(stage=STAGE_GIVEN_UP, given_up_reason=reason, next_check_at=None, lease_until=None,
-                   last_error=None).where(Message.id == message.id, Message.stage == message.stage).execute()
+def _update_in_chunks(ids: list[str], in_stage: str | None, **values) -> None:
+    """UPDATE these messages (those still `in_stage`, when given), CHUNK ids per transaction."""
+    for chunk in _chunks(ids):
+        query = Message.update(**values).where(Message.id.in_(chunk))
+        if in_stage is not None:
+            query = query.where(Message.stage == in_stage)
+        with write_transaction():
+            query.execute()
 
 
 # -- applying what TWIN said ------------------------------------------------------------------
@@ -294,73 +316,76 @@ def give_up(message: Message, reason: str) -> None:
 def apply_messages(items: list[dict], now: dt.datetime, settings) -> dict[str, str]:
     """Apply message statistics to the stored messages they name: status, and chat session id."""
     by_id = {item["id"]: item for item in items}
-    seen: dict[str, str] = {}
     first_check = now + dt.timedelta(seconds=settings.enrich_first_check)
-    with write_transaction():
-        for message in _stored(Message.id, list(by_id), MESSAGES_SWEEP.stages):
-            item = by_id[message.id]
-            status = item.get("status")
-            if isinstance(status, str) and status.strip():
-                status = status.strip().upper()
-                # Statistics carry no status code: keep the one we have if the status moves.
-                Message.update(forward_update(status, Message.status_code, now, settings)).where(
-                    Message.id == message.id).execute()
-            chat_id = item.get("providerMessageId")
-            if isinstance(chat_id, (str, int)) and str(chat_id).strip() and message.stage in (
-                    STAGE_NONE, STAGE_CHAT_ID):
-                Message.update(
-                    chat_id=str(chat_id), chat_id_at=now, stage=STAGE_RESULT, attempts=0,
-                    next_check_at=first_check, lease_until=None, last_error=None,
-                    delivered_at=fn.COALESCE(Message.delivered_at, now),
-                ).where(Message.id == message.id, Message.stage.in_([STAGE_NONE, STAGE_CHAT_ID])).execute()
-                seen[message.id] = SEEN_DONE
-            elif message.stage == STAGE_NONE and isinstance(status, str) and is_final(status):
-                seen[message.id] = SEEN_DONE       # settled: forward_update scheduled what comes next
-            else:
-                seen[message.id] = SEEN_WAITING
+    seen: dict[str, str] = {}
+    for chunk in _chunks(list(by_id), WRITE_CHUNK):
+        with write_transaction():
+            for message in _stored(Message.id, chunk, MESSAGES_SWEEP.stages):
+                seen[message.id] = apply_message_item(message, by_id[message.id], now, first_check, settings)
     return seen
+
+
+def apply_message_item(message: Message, item: dict, now, first_check, settings) -> str:
+    status = item.get("status")
+    if isinstance(status, str) and status.strip():
+        status = status.strip().upper()
+        # Statistics carry no status code: keep the one we have if the status moves.
+        Message.update(forward_update(status, Message.status_code, now, settings)).where(
+            Message.id == message.id).execute()
+    chat_id = item.get("providerMessageId")
+    if isinstance(chat_id, (str, int)) and str(chat_id).strip() and message.stage in (STAGE_NONE, STAGE_CHAT_ID):
+        Message.update(
+            chat_id=str(chat_id), chat_id_at=now, stage=STAGE_RESULT, attempts=0,
+            next_check_at=first_check, lease_until=None, last_error=None,
+            delivered_at=fn.COALESCE(Message.delivered_at, now),
+        ).where(Message.id == message.id, Message.stage.in_([STAGE_NONE, STAGE_CHAT_ID])).execute()
+        return SEEN_DONE
+    if message.stage == STAGE_NONE and isinstance(status, str) and is_final(status):
+        return SEEN_DONE       # settled: forward_update scheduled what comes next
+    return SEEN_WAITING
 
 
 def apply_sessions(items: list[dict], now: dt.datetime, settings) -> dict[str, str]:
     """Apply chat-session statistics to the messages whose chat id they carry: the bot's result."""
     by_chat_id = {item["id"]: item for item in items}
     seen: dict[str, str] = {}
-    with write_transaction():
-        for message in _stored(Message.chat_id, list(by_chat_id), SESSIONS_SWEEP.stages):
-            session = by_chat_id[message.chat_id]
-            result = bot_result(session.get("dialogResultsFromBotJson"))
-            closed = session_closed(session)
-            update = {
-                Message.session: json.dumps(session, ensure_ascii=False, separators=(",", ":")),
-                Message.session_status: _short(session.get("status")),
-                Message.bot_status: _short(session.get("botStatus")),
-                Message.session_started_at: twin_time(session.get("startedAt")),
-            }
-            if result is not None:
-                if result != message.result:
-                    update.update({Message.result: result, Message.result_at: now})
-                if closed:
-                    update.update({Message.stage: STAGE_DONE, Message.next_check_at: None,
-                                   Message.lease_until: None, Message.last_error: None})
-                    seen[message.id] = SEEN_DONE
-                else:
-                    seen[message.id] = SEEN_WAITING    # the bot may still change its answer
-            elif closed:
-                update.update({Message.stage: STAGE_GIVEN_UP, Message.next_check_at: None,
-                               Message.lease_until: None,
-                               Message.given_up_reason: "the dialog closed without a bot result"})
-                seen[message.id] = SEEN_DONE
-            else:
-                seen[message.id] = SEEN_WAITING
-            Message.update(update).where(Message.id == message.id, Message.stage == STAGE_RESULT).execute()
+    for chunk in _chunks(list(by_chat_id), WRITE_CHUNK):
+        with write_transaction():
+            for message in _stored(Message.chat_id, chunk, SESSIONS_SWEEP.stages):
+                seen[message.id] = apply_session(message, by_chat_id[message.chat_id], now)
     return seen
 
 
+def apply_session(message: Message, session: dict, now) -> str:
+    result = bot_result(session.get("dialogResultsFromBotJson"))
+    closed = session_closed(session)
+    update = {
+        Message.session: json.dumps(session, ensure_ascii=False, separators=(",", ":")),
+        Message.session_status: _short(session.get("status")),
+        Message.bot_status: _short(session.get("botStatus")),
+        Message.session_started_at: twin_time(session.get("startedAt")),
+    }
+    outcome = SEEN_WAITING      # found; the bot may still answer, or change its answer
+    if result is not None:
+        if result != message.result:
+            update.update({Message.result: result, Message.result_at: now})
+        if closed:
+            update.update({Message.stage: STAGE_DONE, Message.next_check_at: None,
+                           Message.lease_until: None, Message.last_error: None})
+            outcome = SEEN_DONE
+    elif closed:
+        update.update({Message.stage: STAGE_GIVEN_UP, Message.next_check_at: None, Message.lease_until: None,
+                       Message.given_up_reason: "the dialog closed without a bot result"})
+        outcome = SEEN_DONE
+    Message.update(update).where(Message.id == message.id, Message.stage == STAGE_RESULT).execute()
+    return outcome
+
+
 def _stored(column, values: list, stages: tuple[str, ...]):
-    for chunk in _chunks(values):
-        yield from (Message
-                    .select(Message.id, Message.stage, Message.chat_id, Message.result)
-                    .where(column.in_(chunk), Message.stage.in_(stages)))
+    """The stored messages in these stages whose `column` is one of `values`."""
+    return list(Message
+                .select(Message.id, Message.stage, Message.chat_id, Message.result)
+                .where(column.in_(values), Message.stage.in_(stages)))
 
 
 def bot_result(value) -> str | None:
