@@ -186,7 +186,7 @@ class Enricher:
                  sum(1 for m in claimed if m.id in seen), start.isoformat(), end.isoformat())
         return len(claimed)
 
-    def window(self, sweep: Sweep, claimed: list[Message], now: dt.datetime):
+    def window(self, sweep: Sweep, claimed: list, now: dt.datetime):
         """The statistics window that covers every claimed message, wider for those missed before.
 
         TWIN filters message statistics by creation time and sessions by start time (our reading
@@ -219,7 +219,7 @@ class Enricher:
             return apply_sessions(items, self.clock(), self.settings)
         return apply_messages(items, self.clock(), self.settings)
 
-    def settle(self, sweep: Sweep, claimed: list[Message], seen: dict[str, str]) -> None:
+    def settle(self, sweep: Sweep, claimed: list, seen: dict[str, str]) -> None:
         """Release the batch, and schedule what this sweep did not finish: later, or never.
 
         Messages that share a stage and an attempt count are rescheduled by one UPDATE, in short
@@ -257,15 +257,18 @@ class Enricher:
 
 # -- claiming ---------------------------------------------------------------------------------
 
-def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_seconds: float) -> list[Message]:
+def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_seconds: float) -> list:
     """Lease up to `limit` due messages of a stage. Two workers never hold the same message.
+
+    Each claimed message is a row with the columns a sweep needs (id, stage, attempts, and the
+    times its window and horizon are reckoned from).
 
     Claimed CHUNK at a time, each in a transaction of its own, so that the write lock is never
     held long.
     """
     lease_until = now + dt.timedelta(seconds=lease_seconds)
     is_postgres = isinstance(db.obj, PostgresqlDatabase)
-    claimed: list[Message] = []
+    claimed: list = []
     while len(claimed) < limit:
         due = (Message
                .select(Message.id, Message.stage, Message.attempts, Message.sent_at, Message.first_seen_at,
@@ -273,7 +276,8 @@ def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_secon
                .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
                       (Message.lease_until.is_null()) | (Message.lease_until < now))
                .order_by(Message.next_check_at)
-               .limit(min(CHUNK, limit - len(claimed))))
+               .limit(min(CHUNK, limit - len(claimed)))
+               .namedtuples())       # a batch holds up to ENRICH_BATCH_SIZE of them: light rows, not models
         with write_transaction():
             # PostgreSQL: rows another worker is claiming right now are skipped, not waited for.
             # SQLite: the write lock taken at BEGIN already makes claims one at a time.
@@ -296,7 +300,7 @@ def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, dt.date
             .get())
 
 
-def release(claimed: list[Message], due_at: dt.datetime, error: str) -> None:
+def release(claimed: list, due_at: dt.datetime, error: str) -> None:
     _update_in_chunks([m.id for m in claimed], None, lease_until=None, next_check_at=due_at,
                       last_error=error[:500])
 
