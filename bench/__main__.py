@@ -1,4 +1,9 @@
-"""`python -m bench [name ...]`: run benchmarks and print their figures (default: all of BENCHMARKS)."""
+"""`python -m bench [name ...] [options]`: run benchmarks and print their figures.
+
+Without names, all of BENCHMARKS run, in that order. Options (from the first argument that starts
+with "-") go to the benchmarks named: `python -m bench enrich --messages 2000`. ingest and memory
+take theirs from the environment (BENCH_DURATION, BENCH_CONNECTIONS, BENCH_CALLBACKS, ...).
+"""
 from __future__ import annotations
 
 import importlib
@@ -9,22 +14,16 @@ BENCHMARKS = ("ingest", "memory", "enrich")
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS and n != "loadgen"]
+    split = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    names, options = argv[:split] or list(BENCHMARKS), argv[split:]
+    unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     for name in names:
-        try:
-            module = importlib.import_module(f"bench.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"bench.{name}":
-                raise
-            print(f"== {name}: skipped (bench/{name}.py does not exist yet)\n")
-            continue
-        print(f"== {name}")
+        print(f"== {name}", flush=True)
         started = time.monotonic()
-        module.main()
+        importlib.import_module(f"bench.{name}").main(options)
         print(f"   ({time.monotonic() - started:.0f} s)\n", flush=True)
     return 0
 

@@ -48,8 +48,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv if argv is not None else sys.argv[2:])
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv or [])
     workdir = Path(tempfile.mkdtemp(prefix="bench-enrich-"))
     twin = Simulator(SimConfig(
         seed=2024, pending_after=(0.2, 2.0), final_after=(0.5, 8.0), undelivered_rate=0.05,

@@ -164,7 +164,9 @@ def row(name, result) -> str:
             f"{result.percentile(99) * 1000:>9.1f} {result.ok:>9,} {sum(others.values()) + len(result.unknown):>7}")
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    if argv:
+        raise SystemExit(f"ingest takes no options ({' '.join(argv)}); it reads BENCH_* variables (see above)")
     duration = float(os.environ.get("BENCH_DURATION", "15"))
     connections = int(os.environ.get("BENCH_CONNECTIONS", "32"))
     duplicates = float(os.environ.get("BENCH_DUPLICATES", "0.05"))

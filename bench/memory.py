@@ -34,7 +34,9 @@ def memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    if argv:
+        raise SystemExit(f"memory takes no options ({' '.join(argv)}); it reads BENCH_* variables (see above)")
     from receiver.simulator import SimConfig, Simulator
 
     from .loadgen import run_load
