@@ -107,7 +107,10 @@ def read_body() -> tuple[dict, str]:
         fields = request.form.to_dict(flat=True)
         if not fields:
             raise Refusal("missing_field", "the form has no fields", 422)
-        return fields, data.decode("utf-8", "replace")
+        raw = data.decode("utf-8", "replace")
+        if "\x00" in raw:
+            raise Refusal("bad_character", "the body contains a NUL character", 422)
+        return fields, raw
     if mimetype and mimetype not in ("application/json", "text/plain") and not mimetype.endswith("+json"):
         raise Refusal("unsupported_content_type",
                       f"send application/json (or a form), not {mimetype}", 415)
@@ -157,6 +160,18 @@ def _text(fields, name, *, required=False, limit, numbers=False):
         raise Refusal("wrong_type", f"'{name}' must be a string, got {_json_type(value)}", 422)
     if len(value) > limit:
         raise Refusal("field_too_long", f"'{name}' is longer than {limit} characters", 422)
+    return _storable(value, name)
+
+
+def _storable(value: str, name: str) -> str:
+    """Refuse what no database can keep as text: NUL (PostgreSQL) and unpaired surrogates (UTF-8)."""
+    if "\x00" in value:
+        raise Refusal("bad_character", f"'{name}' contains a NUL character", 422)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise Refusal("bad_character", f"'{name}' contains an unpaired surrogate "
+                      f"(\\u{ord(value[error.start]):04x})", 422) from None
     return value
 
 
@@ -195,9 +210,11 @@ def _number(fields, name):
 
 def _opaque(value) -> str | None:
     """callbackData is kept exactly as given; a non-string is kept as its JSON text."""
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _storable(value, "callbackData")
+    return _storable(json.dumps(value, ensure_ascii=False, separators=(",", ":")), "callbackData")
 
 
 def _json_type(value) -> str:
