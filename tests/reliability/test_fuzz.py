@@ -71,6 +71,8 @@ bodies = st.one_of(
     st.just(b'{"id": "m-1", "newStatus": "DELIVERED"' + b', "x": [' * 5000),
     st.just(b"[" * 100_000),
     st.just(b"id=m-1&newStatus=DELIVERED&partCount=abc"),
+    st.just(b'{"id": "m-1\\u0000", "newStatus": "DELIVERED"}'),        # NUL: PostgreSQL cannot keep it
+    st.just(b'{"id": "m-1", "newStatus": "DELIVERED", "callbackData": "\\ud800"}'),   # not UTF-8
     st.just(b"id=m-2&newStatus=" + b"A" * 200),
 )
 
