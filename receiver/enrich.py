@@ -219,7 +219,7 @@ class Enricher:
             return apply_sessions(items, self.clock(), self.settings)
         return apply_messages(items, self.clock(), self.settings)
 
-    def settle(self, sweep: Sweep, claimed: list, seen: dict[str, str]) -> None:
+    def settle(self, sweep: Sweep, claimed: Claim, seen: dict[str, str]) -> None:
         """Release the batch, and schedule what this sweep did not finish: later, or never.
 
         Messages that share a stage and an attempt count are rescheduled by one UPDATE, in short
@@ -240,14 +240,15 @@ class Enricher:
             else:
                 why = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
                 again[message.stage, message.attempts + 1, why].append(message.id)
+        lease = claimed.lease_until
         for (stage, reason), ids in given_up.items():
-            _update_in_chunks(ids, stage, stage=STAGE_GIVEN_UP, given_up_reason=reason, next_check_at=None,
-                              lease_until=None, last_error=None)
+            _update_in_chunks(ids, lease, stage, stage=STAGE_GIVEN_UP, given_up_reason=reason,
+                              next_check_at=None, lease_until=None, last_error=None)
         for (stage, attempts, why), ids in again.items():
-            _update_in_chunks(ids, stage, attempts=attempts, last_error=why, lease_until=None,
+            _update_in_chunks(ids, lease, stage, attempts=attempts, last_error=why, lease_until=None,
                               next_check_at=now + dt.timedelta(seconds=self.backoff(attempts)))
         # The rest (done, or moved on to another stage meanwhile) only give their lease back.
-        _update_in_chunks([m.id for m in claimed], None, lease_until=None)
+        _update_in_chunks([m.id for m in claimed], lease, None, lease_until=None)
 
     def backoff(self, attempts: int) -> float:
         """Seconds until the next look: growing, capped, with jitter so batches spread out."""
@@ -257,7 +258,16 @@ class Enricher:
 
 # -- claiming ---------------------------------------------------------------------------------
 
-def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_seconds: float) -> list:
+class Claim(list):
+    """The rows of claimed messages, and the lease they were claimed with: a worker only writes
+    back to rows that still carry its own lease (an expired one may have been claimed again)."""
+
+    def __init__(self, rows=(), lease_until: dt.datetime | None = None):
+        super().__init__(rows)
+        self.lease_until = lease_until
+
+
+def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_seconds: float) -> Claim:
     """Lease up to `limit` due messages of a stage. Two workers never hold the same message.
 
     Each claimed message is a row with the columns a sweep needs (id, stage, attempts, and the
@@ -268,7 +278,7 @@ def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_secon
     """
     lease_until = now + dt.timedelta(seconds=lease_seconds)
     is_postgres = isinstance(db.obj, PostgresqlDatabase)
-    claimed: list = []
+    claimed = Claim(lease_until=lease_until)
     while len(claimed) < limit:
         due = (Message
                .select(Message.id, Message.stage, Message.attempts, Message.sent_at, Message.first_seen_at,
@@ -300,15 +310,16 @@ def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, dt.date
             .get())
 
 
-def release(claimed: list, due_at: dt.datetime, error: str) -> None:
-    _update_in_chunks([m.id for m in claimed], None, lease_until=None, next_check_at=due_at,
-                      last_error=error[:500])
+def release(claimed: Claim, due_at: dt.datetime, error: str) -> None:
+    _update_in_chunks([m.id for m in claimed], claimed.lease_until, None, lease_until=None,
+                      next_check_at=due_at, last_error=error[:500])
 
 
-def _update_in_chunks(ids: list[str], in_stage: str | None, **values) -> None:
-    """UPDATE these messages (those still `in_stage`, when given), CHUNK ids per transaction."""
+def _update_in_chunks(ids: list[str], leased: dt.datetime, in_stage: str | None, **values) -> None:
+    """UPDATE these messages, those still under this lease (and still `in_stage`, when given),
+    CHUNK ids per transaction."""
     for chunk in _chunks(ids):
-        query = Message.update(**values).where(Message.id.in_(chunk))
+        query = Message.update(**values).where(Message.id.in_(chunk), Message.lease_until == leased)
         if in_stage is not None:
             query = query.where(Message.stage == in_stage)
         with write_transaction():

@@ -239,15 +239,22 @@ def test_workers_claiming_at_the_same_moment_never_share_a_message(twin, live_ap
 def test_an_expired_lease_is_claimed_again(twin, live_app):
     import datetime as dt
 
-    from receiver.enrich import MESSAGES_SWEEP, claim_due
-    from receiver.models import utcnow
+    from receiver.enrich import MESSAGES_SWEEP, claim_due, release
+    from receiver.models import Message, utcnow
 
     send_mailing(twin, live_app.url, phones(3))
     assert twin.wait_idle(timeout=20)
     crashed = claim_due(MESSAGES_SWEEP.stages, utcnow(), 10, lease_seconds=0.2)
 
     later = utcnow() + dt.timedelta(seconds=0.5)
-    assert {m.id for m in claim_due(MESSAGES_SWEEP.stages, later, 10, 60)} == {m.id for m in crashed}
+    taken_over = claim_due(MESSAGES_SWEEP.stages, later, 10, 60)
+    assert {m.id for m in taken_over} == {m.id for m in crashed}
+
+    # The first worker comes back late: what it writes must not free the second one's claim.
+    release(crashed, utcnow(), "late")
+    leases = {m.lease_until for m in Message.select().where(Message.id.in_([m.id for m in crashed]))}
+    assert leases == {taken_over.lease_until}
+    assert claim_due(MESSAGES_SWEEP.stages, later, 10, 60) == []
 
 
 def test_a_sweep_waits_until_enough_is_due_or_the_oldest_has_waited(settings, client, callback_path):
