@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 from flask import Blueprint, current_app, jsonify, request
@@ -27,10 +28,17 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("callbacks", __name__)
 
-ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+# OPTIONS is listed so that Flask does not answer it by itself (200, whatever the token).
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MAX_ID_LENGTH = 128
 MAX_STATUS_LENGTH = 64
 INT_RANGE = (-(2**31), 2**31 - 1)   # what an INTEGER column holds on every backend
+# The magnitudes (besides 0) a FloatField holds on every backend: on PostgreSQL it is a 4-byte REAL,
+# which refuses an overflow or underflow (a 503 on every retry); these are float32's normal range.
+FLOAT_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)
+# A whole number as text: ASCII digits only (int() also takes "1_000", "+5" and other scripts' digits,
+# str.isdigit() takes "²", which int() does not); more than 20 digits is out of range anyway.
+WHOLE_NUMBER = re.compile(r"-?[0-9]{1,20}")
 
 
 class Refusal(Exception):
@@ -80,7 +88,7 @@ def receive(token: str):
         metrics.CALLBACKS_UNSTORED.inc()
         response = jsonify(error="storage_unavailable", detail="the callback could not be stored; retry later")
         return response, 503, {"Retry-After": "5"}
-    metrics.CALLBACKS.labels(status=callback.new_status if fresh else "duplicate").inc()
+    metrics.count_callback(callback.new_status if fresh else None)
     return jsonify(stored=True, duplicate=not fresh), 200
 
 
@@ -104,7 +112,12 @@ def read_body() -> tuple[dict, str]:
         raise Refusal("payload_too_large", f"the body is larger than {limit} bytes", 413) from None
     mimetype = request.mimetype
     if mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        fields = request.form.to_dict(flat=True)
+        try:
+            fields = request.form.to_dict(flat=True)
+        except RequestEntityTooLarge:
+            # werkzeug's form parser limits parts and part sizes, however small the whole body is.
+            raise Refusal("too_many_fields", f"the form has more than {request.max_form_parts} parts, or a "
+                          f"field larger than {request.max_form_memory_size} bytes", 413) from None
         if not fields:
             raise Refusal("missing_field", "the form has no fields", 422)
         raw = data.decode("utf-8", "replace")
@@ -183,7 +196,7 @@ def _integer(fields, name):
     value = fields.get(name)
     if value is None or value == "":
         return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and WHOLE_NUMBER.fullmatch(value.strip()):
         value = int(value.strip())
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -198,14 +211,16 @@ def _number(fields, name):
     value = fields.get(name)
     if value is None or value == "":
         return None
-    if isinstance(value, str):
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         try:
-            value = float(value)
-        except ValueError:
-            raise Refusal("wrong_type", f"'{name}' must be a number, got a string", 422) from None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise Refusal("wrong_type", f"'{name}' must be a finite number, got {_json_type(value)}", 422)
-    return float(value)
+            number = float(value)
+        except (ValueError, OverflowError):     # not a number, or an integer too large for a float
+            number = math.nan
+        if math.isfinite(number):
+            if number == 0 or FLOAT_RANGE[0] <= abs(number) <= FLOAT_RANGE[1]:
+                return number
+            raise Refusal("wrong_type", f"'{name}' is out of range", 422)
+    raise Refusal("wrong_type", f"'{name}' must be a finite number, got {_json_type(value)}", 422)
 
 
 def _opaque(value) -> str | None:
@@ -259,7 +274,7 @@ def store_callback(callback: Callback, raw: str) -> bool:
         "old_status_code": callback.old_status_code, "new_status_code": callback.new_status_code,
         "callback_data": callback.callback_data, "bulk_id": callback.bulk_id, "group_id": callback.group_id,
         "flow_id": callback.flow_id, "price": callback.price, "part_count": callback.part_count,
-        "received_at": now, "remote_addr": request.remote_addr, "content_type": request.content_type,
+        "received_at": now, **_sender(Event),
         "raw": raw, "first_check_at": first_check_at, "stale_check_at": stale_check_at,
     }
     with write_transaction():
@@ -267,6 +282,13 @@ def store_callback(callback: Callback, raw: str) -> bool:
             return False
         MESSAGE_UPSERT.execute(values, variant(callback.new_status))
     return True
+
+
+def _sender(model) -> dict:
+    """The request's client address and Content-Type, cut to `model`'s columns: both come from headers
+    of any length, and PostgreSQL refuses (where SQLite keeps) a value longer than its column."""
+    return {name: value[:getattr(model, name).max_length] if value else None
+            for name, value in (("remote_addr", request.remote_addr), ("content_type", request.content_type))}
 
 
 def _body_to_keep(refusal: Refusal) -> bytes:
@@ -286,9 +308,8 @@ def refuse(refusal: Refusal):
     try:
         with db.atomic():
             Rejected.create(
-                reason=refusal.reason, detail=refusal.detail, remote_addr=request.remote_addr,
-                method=request.method, content_type=(request.content_type or "")[:128] or None,
-                content_length=request.content_length,
+                reason=refusal.reason, detail=refusal.detail, **_sender(Rejected),
+                method=request.method, content_length=request.content_length,
                 body=body[: settings.rejected_body_cap],
                 body_truncated=len(body) > settings.rejected_body_cap,
             )

@@ -8,6 +8,7 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from . import models
+from .settings import masked_url
 
 
 def register(app: Flask) -> None:
@@ -19,7 +20,7 @@ def register(app: Flask) -> None:
 def init_db():
     """Create the tables and the results view (create_app already does; this says so)."""
     models.create_schema()
-    click.echo(f"database ready: {current_app.config['SETTINGS'].database_url}")
+    click.echo(f"database ready: {masked_url(current_app.config['SETTINGS'].database_url)}")
 
 
 @click.command("show-urls")

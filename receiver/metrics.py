@@ -7,8 +7,11 @@ it is right whichever process or machine asks.
 """
 from prometheus_client import Counter
 
+from .status import RANKS
+
 CALLBACKS = Counter(
-    "receiver_callbacks_total", "Status callbacks stored, by new status ('duplicate' for exact repeats).",
+    "receiver_callbacks_total",
+    "Status callbacks stored, by new status ('duplicate' for exact repeats, 'other' for unknown statuses).",
     ["status"])
 CALLBACKS_UNSTORED = Counter(
     "receiver_callbacks_unstored_total", "Callbacks answered 503 because the database could not store them.")
@@ -16,3 +19,9 @@ REJECTED = Counter(
     "receiver_rejected_total", "Callbacks refused, by reason.", ["reason"])
 TWIN_CALLS = Counter(
     "receiver_twin_calls_total", "HTTP attempts made to TWIN, by endpoint and outcome.", ["endpoint", "outcome"])
+
+
+def count_callback(status: str | None) -> None:
+    """Count a stored callback by its new status (None: an exact repeat). A status outside the known set
+    counts as 'other': every label value is a series of its own, and senders can make statuses up."""
+    CALLBACKS.labels(status="duplicate" if status is None else status if status in RANKS else "other").inc()

@@ -176,9 +176,7 @@ def make_database(settings):
     """Open the database named by settings.database_url (not yet connected)."""
     url = settings.database_url
     if settings.is_sqlite:
-        path = url.split("sqlite:///", 1)[-1] if url.startswith("sqlite:///") else None
-        if not path or path == ":memory:":
-            raise ValueError("DATABASE_URL: sqlite needs a file path, e.g. sqlite:///data/receiver.db")
+        path = settings.sqlite_path         # Settings.check() refused a sqlite URL without one
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return SqliteDatabase(path, pragmas=sqlite_pragmas(settings), timeout=settings.sqlite_busy_timeout,
                               check_same_thread=False)

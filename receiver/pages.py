@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
@@ -82,10 +82,16 @@ def _page(template: str, status: int = 200, headers: dict | None = None, **conte
 
 
 def _safe_next(target: str | None) -> str:
-    """Only a path on this site (no scheme, no //host) may be the place to go after signing in."""
+    r"""Only a path on this site may be the place to go after signing in: anything else leads to the
+    default page. Browsers read "\" as "/" and drop tabs and newlines ("/\t/evil.com" goes to
+    //evil.com), and a control character in a Location header is a 500."""
+    default = url_for("pages.results_page")
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return url_for("pages.results_page")
-    return target
+        return default
+    if any(ch.isspace() or not ch.isprintable() for ch in target):
+        return default
+    parts = urlsplit(target)
+    return default if parts.scheme or parts.netloc else target
 
 
 @bp.route("/login", methods=["GET", "POST"])

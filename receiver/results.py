@@ -150,7 +150,10 @@ def parse_time(param: str, text: str) -> dt.datetime:
     except ValueError:
         raise FilterError(param, f"expected an ISO 8601 date or date-time, got {text!r}") from None
     if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        try:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        except OverflowError:       # 0001-01-01T00:00+01:00 is in year 0 in UTC, which datetime lacks
+            raise FilterError(param, f"{text!r} is outside the years 1 to 9999 in UTC") from None
     return value
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
+from playhouse.db_url import parse as parse_database_url
 
 PRODUCTION_AUTH_URL = "https://iam.twin24.ai/api/v1/auth"
 PRODUCTION_NOTIFY_URL = "https://notify.twin24.ai/api/v1"
@@ -25,6 +27,19 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; str(error) is one line naming it."""
 
 
+def masked_url(url: str) -> str:
+    """The URL with its password (user:PASSWORD@host, or ?password=...) shown as ***, for printing."""
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None
+    except ValueError:                      # not a URL we can take apart: show none of it
+        return "***"
+    if has_password:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        url = url.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{host}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
 def _env(name: str, *, kind: str = "str", default=None, minimum=None, choices=None, secret=False):
     """Declare a setting: the dataclass field carries how to read it from the environment."""
     return field(default=default, metadata={
@@ -34,7 +49,7 @@ def _env(name: str, *, kind: str = "str", default=None, minimum=None, choices=No
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str = _env("DATABASE_URL", default="sqlite:///data/receiver.db")
+    database_url: str = _env("DATABASE_URL", default="sqlite:///data/receiver.db", secret=masked_url)
     sqlite_synchronous: str = _env("SQLITE_SYNCHRONOUS", default="NORMAL",
                                    choices=SQLITE_SYNCHRONOUS_LEVELS)
     sqlite_busy_timeout: float = _env("SQLITE_BUSY_TIMEOUT", kind="float", default=30.0, minimum=0)
@@ -108,9 +123,7 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        if not self.database_url.startswith(("sqlite:", "postgres", "postgresql")):
-            raise SettingsError("DATABASE_URL: must be sqlite:///path or postgresql://... "
-                                f"(got scheme {urlsplit(self.database_url).scheme!r})")
+        self._check_database_url()
         if self.twin24_login and not self.twin24_password:
             raise SettingsError("TWIN24_PASSWORD: required when TWIN24_LOGIN is set")
         for name in ("callback_token", "api_token"):
@@ -118,9 +131,35 @@ class Settings:
             if value is not None and len(value) < 16:
                 raise SettingsError(f"{name.upper()}: must be at least 16 characters")
 
+    def _check_database_url(self) -> None:
+        """Refuse here, in one line, what models.make_database could not open."""
+        url = self.database_url
+        scheme = url.partition(":")[0]
+        if scheme not in ("sqlite", "postgres", "postgresql"):
+            # Only the scheme is shown: the rest may hold a password.
+            raise SettingsError(f"DATABASE_URL: must be sqlite:///path or postgresql://... (got scheme {scheme!r})")
+        if self.is_sqlite:
+            if not self.sqlite_path:
+                raise SettingsError(f"DATABASE_URL: sqlite needs a file path, e.g. sqlite:///data/receiver.db "
+                                    f"(got {masked_url(url)!r})")
+            return
+        try:
+            database = parse_database_url(url).get("database")
+        except ValueError as error:         # a port that is not a number, a broken [IPv6] host
+            raise SettingsError(f"DATABASE_URL: {error} (got {masked_url(url)!r})") from None
+        if not database:
+            raise SettingsError("DATABASE_URL: names no database, e.g. postgresql://user:pass@host/receiver "
+                                f"(got {masked_url(url)!r})")
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite:")
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The file of a sqlite:///path URL; None for anything else (sqlite://x.db, :memory:)."""
+        path = self.database_url.removeprefix("sqlite:///") if self.database_url.startswith("sqlite:///") else ""
+        return path if path and path != ":memory:" else None
 
     @property
     def has_twin24_credentials(self) -> bool:
@@ -130,8 +169,9 @@ class Settings:
         shown = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata["secret"] and value:
-                value = "***"
+            mask = f.metadata["secret"]     # True: hide it all; a function: hide the secret part
+            if mask and value:
+                value = mask(value) if callable(mask) else "***"
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 

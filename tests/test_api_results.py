@@ -52,6 +52,8 @@ def test_pages_follow_the_cursor_with_no_row_twice_or_missing(client, api_header
     ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "ten"}, "limit"),
     ({"cursor": "bogus"}, "cursor"), ({"callback_data": "x"}, "callback_data"),
     ({"stage": "finished"}, "stage"), ({"since": "last week"}, "since"),
+    # Valid ISO 8601, but moved to UTC they fall outside the years a datetime can hold.
+    ({"since": "0001-01-01T00:00+01:00"}, "since"), ({"until": "9999-12-31T23:00-05:00"}, "until"),
 ])
 def test_bad_parameters(client, api_headers, query, param):
     answer_ = client.get("/api/results", query_string=query, headers=api_headers)

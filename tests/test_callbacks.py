@@ -8,7 +8,7 @@ import threading
 import pytest
 import requests
 
-from receiver.models import Event, Message, Rejected
+from receiver.models import Event, Message, Meta, Rejected
 
 from .conftest import CALLBACK_TOKEN
 
@@ -135,6 +135,17 @@ BAD_INPUTS = [
     ("newStatus is a number", dict(json=callback(newStatus=6)), 422, "wrong_type"),
     ("code is text", dict(json=callback(newStatusCode="six")), 422, "wrong_type"),
     ("code is huge", dict(json=callback(newStatusCode=10**30)), 422, "wrong_type"),
+    ("code is two minus signs", dict(json=callback(newStatusCode="--5")), 422, "wrong_type"),
+    # "²" is a digit to str.isdigit() but not to int().
+    ("code is a superscript digit", dict(data='{"id":"m-1","newStatus":"PENDING","newStatusCode":"²"}',
+                                         content_type="application/json"), 422, "wrong_type"),
+    ("code is a superscript digit in a form", dict(data="id=m-1&newStatus=PENDING&partCount=%C2%B2",
+                                                   content_type="application/x-www-form-urlencoded"),
+     422, "wrong_type"),
+    ("price has 400 digits", dict(json=callback(price=10**400)), 422, "wrong_type"),
+    # A price PostgreSQL's REAL column cannot hold (over- or underflow) would be a 503 on every retry.
+    ("price beyond a REAL", dict(json=callback(price=3.5e38)), 422, "wrong_type"),
+    ("price below a REAL", dict(json=callback(price=-1e-46)), 422, "wrong_type"),
     ("price is a boolean", dict(json=callback(price=True)), 422, "wrong_type"),
     ("id too long", dict(json=callback(id="x" * 500)), 422, "field_too_long"),
     ("xml", dict(data="<id>m-1</id>", content_type="application/xml"), 415, "unsupported_content_type"),
@@ -210,7 +221,44 @@ def test_wrong_method_with_an_oversized_body_is_still_a_405_with_a_reason(client
     assert kept.reason == "method_not_allowed" and bytes(kept.body) == b""
 
 
-@pytest.mark.parametrize("method", ["post", "get"])
+def test_options_is_a_wrong_method_like_the_others(client, callback_path):
+    answer = client.options(callback_path)
+
+    assert answer.status_code == 405 and answer.json["error"] == "method_not_allowed"
+    assert answer.headers["Allow"] == "POST"
+    assert (Rejected.get().reason, Rejected.get().method) == ("method_not_allowed", "OPTIONS")
+
+
+def test_a_form_with_more_parts_than_the_parser_takes_is_refused_and_kept(settings, client, callback_path):
+    part = '--b\r\nContent-Disposition: form-data; name="{}"\r\n\r\n{}\r\n'
+    body = (part.format("id", "m-1") + part.format("newStatus", "PENDING") + part.format("x", "1") * 1000
+            + "--b--\r\n").encode()
+    assert len(body) < settings.max_body_bytes
+
+    answer = client.post(callback_path, data=body, content_type="multipart/form-data; boundary=b")
+
+    assert answer.status_code == 413
+    assert answer.json["error"] == "too_many_fields" and answer.json["detail"]
+    kept = Rejected.get()
+    assert (kept.reason, kept.content_length) == ("too_many_fields", len(body))
+    assert Message.select().count() == 0 and Event.select().count() == 0
+
+
+def test_a_long_content_type_or_client_address_is_cut_to_its_column(client, callback_path):
+    content_type = "application/json; note=" + "x" * 300
+    address = "2001:db8::" + "1" * 100          # whatever a trusted proxy's X-Forwarded-For said
+    sent = dict(content_type=content_type, environ_base={"REMOTE_ADDR": address})
+
+    stored = client.post(callback_path, data=json.dumps(callback()), **sent)
+    refused = client.post(callback_path, data="{nope", **sent)
+
+    assert stored.status_code == 200 and refused.status_code == 400
+    event, kept = Event.get(), Rejected.get()
+    assert (event.content_type, event.remote_addr) == (content_type[:128], address[:64])
+    assert (kept.content_type, kept.remote_addr) == (content_type[:128], address[:64])
+
+
+@pytest.mark.parametrize("method", ["post", "get", "options"])
 def test_a_wrong_token_is_404_and_stores_nothing(client, method):
     answer = getattr(client, method)("/callbacks/" + "x" * len(CALLBACK_TOKEN), json=callback())
 
@@ -273,3 +321,12 @@ def test_healthz_checks_the_database(client):
     answer = client.get("/healthz")
 
     assert answer.status_code == 200 and answer.json["database"] == "ok"
+
+
+def test_healthz_is_503_when_the_schema_is_gone(client):
+    Meta.drop_table()
+
+    answer = client.get("/healthz")
+
+    assert answer.status_code == 503
+    assert answer.json["status"] == "unavailable" and answer.json["database"] not in ("", "ok")

@@ -54,6 +54,13 @@ def test_excel_flag_and_bad_filters(app, client):
     assert bad.exit_code == 2 and "--until" in bad.output
 
 
+def test_a_date_time_out_of_range_names_the_option(app):
+    bad = app.test_cli_runner().invoke(args=["export", "--since", "0001-01-01T00:00+01:00"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    error_lines = [line for line in bad.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1 and "--since" in error_lines[0]
+
+
 @pytest.fixture
 def count_selects(monkeypatch):
     """The row-limits of the SELECTs run on the database while the fixture is active."""

@@ -72,6 +72,21 @@ def test_metrics_are_open_and_count_what_happened(client):
         dt.datetime(2025, 1, 1, tzinfo=dt.UTC).timestamp()
 
 
+def test_statuses_outside_the_known_set_count_as_other(client):
+    before = scrape(client)
+    for n, status in enumerate(["MADE_UP_1", "made up 2", "DELIVERED"]):
+        assert client.post(CALLBACK_PATH, json={"id": f"x{n}", "newStatus": status}).status_code == 200
+
+    after = scrape(client)
+
+    assert value(after, "receiver_callbacks_total", status="other") - \
+        value(before, "receiver_callbacks_total", status="other") == 2
+    assert value(after, "receiver_callbacks_total", status="DELIVERED") - \
+        value(before, "receiver_callbacks_total", status="DELIVERED") == 1
+    labels = {dict(sample_labels).get("status") for _, sample_labels in after}
+    assert not labels & {"MADE_UP_1", "MADE UP 2"}, "a sender's made-up status must not become a label"
+
+
 def test_openmetrics_when_asked(client):
     answer = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert answer.headers["Content-Type"].startswith("application/openmetrics-text")

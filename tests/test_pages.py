@@ -44,9 +44,19 @@ def test_a_forged_cookie_is_not_a_session(client):
     assert client.get("/results").status_code == 302
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "results", "/\\evil.example"])
+@pytest.mark.parametrize("target", [
+    "//evil.example/x", "https://evil.example/", "results", "/\\evil.example",
+    "/\t/evil.example", "/\n/evil.example", "/\r\nSet-Cookie: x=1", "/ /evil.example", "/results\x00",
+    " /results", "/\x7f/evil.example",
+])
 def test_sign_in_never_leads_off_site(client, target):
-    assert sign_in(client, next_=target).location == "/results"
+    signed = sign_in(client, next_=target)
+    assert signed.status_code == 302 and signed.location == "/results"
+
+
+def test_sign_in_leads_back_to_a_page_with_its_query(client):
+    assert sign_in(client, next_="/results?mailing=c:%D0%9E&status=DELIVERED").location == \
+        "/results?mailing=c:%D0%9E&status=DELIVERED"
 
 
 def test_http_basic_with_the_token(client):

@@ -11,6 +11,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import requests
 
@@ -84,7 +85,11 @@ class CallbackSender:
         except requests.RequestException as exc:
             outcome = "connection_error"
             retry = True
-            log.debug("callback to %s failed: %s", job.url, exc)
+            # Only scheme://host:port and the kind of failure: the URL's path holds the receiver's
+            # callback token (and its user part may hold a password); requests' messages repeat the path.
+            parts = urlsplit(job.url)
+            origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+            log.debug("callback to %s failed: %s", origin, type(exc).__name__)
         self._count("callback", outcome)
         if retry and job.attempt < config.callback_retries:
             self._count("callback", "retry")

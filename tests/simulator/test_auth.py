@@ -1,10 +1,15 @@
 import base64
 import json
+import logging
 import time
 
+import pytest
 import requests
 
-from .helpers import WINDOW
+from receiver.simulator import SimConfig
+from receiver.simulator.callbacks import CallbackJob, CallbackSender
+
+from .helpers import WINDOW, free_port
 
 
 def login(sim, **body):
@@ -74,3 +79,32 @@ def test_expire_tokens_over_http_expires_issued_tokens(sim):
     assert requests.post(sim.url + "/_sim/expire-tokens", timeout=5).status_code == 200
     assert get_stats(sim, token).json() == {"error": "Token is expired."}
     assert sim.calls()["messages_stats"] == {"401": 1}
+
+
+@pytest.mark.parametrize("ttl", [float("nan"), float("inf"), float("-inf")])
+def test_a_ttl_that_is_not_a_finite_number_is_refused(sim, ttl):
+    # NaN / Infinity: not JSON, but what Python's json (and so the simulator) reads.
+    body = json.dumps({"email": sim.login, "password": sim.password, "ttl": ttl})
+    refused = requests.post(sim.auth_url + "/login", data=body, headers={"Content-Type": "application/json"},
+                            timeout=5)
+    assert refused.status_code == 422
+    assert refused.json()["details"] == {"ttl": "must be a positive number of seconds"}
+
+    tokens = login(sim).json()
+    refreshed = requests.get(sim.auth_url + "/refresh", params={"refreshToken": tokens["refreshToken"], "ttl": ttl},
+                             headers={"Authorization": f"Bearer {tokens['authToken']}"}, timeout=5)
+    assert refreshed.status_code == 422
+    assert refreshed.json()["details"] == {"ttl": "must be a positive number of seconds"}
+
+
+def test_a_failed_callback_is_logged_without_the_token_in_its_url(caplog):
+    # The callback URL holds the receiver's callback token (a secret); the simulator's log may not.
+    sender = CallbackSender(scheduler=None, config=lambda: SimConfig(callback_retries=0, callback_timeout=2),
+                            count=lambda *_: None)
+    url = f"http://127.0.0.1:{free_port()}/callbacks/secret-callback-token-0123456789?x=1"
+
+    with caplog.at_level(logging.DEBUG, logger="receiver.simulator.callbacks"):
+        sender._deliver(requests.Session(), CallbackJob(url, b"{}"))
+
+    assert "callback to http://127.0.0.1:" in caplog.text
+    assert "secret-callback-token" not in caplog.text and "/callbacks" not in caplog.text
