@@ -33,14 +33,15 @@ def show_urls():
 @click.command("worker")
 @click.option("--once", is_flag=True, help="Run one pass over what is due, then exit.")
 def worker(once: bool):
-    """Run the enrichment loop: find chat sessions and bot results for delivered messages."""
+    """Run the worker: send mailings queued by POST /api/sends, and find chat sessions and bot
+    results for delivered messages."""
     from .enrich import Enricher
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not current_app.config["SETTINGS"].has_twin24_credentials:
         # Stay up rather than exit: a supervisor would only restart us into the same state.
         click.echo("worker: no TWIN credentials (set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD); "
-                   "callbacks are still recorded, but nothing is looked up until then", err=True)
+                   "callbacks are still recorded, but nothing is sent or looked up until then", err=True)
         if not once:
             _sleep_until_stopped()
         return

@@ -312,7 +312,8 @@ def reset_for_tests() -> None:
 # --- Sending through the receiver (receiver/sending.py, docs/sending.md) ---------------------------
 class Send(BaseModel):
     """One mailing sent through the receiver. `key` names it (chat settings + callbackData), so a rerun
-    finds it; `lease_*` is the claim of the one process sending it right now."""
+    finds it; `lease_*` is the claim of the one process sending it right now; `queued` > 0 asks the
+    worker to send its pending rows (POST /api/sends)."""
     key = CharField(max_length=64, unique=True)
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
@@ -323,6 +324,12 @@ class Send(BaseModel):
     batches = IntegerField(default=0)                          # requests made so far
     lease_owner = CharField(null=True, max_length=64)
     lease_until = DateTimeField(null=True)
+    # POST /api/sends records the work, the worker does it (sending.send_pending) with these settings.
+    queued = IntegerField(default=0)                           # requests not yet taken up by a worker
+    batch_size = IntegerField(null=True)
+    callback_url = TextField(null=True)
+    failure = TextField(null=True)                             # why the last run stopped, if it did
+    failure_kind = CharField(null=True, max_length=16)         # rejected / not_taken / unknown
 
 
 class Outbox(BaseModel):
@@ -338,6 +345,7 @@ class Outbox(BaseModel):
     attempts = IntegerField(default=0)
     message_id = CharField(null=True, max_length=128, index=True)
     error = TextField(null=True)
+    answer = TextField(null=True)                              # TWIN's answer item (JSON), kept first
     updated_at = DateTimeField(default=utcnow)
 
     class Meta:

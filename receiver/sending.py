@@ -4,17 +4,22 @@ Sending through the receiver links each phone number to its TWIN message id: TWI
 with one item per destination, in the order of `destinations`, and the callbacks carry no phone.
 
 The input (destinations from CSV or JSON, chat settings) is read and checked, all before anything is
-sent, by receiver/destinations.py. This module has two parts:
+sent, by receiver/destinations.py. This module has three parts:
 
 * the durable record of a send: `Send` (one mailing) and `Outbox` (one row per phone), written
-  BEFORE each TWIN call (rows `in_flight`) and AFTER it (rows `sent` with their message ids, and
-  the `message` rows with phone, variables and index, so the first callback finds them);
+  BEFORE each TWIN call (rows `in_flight`) and AFTER it: first TWIN's answer as it came (`answer`, a
+  small write of its own), then rows `sent` with their message ids and the `message` rows with phone,
+  variables and index, so the first callback finds them;
 * the send loop: batches of `send_batch_size` destinations in ONE message object each, so the answer
-  matches the batch position by position; it stops at the first batch that fails.
+  matches the batch position by position; it stops at the first batch that fails;
+* who runs the loop: `flask send` in its own process (`Sender.run`), or, for POST /api/sends, the
+  worker: the request only records the rows and queues the send (`Sender.accept`, no TWIN call, so no
+  web worker is killed mid-send), and `send_pending` in the worker loop sends them.
 
 The state of an outbox row (docs/sending.md says the same for users):
 
-    pending ──▶ in_flight ──▶ sent          TWIN answered with the message id
+    pending ──▶ in_flight ──▶ sent          TWIN answered with the message id (stored by the next
+                          │                 run if the one that sent it died after the answer)
                           ├─▶ rejected      TWIN answered 4xx: not taken; a rerun sends it again
                           ├─▶ not_taken     provably never reached TWIN; a rerun sends it again
                           └─▶ unknown       timeout / 5xx / dropped answer / crash while out:
@@ -26,6 +31,10 @@ callbackData (not of the destination list), and rows are identified by phone wit
 rerun continues where the last run stopped even when the file was edited in between (a row fixed,
 rows added): a phone already sent (or unknown) in this mailing is never sent again by a rerun.
 To send the same text to the same people again on purpose, use another callbackData.
+
+Who may send: whoever holds the send's lease (`Send.lease_*`, renewed before each batch). Only the holder
+moves rows into `in_flight`; it first cleans up after a holder that died (`Sender._recover`). A request
+that queues more work needs no lease: it only moves rows INTO `pending`, from states no run works on.
 """
 from __future__ import annotations
 
@@ -37,10 +46,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from peewee import fn
+from peewee import Case, fn
 
-from .destinations import ChatSettings, Destination, destination_item
-from .models import Message, Outbox, Send, db, utcnow
+from .destinations import ChatSettings, Destination, chat_settings, destination_item
+from .models import Message, Outbox, Send, db, utcnow, write_transaction
 from .status import forward_update, new_message_fields
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,9 @@ NOT_TAKEN = "not_taken"
 UNKNOWN = "unknown"
 STATES = (PENDING, IN_FLIGHT, SENT, REJECTED, NOT_TAKEN, UNKNOWN)
 SENDABLE = (PENDING, NOT_TAKEN, REJECTED)      # provably not taken by TWIN: safe to send (again)
+# Where a send stands for GET /api/sends/<id>: waiting for a worker, being sent, or nothing more will go
+# out without a new request (`failure` says why a run stopped).
+QUEUED, SENDING, DONE = "queued", "sending", "done"
 
 # ------------------------------------------------------------------------------------------ sending
 class SendInProgress(RuntimeError):
@@ -74,12 +86,14 @@ class RowOutcome:
     message_id: str | None = None
     error: str | None = None
     batch: int | None = None
-    earlier: bool = False        # its state comes from an earlier run (not this one)
+    earlier: bool | None = False  # its state comes from an earlier run (not this one); None: no run
 
     def as_json(self) -> dict:
-        return {"index": self.index, "line": self.line, "phone": self.phone, "state": self.state,
-                "messageId": self.message_id, "error": self.error, "batch": self.batch,
-                "fromEarlierRun": self.earlier}
+        row = {"index": self.index, "line": self.line, "phone": self.phone, "state": self.state,
+               "messageId": self.message_id, "error": self.error, "batch": self.batch}
+        if self.earlier is not None:
+            row["fromEarlierRun"] = self.earlier
+        return row
 
 
 @dataclass
@@ -94,6 +108,7 @@ class SendReport:
     batches_sent: int = 0
     elsewhere: dict[str, int] = field(default_factory=dict)   # rows of the send not in this input
     overlap: dict[int, int] = field(default_factory=dict)     # other send id -> phones it already sent
+    status: str | None = None                    # QUEUED / SENDING / DONE (a report of a stored send)
 
     def by_state(self, state: str, *, earlier: bool | None = None) -> list[RowOutcome]:
         return [r for r in self.rows if r.state == state and (earlier is None or r.earlier == earlier)]
@@ -110,7 +125,8 @@ class SendReport:
         return all(row.state == SENT for row in self.rows)
 
     def as_json(self) -> dict:
-        return {"send": {"id": self.send_id, "key": self.key}, "complete": self.complete,
+        status = {} if self.status is None else {"status": self.status}
+        return {"send": {"id": self.send_id, "key": self.key}, **status, "complete": self.complete,
                 "dryRun": self.dry_run, "counts": self.counts, "failure": self.failure,
                 "failureKind": self.failure_kind,
                 "alreadySentByOtherSends": {str(k): v for k, v in self.overlap.items()},
@@ -138,6 +154,13 @@ class Sender:
         # Longer than one send with every retry the client may make; renewed before each batch.
         self.lease = dt.timedelta(seconds=timeouts * (settings.twin24_retries + 2)
                                   + settings.twin24_max_retry_wait * settings.twin24_retries + 60)
+
+    @classmethod
+    def for_send(cls, settings, send: Send, client=None) -> Sender:
+        """The sender of a send queued by POST /api/sends, with the settings that request gave."""
+        chat = chat_settings({**json.loads(send.chat), "callbackData": send.callback_data})
+        return cls(settings, chat, callback_url=send.callback_url, client=client, batch_size=send.batch_size,
+                   source=send.source)
 
     @property
     def client(self):
@@ -186,24 +209,21 @@ class Sender:
         return dict(found)
 
     def to_send(self, report: SendReport) -> list[RowOutcome]:
-        wanted = SENDABLE + ((UNKNOWN,) if self.resend_unknown else ())
-        return [r for r in report.rows if r.state in wanted]
+        return self._may_send(report.rows)
 
-    # ---- the run ---------------------------------------------------------------------------------
+    def _may_send(self, rows: list) -> list:
+        wanted = SENDABLE + ((UNKNOWN,) if self.resend_unknown else ())
+        return [row for row in rows if row.state in wanted]
+
+    # ---- the run (flask send: in this process, now) ----------------------------------------------
     def run(self, destinations: list[Destination]) -> SendReport:
-        send = self._send_row(len(destinations))
+        send = self._send_row()
         self._claim(send)
         try:
-            rows = self._record(send, destinations)
+            self._recover(send)
+            work = self._may_send(self._record(send, destinations))
             report = SendReport(send.id, send.key, [], resend_unknown=self.resend_unknown)
-            wanted = SENDABLE + ((UNKNOWN,) if self.resend_unknown else ())
-            work = [row for row in rows if row.state in wanted]
-            for start in range(0, len(work), self.batch_size):
-                batch = work[start:start + self.batch_size]
-                stopped = self._send_batch(send, batch, report)
-                self.progress(len(batch))
-                if stopped:
-                    break
+            self._send_rows(send, work, report)
             report.rows = self._outcomes(send, destinations, {row.id for row in work})
             report.elsewhere = self._elsewhere(send, destinations)
             report.overlap = self.overlap(send.id, destinations)
@@ -211,7 +231,43 @@ class Sender:
         finally:
             self._release(send)
 
-    def _send_row(self, total: int) -> Send:
+    # ---- the request (POST /api/sends: recorded now, sent by the worker) ---------------------------
+    def accept(self, destinations: list[Destination]) -> Send:
+        """Record the input and queue the send for the worker (`send_pending`); nothing is sent here.
+
+        This input's rows that a rerun would send become `pending` (its `unknown` ones too with
+        resend_unknown): the worker sends every pending row of the send. No lease is needed, so a
+        request may add to a send the worker is busy with."""
+        send = self._send_row()
+        again = (NOT_TAKEN, REJECTED) + ((UNKNOWN,) if self.resend_unknown else ())
+        with write_transaction():
+            rows = self._record(send, destinations)
+            # Only from those states, checked again by the UPDATE itself: a row that a run took in
+            # flight since we read it is never made sendable.
+            self._mark([row.id for row in rows if row.state in again], PENDING, only_from=again)
+            waiting = Outbox.select().where((Outbox.send == send.id) & (Outbox.state == PENDING)).exists()
+            Send.update(queued=Send.queued + (1 if waiting else 0), batch_size=self.batch_size,
+                        callback_url=self.callback_url, updated_at=utcnow()).where(Send.id == send.id).execute()
+        return Send.get_by_id(send.id)
+
+    # ---- the worker's turn (send_pending) ----------------------------------------------------------
+    def send_queued(self, send: Send) -> int:
+        """Send every pending row of a queued send (the caller holds its lease); returns how many."""
+        self._recover(send)
+        # Read before the rows: a request that queues more meanwhile changes `queued`, so it is not
+        # cleared below and the next pass sends what that request added.
+        queued = Send.select(Send.queued).where(Send.id == send.id).scalar()
+        work = list(Outbox.select().where((Outbox.send == send.id) & (Outbox.state == PENDING))
+                    .order_by(Outbox.id))
+        log.info("send #%s: sending %d pending rows", send.id, len(work))
+        report = SendReport(send.id, send.key, [])
+        self._send_rows(send, work, report)
+        Send.update(queued=0).where((Send.id == send.id) & (Send.queued == queued)).execute()
+        if report.failure:
+            log.warning("send #%s stopped: %s", send.id, report.failure)
+        return len(work)
+
+    def _send_row(self) -> Send:
         now = utcnow()
         with db.atomic():
             Send.insert(key=self.chat.key, created_at=now, updated_at=now, source=self.source,
@@ -241,15 +297,26 @@ class Sender:
         except Exception:   # the lease expires by itself; never hide the real error behind this one
             log.exception("could not release the claim on send #%s", send.id)
 
-    def _record(self, send: Send, destinations: list[Destination]) -> list[Outbox]:
-        """Record this run's rows (new phones added; unsent rows refreshed from the input) and turn rows
-        left in flight by a run that died into `unknown`. Returns this input's rows in input order."""
-        now = utcnow()
+    def _recover(self, send: Send) -> None:
+        """Clean up after a run that died (we hold the lease: no run is live). Rows whose answer from
+        TWIN was kept get their message ids now; the others left in flight become `unknown`, since
+        TWIN may have taken them: never sendable again without resend_unknown."""
+        left = list(Outbox.select().where((Outbox.send == send.id) & (Outbox.state == IN_FLIGHT))
+                    .order_by(Outbox.id))
+        answered = [row for row in left if row.answer]
+        if answered:
+            log.warning("send #%s: storing the message ids of %d rows from TWIN's kept answer (the run "
+                        "that sent them stopped before storing it)", send.id, len(answered))
+            self._store_answer(send, answered, [json.loads(row.answer) for row in answered])
         with db.atomic():
-            (Outbox.update(state=UNKNOWN, updated_at=now,
-                           error="the run sending it stopped while the request was out: TWIN may have "
-                                 "taken it")
-             .where((Outbox.send == send.id) & (Outbox.state == IN_FLIGHT)).execute())
+            self._mark([row.id for row in left if not row.answer], UNKNOWN, only_from=(IN_FLIGHT,),
+                       error="the run sending it stopped while the request was out: TWIN may have taken it")
+
+    def _record(self, send: Send, destinations: list[Destination]) -> list[Outbox]:
+        """Record this input's rows (new phones added; unsent rows refreshed from the input).
+        Returns this input's rows in input order."""
+        now = utcnow()
+        with write_transaction():
             existing = {row.phone: row for row in Outbox.select().where(Outbox.send == send.id)}
             new = []
             for d in destinations:
@@ -261,7 +328,8 @@ class Sender:
                 elif row.state in SENDABLE + (UNKNOWN,) and any(getattr(row, k) != v for k, v in fields.items()):
                     Outbox.update(updated_at=now, **fields).where(Outbox.id == row.id).execute()
             for start in range(0, len(new), 200):
-                Outbox.insert_many(new[start:start + 200]).execute()
+                # Ignored if there: two requests for one mailing may record the same new phone at once.
+                Outbox.insert_many(new[start:start + 200]).on_conflict_ignore().execute()
             total = Outbox.select().where(Outbox.send == send.id).count()
             Send.update(total=total, updated_at=now, source=self.source or Send.source).where(
                 Send.id == send.id).execute()
@@ -269,15 +337,28 @@ class Sender:
         by_phone = {row.phone: row for row in Outbox.select().where(Outbox.send == send.id)}
         return [by_phone[p] for p in phones]
 
+    def _send_rows(self, send: Send, work: list[Outbox], report: SendReport) -> None:
+        """The send loop: `work` in batches, stopping at the first batch that fails. Why it stopped (or
+        None) is kept on the send, for GET /api/sends/<id>."""
+        for start in range(0, len(work), self.batch_size):
+            batch = work[start:start + self.batch_size]
+            stopped = self._send_batch(send, batch, report)
+            self.progress(len(batch))
+            if stopped:
+                break
+        Send.update(failure=report.failure, failure_kind=report.failure_kind, updated_at=utcnow()).where(
+            Send.id == send.id).execute()
+
     def _send_batch(self, send: Send, batch: list[Outbox], report: SendReport) -> bool:
         """Send one batch; True if the run must stop here."""
         from .twin24 import SendNotTaken, SendOutcomeUnknown, SendRejected, TwinAuthError
         self._renew(send)
         ids = [row.id for row in batch]
-        with db.atomic():
+        with write_transaction():
             number = (Send.select(Send.batches).where(Send.id == send.id).scalar() or 0) + 1
             Send.update(batches=number, updated_at=utcnow()).where(Send.id == send.id).execute()
-            self._mark(ids, IN_FLIGHT, batch=number, attempts=Outbox.attempts + 1, error=None)
+            # answer=None: an answer on a row in flight is always the answer to the request now out.
+            self._mark(ids, IN_FLIGHT, batch=number, attempts=Outbox.attempts + 1, error=None, answer=None)
         payload = {"messages": [{
             "channels": {"chat": self.chat.chat_json()},
             "callbackUrl": self.callback_url,
@@ -303,7 +384,16 @@ class Sender:
             self._fail(report, ids, UNKNOWN, f"TWIN answered {len(answer)} items for {len(batch)} "
                                              "destinations: ids cannot be matched to phones")
             return True
-        self._store_answer(send, batch, answer, number)
+        try:
+            self._keep_answer(batch, answer)
+            self._store_answer(send, batch, answer)
+        except BaseException:
+            # TWIN took the batch. Its ids are kept in outbox.answer if that small write worked (the next
+            # run stores them, see _recover); this line has them in case it did not (docs/sending.md).
+            pairs = " ".join(f"{row.phone}={item.get('id')}" for row, item in zip(batch, answer, strict=True))
+            log.warning("send #%s batch %s: TWIN took it but storing its answer failed; phone=messageId: %s",
+                        send.id, number, pairs)
+            raise
         report.batches_sent += 1
         return any(not isinstance(item.get("id"), str) or not item.get("id") for item in answer)
 
@@ -318,12 +408,25 @@ class Sender:
             raise
 
     @staticmethod
-    def _mark(ids: list[int], state: str, **extra) -> None:
+    def _mark(ids: list[int], state: str, only_from: tuple[str, ...] | None = None, **extra) -> None:
         for start in range(0, len(ids), 500):
-            Outbox.update(state=state, updated_at=utcnow(), **extra).where(
-                Outbox.id.in_(ids[start:start + 500])).execute()
+            where = Outbox.id.in_(ids[start:start + 500])
+            if only_from is not None:
+                where &= Outbox.state.in_(only_from)
+            Outbox.update(state=state, updated_at=utcnow(), **extra).where(where).execute()
 
-    def _store_answer(self, send: Send, batch: list[Outbox], answer: list[dict], number: int) -> None:
+    @staticmethod
+    def _keep_answer(batch: list[Outbox], answer: list[dict]) -> None:
+        """TWIN took the batch: keep each row's item of its answer first, in a small write of its own,
+        so that no message id is lost if the bigger update below fails (the next run stores them)."""
+        items = [(row.id, json.dumps(item, ensure_ascii=False)) for row, item in zip(batch, answer, strict=True)]
+        with db.atomic():
+            for start in range(0, len(items), 200):
+                chunk = items[start:start + 200]
+                Outbox.update(answer=Case(Outbox.id, chunk)).where(
+                    Outbox.id.in_([row_id for row_id, _ in chunk])).execute()
+
+    def _store_answer(self, send: Send, batch: list[Outbox], answer: list[dict]) -> None:
         """Rows sent with their ids (by position: TWIN answers in destination order), and the message rows."""
         now = utcnow()
         with db.atomic():
@@ -374,6 +477,44 @@ class Sender:
             if phone not in phones:
                 counts[state] = counts.get(state, 0) + 1
         return counts
+
+
+def send_pending(settings, client=None) -> int:
+    """The worker's part of POST /api/sends: claim one queued send and send its pending rows.
+
+    Returns how many rows it took in hand (0: nothing queued, or every queued send is being sent by
+    another process). The claim is the send's lease, as for `flask send`: two workers never send one
+    mailing at once, and a killed worker's claim expires, after which the next claim turns its rows
+    left in flight into `unknown` (never resent). `client` is a TwinClient (one is made if None)."""
+    now = utcnow()
+    queued = list(Send.select().where((Send.queued > 0) & (Send.lease_until.is_null() | (Send.lease_until < now)))
+                  .order_by(Send.id).limit(20))
+    for send in queued:
+        sender = Sender.for_send(settings, send, client)
+        try:
+            sender._claim(send)
+        except SendInProgress:
+            continue                     # another worker was quicker
+        try:
+            return sender.send_queued(send)
+        finally:
+            sender._release(send)
+    return 0
+
+
+def progress(send_id: int) -> SendReport | None:
+    """Where a stored send stands (GET /api/sends/<id>): every row of it, and whether it is being sent."""
+    send = Send.get_or_none(Send.id == send_id)
+    if send is None:
+        return None
+    rows = [RowOutcome(r.row_index, r.line, r.phone, r.state, r.message_id, r.error, r.batch, earlier=None)
+            for r in Outbox.select().where(Outbox.send == send.id).order_by(Outbox.id)]
+    if send.lease_until is not None and send.lease_until > utcnow():
+        status = SENDING
+    else:
+        status = QUEUED if send.queued else DONE
+    return SendReport(send.id, send.key, rows, failure=send.failure, failure_kind=send.failure_kind,
+                      status=status)
 
 
 def _destination_payload(row: Outbox) -> dict:

@@ -6,15 +6,17 @@
      "destinations": [{"phone": "79990000001", "messengerUserId": "...", "variables": {"name": "Ivan"}}],
      "batchSize": 500, "resendUnknown": false, "dryRun": false}
 
-Answers: 200 when every destination is sent, 207 when some are not (the body says which and why),
-422 with every row/field problem before anything is sent, 409 while the same mailing is being sent
-by someone else, 503 when TWIN credentials are not configured. `rows` are in destination order, each
-with its state and message id. The same rules as `flask send` (docs/sending.md): a repeat of the same
-mailing sends only what did not go out, and an unknown outcome is never resent unless asked.
+The request never calls TWIN: one TWIN call may take a minute, longer than gunicorn lets a request
+live, and a killed request would leave its rows `unknown`. It checks the input (422 with every row/field
+problem, before anything is stored), records the send and its rows, and answers 202 with the send's
+progress and its URL, GET /api/sends/<id>; the worker sends it (sending.send_pending). 503 when TWIN
+credentials are not configured; a dry run is answered 200 with the plan. The same rules as `flask send`
+(docs/sending.md): a repeat of the same mailing sends only what did not go out, and an unknown outcome
+is never resent unless asked.
 """
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request, url_for
 
 from . import destinations, sending
 from .api import require_api_token
@@ -83,13 +85,27 @@ def create_send():
     if not settings.has_twin24_credentials:
         return jsonify(error="not_configured",
                        detail="set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD"), 503
-    try:
-        report = sender.run(rows)
-    except sending.SendInProgress as error:
-        return jsonify(error="send_in_progress", detail=str(error), send=error.send_id), 409
-    return jsonify(report.as_json()), 200 if report.complete else 207
+    send = sender.accept(rows)
+    report = sending.progress(send.id)
+    report.overlap = sender.overlap(send.id, rows)
+    answer = _progress_json(report)
+    return jsonify(answer), 202, {"Location": answer["url"]}
+
+
+@bp.get("/api/sends/<int:send_id>")
+@require_api_token
+def send_progress(send_id: int):
+    """Where a send stands: `status` (queued, sending, done), counts per row state, and every row."""
+    report = sending.progress(send_id)
+    if report is None:
+        return jsonify(error="not_found", detail=f"there is no send #{send_id}"), 404
+    return jsonify(_progress_json(report))
+
+
+def _progress_json(report: sending.SendReport) -> dict:
+    return {**report.as_json(), "url": url_for("sending_api.send_progress", send_id=report.send_id)}
 
 
 def _invalid(problems: list[destinations.Problem]):
-    return jsonify(error="invalid_input", detail="nothing was sent",
+    return jsonify(error="invalid_input", detail="nothing was stored or sent",
                    problems=[p.as_json() for p in problems]), 422

@@ -2,6 +2,8 @@
 what the service really answers (requests and responses checked with openapi-core)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
@@ -9,7 +11,9 @@ from openapi_spec_validator import validate
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
+from receiver import sending
 from receiver.api import openapi_document
+from receiver.twin24 import TwinClient
 
 from .conftest import API_TOKEN
 from .results_helpers import CALLBACK_PATH, answer, seed
@@ -35,7 +39,7 @@ def test_it_is_served(client):
 def test_every_route_is_described(app):
     documented = set(openapi_document()["paths"])
     for rule in app.url_map.iter_rules():
-        path = rule.rule.replace("<token>", "{token}")
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)       # <int:send_id> -> {send_id}
         if rule.rule in NOT_API:
             continue
         assert path in documented, f"{rule.rule} is not in receiver/openapi.yaml"
@@ -119,3 +123,15 @@ def test_refusals_match_the_description(client, spec):
     for method, path, kwargs, status in cases:
         got = exchange(client, spec, method, path, valid_request=False, **kwargs)
         assert got.status_code == status, (method, path, got.status_code)
+
+
+def test_sending_answers_match_the_description(twin, client, spec, settings):
+    # `twin` gives the receiver TWIN credentials: the send is accepted, then the worker sends it.
+    accepted = exchange(client, spec, "POST", "/api/sends", json=SEND, headers=AUTH)
+    assert accepted.status_code == 202
+    url = accepted.get_json()["url"]
+    assert exchange(client, spec, "GET", url, headers=AUTH).get_json()["status"] == "queued"
+    assert sending.send_pending(settings, TwinClient(settings)) == 2
+    assert exchange(client, spec, "GET", url, headers=AUTH).get_json()["complete"]
+    assert exchange(client, spec, "GET", "/api/sends/999", valid_request=False, headers=AUTH).status_code == 404
+    assert exchange(client, spec, "GET", url, valid_request=False).status_code == 401

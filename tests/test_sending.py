@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import socket
+import threading
+import time
 from collections import Counter
 
 import pytest
+from peewee import DatabaseError, SqliteDatabase
 
 from receiver import create_app, destinations, models, sending
+from receiver.enrich import Enricher
 from receiver.models import Message, Outbox, Send
 from receiver.twin24 import TwinClient
 
@@ -395,10 +400,21 @@ def test_json_file_and_config_file(sim, sim_app, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the HTTP API
-def test_api(sim, sim_app, api_headers):
+def worker_pass(app) -> int:
+    """What the worker loop does for POST /api/sends, with a client like the worker's."""
+    settings = app.config["SETTINGS"]
+    return sending.send_pending(settings, TwinClient(settings))
+
+
+def api_body(count: int, **extra) -> dict:
+    return {"chat": CHAT_JSON, "callbackData": "api-1",
+            "destinations": [{"phone": f"+7999000000{i}", "variables": {"n": str(i)}} for i in range(count)],
+            **extra}
+
+
+def test_api_records_at_once_and_the_worker_sends(sim, sim_app, api_headers):
     client = sim_app.test_client()
-    body = {"chat": CHAT_JSON, "callbackData": "api-1",
-            "destinations": [{"phone": f"+7999000000{i}", "variables": {"n": str(i)}} for i in range(5)]}
+    body = api_body(5)
     assert client.post("/api/sends", json=body).status_code == 401
 
     bad = client.post("/api/sends", headers=api_headers, json={
@@ -406,27 +422,161 @@ def test_api(sim, sim_app, api_headers):
     assert bad.status_code == 422
     problems = {(p["where"], p["field"]) for p in bad.get_json()["problems"]}
     assert {("body", "extra"), ("chat", "botId"), ("chat", "text"), ("item 2", "phone")} <= problems
+    assert send_requests(sim) == 0 and Send.select().count() == 0
+
+    # Answered before anything goes to TWIN: the request only records the rows.
+    accepted = client.post("/api/sends", headers=api_headers, json=body)
+    assert accepted.status_code == 202, accepted.get_json()
+    answer = accepted.get_json()
+    url = f"/api/sends/{answer['send']['id']}"
+    assert answer["url"] == url and accepted.headers["Location"] == url
+    assert answer["status"] == "queued" and answer["counts"]["pending"] == 5 and not answer["complete"]
     assert send_requests(sim) == 0
+    assert client.get(url).status_code == 401
+    assert client.get(url, headers=api_headers).get_json()["status"] == "queued"
+    assert client.get("/api/sends/999", headers=api_headers).status_code == 404
 
-    ok = client.post("/api/sends", headers=api_headers, json=body)
-    assert ok.status_code == 200, ok.get_json()
-    answer = ok.get_json()
-    assert answer["complete"] and answer["counts"]["sent"] == 5
+    assert worker_pass(sim_app) == 5
+    done = client.get(url, headers=api_headers)
+    assert done.status_code == 200
+    report = done.get_json()
+    assert report["status"] == "done" and report["complete"] and report["counts"]["sent"] == 5
     truth = {t["phone"]: t["id"] for t in sim.truth()}
-    assert [(r["index"], r["phone"], r["messageId"]) for r in answer["rows"]] == \
-        [(i, f"7999000000{i}", truth[f"7999000000{i}"]) for i in range(5)]
+    assert [(r["index"], r["phone"], r["state"], r["messageId"]) for r in report["rows"]] == \
+        [(i, f"7999000000{i}", "sent", truth[f"7999000000{i}"]) for i in range(5)]
+    assert worker_pass(sim_app) == 0
 
+    # The same request again: nothing is left to send, and nothing goes out.
     again = client.post("/api/sends", headers=api_headers, json=body)
-    assert again.status_code == 200 and all(r["fromEarlierRun"] for r in again.get_json()["rows"])
-    assert send_requests(sim) == 1
+    assert again.status_code == 202 and again.get_json()["status"] == "done"
+    assert again.get_json()["counts"]["sent"] == 5
+    assert worker_pass(sim_app) == 0 and send_requests(sim) == 1
 
-    # Someone else is sending this mailing right now.
-    other = {**body, "callbackData": "api-2"}
-    key = destinations.chat_settings({**CHAT_JSON, "callbackData": "api-2"}).key
-    Send.create(key=key, chat="{}", lease_owner="someone",
-                lease_until=models.utcnow() + dt.timedelta(minutes=5))
-    busy = client.post("/api/sends", headers=api_headers, json=other)
-    assert busy.status_code == 409 and busy.get_json()["error"] == "send_in_progress"
+
+def test_api_a_failed_batch_stops_until_asked_again(make_sim, make_sim_app, api_headers):
+    sim = make_sim(fail_sends=[0])                   # a 503: TWIN may have taken it
+    app = make_sim_app(sim)
+    client = app.test_client()
+    body = api_body(3, batchSize=2)
+    url = client.post("/api/sends", headers=api_headers, json=body).get_json()["url"]
+    assert worker_pass(app) == 3
+    report = client.get(url, headers=api_headers).get_json()
+    assert [r["state"] for r in report["rows"]] == ["unknown", "unknown", "pending"]
+    assert report["status"] == "done" and report["failureKind"] == "unknown"
+    assert "outcome unknown, TWIN may have taken it" in report["failure"]
+    assert worker_pass(app) == 0 and send_requests(sim) == 1     # stopped: not ploughing on
+
+    # Asked again: the pending row goes out, the unknown ones are not resent...
+    assert client.post("/api/sends", headers=api_headers, json=body).status_code == 202
+    assert worker_pass(app) == 1
+    report = client.get(url, headers=api_headers).get_json()
+    assert [r["state"] for r in report["rows"]] == ["unknown", "unknown", "sent"]
+    assert report["failure"] is None and send_requests(sim) == 2
+    # ...unless asked to (here the 503 had taken nothing: no phone gets two messages).
+    assert client.post("/api/sends", headers=api_headers, json={**body, "resendUnknown": True}).status_code == 202
+    assert worker_pass(app) == 2
+    assert client.get(url, headers=api_headers).get_json()["complete"]
+    counts = sends_per_phone(sim)
+    assert len(counts) == 3 and set(counts.values()) == {1}
+
+
+def test_a_request_that_comes_while_the_worker_sends_is_sent_next(sim, sim_app, api_headers):
+    client = sim_app.test_client()
+    first, second = api_body(4), api_body(6)           # one mailing: the second adds two phones
+    settings = sim_app.config["SETTINGS"]
+
+    class SecondRequestMidway:
+        real = TwinClient(settings)
+
+        def send(self, payload):
+            assert client.post("/api/sends", headers=api_headers, json=second).status_code == 202
+            return self.real.send(payload)
+
+    client.post("/api/sends", headers=api_headers, json=first)
+    assert sending.send_pending(settings, SecondRequestMidway()) == 4
+    assert outbox_states() == {"sent": 4, "pending": 2}
+    assert worker_pass(sim_app) == 2
+    counts = sends_per_phone(sim)
+    assert len(counts) == 6 and set(counts.values()) == {1}
+
+
+def test_two_workers_at_once_send_each_row_once(make_sim, make_sim_app, api_headers):
+    sim = make_sim(slow_rate=1.0, slow_seconds=0.2)     # each send takes a while: the workers overlap
+    app = make_sim_app(sim)
+    app.test_client().post("/api/sends", headers=api_headers, json=api_body(6, batchSize=2))
+    start, results = threading.Barrier(2), []
+
+    def worker():
+        with models.db.connection_context():
+            start.wait()
+            results.append(worker_pass(app))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results) == [0, 6]
+    assert send_requests(sim) == 3
+    counts = sends_per_phone(sim)
+    assert len(counts) == 6 and set(counts.values()) == {1}
+
+
+def test_a_killed_worker_leaves_its_rows_unknown_and_the_next_sends_the_rest(sim, sim_app, api_headers):
+    client = sim_app.test_client()
+    url = client.post("/api/sends", headers=api_headers, json=api_body(4)).get_json()["url"]
+    # A worker killed (kill -9) while its request carried the first two rows: in flight, lease held.
+    first_two = [row.id for row in Outbox.select().order_by(Outbox.id).limit(2)]
+    Outbox.update(state=sending.IN_FLIGHT, batch=1).where(Outbox.id.in_(first_two)).execute()
+    Send.update(lease_owner="killed", lease_until=models.utcnow() + dt.timedelta(minutes=5)).execute()
+    assert client.get(url, headers=api_headers).get_json()["status"] == "sending"
+    assert worker_pass(sim_app) == 0                 # its claim still holds
+
+    Send.update(lease_until=models.utcnow() - dt.timedelta(seconds=1)).execute()   # ...and then expires
+    assert worker_pass(sim_app) == 2
+    report = client.get(url, headers=api_headers).get_json()
+    assert [r["state"] for r in report["rows"]] == ["unknown", "unknown", "sent", "sent"]
+    assert "stopped while the request was out" in report["rows"][0]["error"]
+    assert report["status"] == "done"
+    assert sorted(sends_per_phone(sim)) == ["79990000002", "79990000003"]
+
+
+def refuse_message_inserts(on: bool) -> None:
+    """A real database fault while TWIN's answer is stored: inserts into `message` fail (a full disk)."""
+    sqlite = isinstance(models.db.obj, SqliteDatabase)
+    if not on:
+        models.db.execute_sql("DROP TRIGGER refuse_message" + ("" if sqlite else " ON message"))
+    elif sqlite:
+        models.db.execute_sql("CREATE TRIGGER refuse_message BEFORE INSERT ON message "
+                              "BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END")
+    else:
+        models.db.execute_sql("CREATE OR REPLACE FUNCTION refuse_message() RETURNS trigger LANGUAGE plpgsql "
+                              "AS $$ BEGIN RAISE EXCEPTION 'disk full (test)'; END $$")
+        models.db.execute_sql("CREATE TRIGGER refuse_message BEFORE INSERT ON message "
+                              "FOR EACH ROW EXECUTE FUNCTION refuse_message()")
+
+
+def test_twins_answer_outlives_a_failed_store(sim, sim_app, api_headers, caplog):
+    client = sim_app.test_client()
+    url = client.post("/api/sends", headers=api_headers, json=api_body(3, batchSize=2)).get_json()["url"]
+    refuse_message_inserts(True)
+    with caplog.at_level(logging.WARNING, logger="receiver.sending"), pytest.raises(DatabaseError):
+        worker_pass(sim_app)
+    refuse_message_inserts(False)
+    truth = {t["phone"]: t["id"] for t in sim.truth()}
+    assert len(truth) == 2
+    # The operator's copy: every phone of the batch with its message id, in the log...
+    warning = next(r.getMessage() for r in caplog.records if "storing its answer failed" in r.getMessage())
+    assert all(f"{phone}={message_id}" in warning for phone, message_id in truth.items())
+    # ...and the next pass stores them from the kept answer, sends the rest, and resends nothing.
+    assert worker_pass(sim_app) == 1
+    report = client.get(url, headers=api_headers).get_json()
+    assert report["complete"], report
+    truth = {t["phone"]: t["id"] for t in sim.truth()}
+    assert {r["phone"]: r["messageId"] for r in report["rows"]} == truth
+    assert {m.id: m.phone for m in Message.select()} == {v: k for k, v in truth.items()}
+    counts = sends_per_phone(sim)
+    assert len(counts) == 3 and set(counts.values()) == {1}
 
 
 def test_api_takes_large_lists_and_dry_runs_them(sim, sim_app, api_headers):
@@ -438,18 +588,6 @@ def test_api_takes_large_lists_and_dry_runs_them(sim, sim_app, api_headers):
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["counts"]["pending"] == 3000
     assert send_requests(sim) == 0 and Send.select().count() == 0
-
-
-def test_api_partial_failure_is_207(make_sim, make_sim_app, api_headers):
-    sim = make_sim(fail_sends=[0])
-    app = make_sim_app(sim)
-    body = {"chat": CHAT_JSON, "destinations": [{"phone": f"7999000000{i}"} for i in range(3)],
-            "batchSize": 2}
-    response = app.test_client().post("/api/sends", headers=api_headers, json=body)
-    assert response.status_code == 207
-    answer = response.get_json()
-    assert [r["state"] for r in answer["rows"]] == ["unknown", "unknown", "pending"]
-    assert answer["failureKind"] == "unknown"
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -464,26 +602,17 @@ def test_send_callbacks_enrichment_results(make_sim, database_url, live_app, tmp
     assert calls.get("200", 0) == 12 and not calls.get("gave_up")   # PENDING + DELIVERED for each
     truth = {t["phone"]: t for t in sim.truth()}
 
-    enriched = False
-    try:
-        from receiver.enrich import Enricher
-    except ImportError:            # the enrichment loop is not in this tree yet
-        Enricher = None
-    if Enricher is not None:
-        import time
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            Enricher.from_app(app).run(once=True)
-            if Message.select().where(Message.stage == models.STAGE_DONE).count() == 6:
-                enriched = True
-                break
-            time.sleep(0.2)
-        assert enriched, Counter(m.stage for m in Message.select())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        Enricher.from_app(app).run(once=True)
+        if Message.select().where(Message.stage == models.STAGE_DONE).count() == 6:
+            break
+        time.sleep(0.2)
+    assert Counter(m.stage for m in Message.select()) == {models.STAGE_DONE: 6}
 
     rows = models.db.execute_sql("SELECT message_id, phone, status, chat_id, result FROM results").fetchall()
     assert len(rows) == 6
     for message_id, phone, status, chat_id, result in rows:
         assert truth[phone]["id"] == message_id and status == "DELIVERED"
-        if enriched:
-            assert chat_id == truth[phone]["sessionId"]
-            assert json.loads(result)["confirmation"] == truth[phone]["result"]["confirmation"]
+        assert chat_id == truth[phone]["sessionId"]
+        assert json.loads(result)["confirmation"] == truth[phone]["result"]["confirmation"]
