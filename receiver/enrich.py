@@ -42,6 +42,7 @@ from .models import (
     utcnow,
     write_transaction,
 )
+from .sending import send_pending
 from .status import forward_update, is_final
 from .twin24 import MESSAGE_FIELDS, SESSION_FIELDS, TwinClient, TwinError
 
@@ -49,7 +50,10 @@ log = logging.getLogger(__name__)
 
 CHUNK = 500                     # ids per IN (...) list: well under SQLite's variable limit
 WRITE_CHUNK = 100               # messages updated one by one per transaction: the write lock is held briefly
-MAX_WIDENING = 3                # a window grows to margin * 2**3 for messages looked up again and again
+# How far a window reaches back before a message: ENRICH_WINDOW_MARGIN * 2**(misses - 5), so a first
+# look at a fresh message pages through little more than its own mailing (20 s before it, by
+# default), and a message missed again and again is looked for in a window growing to 8 margins.
+NARROWEST, WIDEST = -5, 3
 CLOSED_SESSION_STATES = {"CLOSED", "FINISHED", "COMPLETED", "ENDED", "INACTIVE", "ARCHIVED", "DONE"}
 
 # What a sweep learned about one claimed message.
@@ -86,7 +90,6 @@ class Enricher:
         self.sleep = sleep
         self.stopping = False
         self.last_sweep: dict[str, float] = {}    # endpoint -> time.monotonic() of its last sweep
-        self.last_size: dict[str, int] = {}       # endpoint -> items its last sweep paged through
         self.failures = 0                         # sweeps failed in a row (TWIN down, credentials wrong)
 
     @classmethod
@@ -97,7 +100,8 @@ class Enricher:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, once: bool = False) -> None:
-        """Sweep whatever is due until stopped (SIGTERM/SIGINT finish the current sweep first)."""
+        """Send what POST /api/sends queued and sweep whatever is due, until stopped (SIGTERM/SIGINT
+        finish the current pass first)."""
         if not once:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._stop)
@@ -105,6 +109,7 @@ class Enricher:
         with db.connection_context():
             while not self.stopping:
                 try:
+                    send_pending(self.settings, self.client)    # mailings queued by POST /api/sends
                     self.run_once(force=once)
                 except (DatabaseError, InterfaceError):
                     # The database went away or is busy beyond the timeout: leases we hold
@@ -138,19 +143,21 @@ class Enricher:
         """Whether the due messages are worth the TWIN calls a sweep costs now.
 
         A sweep pages through a whole window, whether 5 or 5,000 of its messages are due; most
-        of a big mailing is found ahead of its own callbacks by earlier sweeps. So a sweep waits
-        until a share (ENRICH_BATCH_SHARE) of what the last one paged through is due, or until the
-        oldest due message has waited ENRICH_MAX_WAIT, and never comes sooner than the interval.
+        of a big mailing is found ahead of its own callbacks by earlier sweeps. So a sweep whose
+        window takes more than one page waits until the due messages are a share
+        (ENRICH_BATCH_SHARE) of the messages we know in that window, or until the oldest due
+        message has waited ENRICH_MAX_WAIT; and no sweep comes sooner than the interval. A small
+        mailing sent after a big one has a window of its own, and is looked up at once.
         """
         last = self.last_sweep.get(sweep.endpoint)
         if last is not None and time.monotonic() - last < getattr(self.settings, sweep.interval_setting):
             return False
         now = self.clock()
-        due, oldest = due_summary(sweep.stages, now)
+        due, oldest, first_seen = due_summary(sweep.stages, now)
         if not due:
             return False
-        size = self.last_size.get(sweep.endpoint)
-        if size is None or due >= self.settings.enrich_batch_share * size:
+        known = known_since(first_seen - self.reach_back(0))
+        if known <= self.settings.twin24_page_size or due >= self.settings.enrich_batch_share * known:
             return True
         return (now - oldest).total_seconds() >= self.settings.enrich_max_wait
 
@@ -165,19 +172,20 @@ class Enricher:
         start, end = self.window(sweep, claimed, now)
         wanted = {m.id for m in claimed}
         seen: dict[str, str] = {}
-        self.last_size[sweep.endpoint] = 0
         try:
             for page in self.pages(sweep, start, end):
-                self.last_size[sweep.endpoint] += len(page)
                 seen.update(self.apply_page(sweep, page))
                 if wanted <= seen.keys():
                     break                      # everything we came for is found: stop paging
+                renew_lease(claimed, self.clock(), self.settings.enrich_lease)
         except TwinError as error:
-            log.warning("%s sweep failed, %d messages due again shortly: %s", sweep.endpoint, len(claimed),
-                        error)
-            remember_twin_error(error, now)
             self.failures += 1
-            release(claimed, self.clock() + dt.timedelta(seconds=self.backoff(self.failures)), str(error))
+            # TWIN may ask for a longer pause than the client waits within one call (TWIN24_MAX_RETRY_WAIT).
+            delay = max(self.backoff(self.failures), error.retry_after or 0.0)
+            log.warning("%s sweep failed, %d messages due again in %.0f s: %s", sweep.endpoint, len(claimed),
+                        delay, error)
+            remember_twin_error(error, now)
+            release(claimed, self.clock() + dt.timedelta(seconds=delay), str(error))
             return len(claimed)
         self.failures = 0
         remember_twin_ok(sweep.endpoint, now)
@@ -191,7 +199,7 @@ class Enricher:
 
         TWIN filters message statistics by creation time and sessions by start time (our reading
         of its API). Until TWIN has told us a session's startedAt, we only know when our callbacks
-        came, so each message's anchor is padded by a margin that doubles each time the message
+        came, so each message's anchor is padded by a reach that doubles each time the message
         was not found. Once it has, the window is that moment by TWIN's own clock: re-checks for
         a bot's answer then page through a few seconds of sessions, not the whole mailing.
         """
@@ -203,10 +211,14 @@ class Enricher:
                 starts.append(message.session_started_at - SESSION_SLACK)
                 ends.append(message.session_started_at + SESSION_SLACK)
                 continue
-            widening = 2 ** min(message.attempts, MAX_WIDENING)
-            starts.append(message_anchor(message) - dt.timedelta(seconds=margin * widening))
+            starts.append(window_anchor(message) - self.reach_back(message.attempts))
             ends.append(latest)
         return _aware(min(starts)), _aware(max(ends))
+
+    def reach_back(self, attempts: int) -> dt.timedelta:
+        """How far before a message's anchor its window starts, after `attempts` misses."""
+        widening = 2.0 ** min(NARROWEST + attempts, WIDEST)
+        return dt.timedelta(seconds=self.settings.enrich_window_margin * widening)
 
     def pages(self, sweep: Sweep, start, end):
         if sweep.endpoint == "sessions_stats":
@@ -242,6 +254,10 @@ class Enricher:
                 again[message.stage, message.attempts + 1, why].append(message.id)
         lease = claimed.lease_until
         for (stage, reason), ids in given_up.items():
+            if stage == STAGE_RESULT:
+                # The bot answered, but TWIN never said the dialog closed: the last answer is the answer.
+                _update_in_chunks(ids, lease, stage, Message.result.is_null(False), stage=STAGE_DONE,
+                                  next_check_at=None, lease_until=None, last_error=None)
             _update_in_chunks(ids, lease, stage, stage=STAGE_GIVEN_UP, given_up_reason=reason,
                               next_check_at=None, lease_until=None, last_error=None)
         for (stage, attempts, why), ids in again.items():
@@ -300,14 +316,21 @@ def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_secon
     return claimed
 
 
-def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, dt.datetime | None]:
-    """How many messages of these stages are due and unclaimed, and since when the oldest is."""
+def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, dt.datetime | None, dt.datetime | None]:
+    """How many messages of these stages are due and unclaimed, since when the oldest is due, and
+    the earliest first sighting among them."""
     return (Message
-            .select(fn.COUNT(Message.id), _earliest(Message.next_check_at))
+            .select(fn.COUNT(Message.id), _earliest(Message.next_check_at), _earliest(Message.first_seen_at))
             .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
                    (Message.lease_until.is_null()) | (Message.lease_until < now))
             .tuples()
             .get())
+
+
+def known_since(moment: dt.datetime) -> int:
+    """How many messages we know that were first seen since `moment`: about what a statistics
+    window starting then holds (TWIN's may hold more: sends that did not name us as callbackUrl)."""
+    return Message.select().where(Message.first_seen_at >= moment).count()
 
 
 def release(claimed: Claim, due_at: dt.datetime, error: str) -> None:
@@ -315,11 +338,21 @@ def release(claimed: Claim, due_at: dt.datetime, error: str) -> None:
                       next_check_at=due_at, last_error=error[:500])
 
 
-def _update_in_chunks(ids: list[str], leased: dt.datetime, in_stage: str | None, **values) -> None:
-    """UPDATE these messages, those still under this lease (and still `in_stage`, when given),
-    CHUNK ids per transaction."""
+def renew_lease(claimed: Claim, now: dt.datetime, lease_seconds: float) -> None:
+    """Extend the lease once half of it is spent: a sweep that pages through a slow TWIN for longer
+    than ENRICH_LEASE must not see its messages claimed again by another worker meanwhile."""
+    if now + dt.timedelta(seconds=lease_seconds / 2) < claimed.lease_until:
+        return
+    renewed = now + dt.timedelta(seconds=lease_seconds)
+    _update_in_chunks([m.id for m in claimed], claimed.lease_until, None, lease_until=renewed)
+    claimed.lease_until = renewed
+
+
+def _update_in_chunks(ids: list[str], leased: dt.datetime, in_stage: str | None, *conditions, **values) -> None:
+    """UPDATE these messages, those still under this lease (and still `in_stage`, when given, and
+    meeting `conditions`), CHUNK ids per transaction."""
     for chunk in _chunks(ids):
-        query = Message.update(**values).where(Message.id.in_(chunk), Message.lease_until == leased)
+        query = Message.update(**values).where(Message.id.in_(chunk), Message.lease_until == leased, *conditions)
         if in_stage is not None:
             query = query.where(Message.stage == in_stage)
         with write_transaction():
@@ -434,12 +467,21 @@ def session_closed(session: dict) -> bool:
 
 
 def message_anchor(message: Message) -> dt.datetime:
-    """When the message's current stage began, as seen from here, for windows and horizons."""
+    """When the message's current stage began, as seen from here: its horizon counts from then."""
     if message.stage == STAGE_RESULT:
         return message.delivered_at or message.chat_id_at or message.first_seen_at
     if message.stage == STAGE_CHAT_ID:
         return message.delivered_at or message.sent_at or message.first_seen_at
     return message.sent_at or message.first_seen_at
+
+
+def window_anchor(message: Message) -> dt.datetime:
+    """Where a statistics window must reach back to for this message. Sessions are listed by their
+    start (about when the message was delivered); messages by their creation, which is no later than
+    our send or the first callback we had, however long the delivery took."""
+    if message.stage == STAGE_RESULT:
+        return message_anchor(message)
+    return min(t for t in (message.sent_at, message.first_seen_at, message.delivered_at) if t is not None)
 
 
 def _earliest(column):

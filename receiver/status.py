@@ -11,7 +11,7 @@ import datetime as dt
 
 from peewee import Case, fn
 
-from .models import STAGE_CHAT_ID, STAGE_NONE, Message
+from .models import STAGE_CHAT_ID, STAGE_GIVEN_UP, STAGE_NONE, Message
 
 DELIVERED = "DELIVERED"
 
@@ -92,11 +92,15 @@ def forward_update_for(variant: tuple[int, bool], status, code, now, first_check
     not_started = Message.stage == STAGE_NONE
     if delivered:
         # Any DELIVERED starts enrichment, even one that lost the race to another final status:
-        # TWIN says a chat session was started.
+        # TWIN says a chat session was started. So does a DELIVERED that comes after we gave up
+        # waiting for the message's final status.
+        starts = not_started | ((Message.stage == STAGE_GIVEN_UP) & Message.chat_id.is_null())
         update.update({
             Message.delivered_at: fn.COALESCE(Message.delivered_at, now),
-            Message.stage: Case(None, [(not_started, STAGE_CHAT_ID)], Message.stage),
-            Message.next_check_at: Case(None, [(not_started, first_check_at)], Message.next_check_at),
+            Message.stage: Case(None, [(starts, STAGE_CHAT_ID)], Message.stage),
+            Message.next_check_at: Case(None, [(starts, first_check_at)], Message.next_check_at),
+            Message.attempts: Case(None, [(starts, 0)], Message.attempts),
+            Message.given_up_reason: Case(None, [(starts, None)], Message.given_up_reason),
         })
     elif rank >= FINAL_RANK:
         # Failed for good: nothing left to ask TWIN about it.

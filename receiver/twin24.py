@@ -46,11 +46,13 @@ DETAIL_CAP = 1000          # characters of TWIN's error text kept in an exceptio
 class TwinError(Exception):
     """A TWIN call that failed for good (after any retries)."""
 
-    def __init__(self, endpoint: str, status: int | None, detail: str, body: Any = None) -> None:
+    def __init__(self, endpoint: str, status: int | None, detail: str, body: Any = None,
+                 retry_after: float | None = None) -> None:
         self.endpoint = endpoint
         self.status = status
         self.detail = detail
         self.body = body            # TWIN's JSON error answer when there was one
+        self.retry_after = retry_after  # seconds TWIN asked us to wait before the next call, if it said
         super().__init__(f"TWIN {endpoint}: {status if status is not None else 'no answer'}: {detail}")
 
 
@@ -284,10 +286,16 @@ class TwinClient:
                 self._token_refused(endpoint, token, resp, reauthed)
                 reauthed = True
                 continue
+            reauthed = False        # only a fresh token refused at once is final; tokens may expire again
             if status == 429 or status >= 500:
+                wait = _retry_after(resp)
+                if wait is not None and wait > self.settings.twin24_max_retry_wait:
+                    raise TwinError(endpoint, status, f"{self._error_text(resp)} (TWIN asks us to wait "
+                                    f"{wait:.0f} s)", _json_or_none(resp), retry_after=wait)
                 if attempt >= self.settings.twin24_retries:
                     raise TwinError(endpoint, status, f"{self._error_text(resp)} "
-                                    f"(gave up after {attempt + 1} attempts)", _json_or_none(resp))
+                                    f"(gave up after {attempt + 1} attempts)", _json_or_none(resp),
+                                    retry_after=wait)
                 self._pause(endpoint, attempt, resp, str(status))
                 attempt += 1
                 continue

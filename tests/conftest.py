@@ -75,7 +75,7 @@ def make_settings(database_url: str, **overrides) -> Settings:
         enrich_poll_interval=0.05,
         enrich_backoff_start=0.05, enrich_backoff_max=0.5, enrich_window_margin=60.0,
         enrich_stale_after=3600.0,
-        twin24_connect_timeout=2.0, twin24_read_timeout=5.0, twin24_max_retry_wait=0.5,
+        twin24_connect_timeout=2.0, twin24_read_timeout=5.0, twin24_max_retry_wait=1.0,
     )
     values.update(overrides)
     return Settings.from_env(environ={}, env_file=None, **values)

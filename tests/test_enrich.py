@@ -6,6 +6,7 @@ simulator's ground truth.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,6 +20,12 @@ from .support import phones, send_mailing, wait_for
 @pytest.fixture
 def enricher(app):
     return Enricher.from_app(app)
+
+
+def enricher_with(app, **changes) -> Enricher:
+    """An enricher of this app whose settings differ by `changes`."""
+    settings = app.config["SETTINGS"]
+    return Enricher(dataclasses.replace(settings, **changes), Enricher.from_app(app).client)
 
 
 def enrich_until_settled(enricher, count, timeout=30.0):
@@ -90,10 +97,9 @@ def test_a_result_that_comes_late_is_picked_up(twin, live_app, enricher):
     assert_matches_truth(twin, stored, ids)
 
 
-def test_no_reply_is_given_up_after_the_horizon_and_the_view_says_so(settings, twin, app, live_app):
+def test_no_reply_is_given_up_after_the_horizon_and_the_view_says_so(twin, app, live_app):
     twin.configure(no_reply_rate=1.0, session_close_after=60.0)
-    enricher = Enricher(settings.__class__(**{**settings.__dict__, "enrich_result_horizon": 1.5}),
-                        Enricher.from_app(app).client)
+    enricher = enricher_with(app, enrich_result_horizon=1.5)
     send_mailing(twin, live_app.url, phones(5))
     assert twin.wait_idle(timeout=20)
 
@@ -172,17 +178,16 @@ def test_tokens_that_expire_mid_run_are_renewed(database_url, twin):
     assert calls["login"].get("200", 0) + calls.get("refresh", {}).get("200", 0) >= 2, calls
 
 
-def test_a_lost_delivered_callback_is_found_in_the_statistics(settings, twin, app, client, callback_path):
+def test_a_lost_delivered_callback_is_found_in_the_statistics(twin, app, client, callback_path):
     # TWIN cannot reach us at all: only the PENDING callbacks are posted here, by hand.
     twin.configure(callback_retries=0)
     ids = send_mailing(twin, "http://127.0.0.1:9", phones(6))
     assert twin.wait_idle(timeout=20)
     for message_id in ids:
         client.post(callback_path, json={"id": message_id, "oldStatus": "CREATED", "newStatus": "PENDING"})
-    stale_soon = settings.__class__(**{**settings.__dict__, "enrich_stale_after": 0.0})
     Message.update(next_check_at=Message.first_seen_at).execute()
 
-    stored = enrich_until_settled(Enricher(stale_soon, Enricher.from_app(app).client), 6)
+    stored = enrich_until_settled(enricher_with(app, enrich_stale_after=0.0), 6)
 
     assert_matches_truth(twin, stored, ids)
     assert {m.status for m in stored.values()} == {"DELIVERED"}
@@ -257,25 +262,143 @@ def test_an_expired_lease_is_claimed_again(twin, live_app):
     assert claim_due(MESSAGES_SWEEP.stages, later, 10, 60) == []
 
 
+def patient_enricher(settings) -> Enricher:
+    """An enricher that only decides when to sweep (it never calls TWIN): statistics pages of 50."""
+    changes = dict(enrich_batch_share=0.5, enrich_max_wait=60.0, twin24_page_size=50)
+    return Enricher(dataclasses.replace(settings, **changes), client=None)
+
+
 def test_a_sweep_waits_until_enough_is_due_or_the_oldest_has_waited(settings, client, callback_path):
     import datetime as dt
 
     from receiver.models import utcnow
 
-    patient = settings.__class__(**{**settings.__dict__, "enrich_batch_share": 0.5, "enrich_max_wait": 60.0})
-    enricher = Enricher(patient, client=None)
-    enricher.last_size["messages_stats"] = 100          # the last sweep paged through 100 messages
+    enricher = patient_enricher(settings)
 
-    def deliver(count, start=0):
+    def post(status, count, start=0):
         for n in range(start, start + count):
-            client.post(callback_path, json={"id": f"m-{n}", "oldStatus": "PENDING", "newStatus": "DELIVERED"})
+            client.post(callback_path, json={"id": f"m-{n}", "oldStatus": "CREATED", "newStatus": status})
 
-    deliver(10)
+    post("PENDING", 40)                                 # a mailing in flight, one page of statistics
+    post("DELIVERED", 1)
+    assert enricher.worth_sweeping(MESSAGES_SWEEP), "one call for 1 due message: worth it"
+    post("PENDING", 60, start=40)                       # now two pages
+    assert not enricher.worth_sweeping(MESSAGES_SWEEP), "1 due of a 100-message window: wait"
+    post("DELIVERED", 9, start=1)
     assert not enricher.worth_sweeping(MESSAGES_SWEEP), "10 due of a 100-message window: wait"
-    deliver(45, start=10)
+    post("DELIVERED", 45, start=10)
     assert enricher.worth_sweeping(MESSAGES_SWEEP), "55 due: half the window, worth the calls"
 
     Message.update(next_check_at=utcnow() + dt.timedelta(hours=1)).where(Message.id != "m-0").execute()
     assert not enricher.worth_sweeping(MESSAGES_SWEEP)
     Message.update(next_check_at=utcnow() - dt.timedelta(seconds=61)).where(Message.id == "m-0").execute()
     assert enricher.worth_sweeping(MESSAGES_SWEEP), "one message waited past ENRICH_MAX_WAIT"
+
+
+def test_a_small_mailing_after_a_big_one_is_looked_up_at_once(settings, client, callback_path):
+    import datetime as dt
+
+    from receiver.models import utcnow
+
+    enricher = patient_enricher(settings)
+    for n in range(100):                                # a big mailing, an hour ago, all done
+        client.post(callback_path, json={"id": f"big-{n}", "oldStatus": "CREATED", "newStatus": "DELIVERED"})
+    hour_ago = utcnow() - dt.timedelta(hours=1)
+    Message.update(first_seen_at=hour_ago, stage="done", next_check_at=None).execute()
+
+    for n in range(3):
+        client.post(callback_path, json={"id": f"small-{n}", "oldStatus": "CREATED", "newStatus": "DELIVERED"})
+
+    assert enricher.worth_sweeping(MESSAGES_SWEEP), "its window holds 3 messages we know, all due"
+    start, _ = enricher.window(MESSAGES_SWEEP, list(Message.select().where(Message.stage == "chat_id")), utcnow())
+    assert start.replace(tzinfo=None) > hour_ago, "and it does not reach back to the big mailing"
+
+
+def test_an_answer_is_kept_when_the_dialog_never_reads_closed(twin, app, live_app):
+    # TWIN's word for a closed dialog is our guess: an answered dialog that never reads closed ends
+    # done with its last answer at the horizon, not given up.
+    twin.configure(close_on_answer=False, session_close_after=600.0, result_after=(0.0, 0.05))
+    enricher = enricher_with(app, enrich_result_horizon=1.0)
+    ids = send_mailing(twin, live_app.url, phones(3))
+    assert twin.wait_idle(timeout=20)
+
+    stored = enrich_until_settled(enricher, 3)
+
+    assert_matches_truth(twin, stored, ids)
+    assert {(m.stage, m.given_up_reason) for m in stored.values()} == {("done", None)}
+
+
+def test_a_message_delivered_long_after_it_was_sent_is_still_found(twin, app, live_app):
+    # Message statistics list messages by creation: the window must reach back to the send, however
+    # long after it the DELIVERED callback came (here 3 s, against a margin that widens to 2 s).
+    twin.configure(final_after=(3.0, 3.2))
+    enricher = enricher_with(app, enrich_window_margin=0.25)
+    ids = send_mailing(twin, live_app.url, phones(2))
+    assert twin.wait_idle(timeout=20)
+
+    stored = enrich_until_settled(enricher, 2)
+
+    assert_matches_truth(twin, stored, ids)
+
+
+def test_a_long_retry_after_reschedules_the_sweep_instead_of_hammering(twin, live_app, enricher):
+    import datetime as dt
+
+    from receiver.models import utcnow
+
+    send_mailing(twin, live_app.url, phones(6))
+    assert twin.wait_idle(timeout=20)
+    twin.configure(rate_limit=1, retry_after=120, page_cap=2)
+    before = utcnow()
+
+    enricher.run_once(force=True)
+
+    calls = twin.calls()["messages_stats"]
+    assert calls == {"200": 1, "429": 1}, "told to wait 120 s: not asked again within the sweep"
+    waiting = list(Message.select().where(Message.stage == "chat_id"))
+    assert waiting, "the second page was refused, so some messages are still looked for"
+    assert min(m.next_check_at for m in waiting) >= before + dt.timedelta(seconds=119)
+    assert all("120 s" in m.last_error for m in waiting)
+
+
+def test_a_long_sweep_renews_its_lease(twin, live_app):
+    import datetime as dt
+
+    from receiver.enrich import MESSAGES_SWEEP, claim_due, renew_lease
+    from receiver.models import utcnow
+
+    send_mailing(twin, live_app.url, phones(3))
+    assert twin.wait_idle(timeout=20)
+    now = utcnow()
+    claimed = claim_due(MESSAGES_SWEEP.stages, now, 10, lease_seconds=60)
+    first = claimed.lease_until
+
+    renew_lease(claimed, now + dt.timedelta(seconds=10), 60)
+    assert claimed.lease_until == first, "five sixths of the lease left: nothing to do"
+    renew_lease(claimed, now + dt.timedelta(seconds=40), 60)
+
+    assert claimed.lease_until == now + dt.timedelta(seconds=100)
+    assert {m.lease_until for m in Message.select()} == {claimed.lease_until}
+    assert claim_due(MESSAGES_SWEEP.stages, now + dt.timedelta(seconds=70), 10, 60) == [], \
+        "past the first lease, the renewed one still holds"
+
+
+def test_a_delivery_after_giving_up_on_the_status_starts_enrichment(app, twin, client, callback_path):
+    import datetime as dt
+
+    from receiver.models import utcnow
+
+    # TWIN never tells us the final status of m-late in time, so we give up on it; its DELIVERED
+    # callback comes after all (TWIN retried for hours): enrichment starts from the beginning.
+    client.post(callback_path, json={"id": "m-late", "oldStatus": "CREATED", "newStatus": "PENDING"})
+    long_ago = utcnow() - dt.timedelta(seconds=5)
+    Message.update(next_check_at=long_ago, first_seen_at=long_ago).execute()
+    enricher_with(app, enrich_stale_after=0.0, enrich_chat_id_horizon=1.0).run_once(force=True)
+    assert Message.get_by_id("m-late").stage == "given_up"
+
+    client.post(callback_path, json={"id": "m-late", "oldStatus": "PENDING", "newStatus": "DELIVERED"})
+
+    message = Message.get_by_id("m-late")
+    assert (message.status, message.stage, message.given_up_reason, message.attempts) == \
+        ("DELIVERED", "chat_id", None, 0)
+    assert message.next_check_at is not None

@@ -42,7 +42,7 @@ class Quirks:
             while window and window[0] <= now - 1.0:
                 window.popleft()
             if len(window) >= limit:
-                return max(1, math.ceil(window[0] + 1.0 - now))
+                return self.world.config.retry_after or max(1, math.ceil(window[0] + 1.0 - now))
             window.append(now)
         return None
 
@@ -113,7 +113,7 @@ def _ttl(value, config: SimConfig) -> float:
     if value in (None, ""):
         return config.token_ttl
     ttl = float(value)
-    if ttl <= 0:
+    if not 0 < ttl < math.inf:       # NaN fails this too; it would reach the token's exp as a 500
         raise ValueError
     return min(ttl, config.token_ttl)
 

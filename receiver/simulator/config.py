@@ -45,6 +45,7 @@ class SimConfig:
     page_cap: int = 1000
     # --- HTTP quirks (notify + analyse; iam only for rate_limit/slow) ---
     rate_limit: float = 0                # requests/second per endpoint; 0 = off
+    retry_after: int = 0                 # Retry-After told with a 429; 0 = when the rate window frees
     error_rate: float = 0.0              # random 500/502/503
     slow_rate: float = 0.0
     slow_seconds: float = 0.0

@@ -238,16 +238,19 @@ def test_rate_limit_honours_retry_after(make_sim, make_client):
     assert rec.sleeps == [1.0]                              # the simulator's Retry-After: 1
 
 
-def test_retry_after_is_capped(make_sim, make_client):
+def test_a_retry_after_beyond_the_cap_ends_the_call_and_says_when(make_sim, make_client):
+    # Calling again before TWIN's Retry-After would not honour it; waiting longer than
+    # TWIN24_MAX_RETRY_WAIT inside one call would stall the worker: the caller reschedules instead.
     sim = make_sim(rate_limit=1)
     rec = Recorder(real_sleep=True)
     client = make_client(settings_for(sim, twin24_max_retry_wait=0.3, twin24_retries=10),
                          on_call=rec.on_call, sleep=rec.sleep)
     start, end = window()
-    for _ in range(2):
+    list(client.iter_messages(start, end))
+    with pytest.raises(TwinError) as caught:
         list(client.iter_messages(start, end))
-    assert "429" in rec.outcomes("messages_stats") and rec.sleeps
-    assert max(rec.sleeps) <= 0.3
+    assert (caught.value.status, caught.value.retry_after) == (429, 1.0)
+    assert rec.outcomes("messages_stats") == ["200", "429"] and rec.sleeps == []
 
 
 def test_server_errors_retried_until_success(make_sim, make_client, recorder):
@@ -496,7 +499,7 @@ def test_unreadable_statistics_answer(answer):
     assert client.calls == 1 and ("not JSON" in caught.value.detail or "items" in caught.value.detail)
 
 
-def test_retry_after_http_date_and_cap():
+def test_retry_after_http_date_and_beyond_the_cap():
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
     script = iter([(503, {"error": "busy"}, {"Retry-After": when}),
                    (429, {"error": "slow down"}, {"Retry-After": "120"}),
@@ -504,9 +507,27 @@ def test_retry_after_http_date_and_cap():
     rec = Recorder()
     client = TwinClient(scripted_settings(), session=ScriptedSession(lambda *a: next(script)),
                         sleep=rec.sleep, on_call=rec.on_call)
+    with pytest.raises(TwinError) as caught:
+        list(client.iter_messages(*window()))
+    assert len(rec.sleeps) == 1 and 17 <= rec.sleeps[0] <= 20, "a date within the cap is waited for"
+    assert caught.value.retry_after == 120.0 and "wait 120 s" in str(caught.value)
+    assert rec.outcomes("messages_stats") == ["503", "429"]
+
+
+def test_a_token_that_expires_again_later_in_a_call_is_renewed_again():
+    tokens = iter(["t1", "t2", "t3"])
+    script = iter([401, 503, 401, 200])
+
+    def handler(method, url, params, body):
+        if url.endswith("/login"):
+            return 200, {"authToken": next(tokens)}, {}
+        status = next(script)
+        return status, ({"count": 0, "items": []} if status == 200 else {"error": "x"}), {}
+    rec = Recorder()
+    client = TwinClient(scripted_settings(twin24_token=None, twin24_login="a@b.c", twin24_password="pw"),
+                        session=ScriptedSession(handler), sleep=rec.sleep, on_call=rec.on_call)
     assert list(client.iter_messages(*window())) == []
-    assert 17 <= rec.sleeps[0] <= 20 and rec.sleeps[1] == 30.0
-    assert rec.outcomes("messages_stats") == ["503", "429", "200"]
+    assert rec.outcomes("messages_stats") == ["401", "503", "401", "200"]
 
 
 def test_second_401_with_fresh_token_is_auth_error():
