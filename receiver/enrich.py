@@ -106,20 +106,27 @@ class Enricher:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._stop)
             log.info("enrichment worker started")
-        with db.connection_context():
+        # Not connection_context(): a failed pass reconnects, and the context would then close a
+        # connection it no longer knows.
+        db.connect(reuse_if_open=True)
+        try:
             while not self.stopping:
                 try:
                     send_pending(self.settings, self.client)    # mailings queued by POST /api/sends
                     self.run_once(force=once)
                 except (DatabaseError, InterfaceError):
-                    # The database went away or is busy beyond the timeout: leases we hold
-                    # expire by themselves, so nothing is lost by trying again later.
+                    # The database went away, is busy beyond the timeout, or chose this pass as a
+                    # deadlock's victim: leases we hold expire by themselves, so nothing is lost by
+                    # trying again later.
                     log.exception("enrichment pass failed; trying again shortly")
                     self._reconnect()
                     self.sleep(self.settings.enrich_backoff_start)
                 if once:
                     return
                 self.sleep(self.settings.enrich_poll_interval)
+        finally:
+            if not db.is_closed():
+                db.close()
         log.info("enrichment worker stopped")
 
     @staticmethod
@@ -253,6 +260,7 @@ class Enricher:
                 why = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
                 again[message.stage, message.attempts + 1, why].append(message.id)
         lease = claimed.lease_until
+        log.debug("releasing lease %s of %d messages: settled", lease, len(claimed))
         for (stage, reason), ids in given_up.items():
             if stage == STAGE_RESULT:
                 # The bot answered, but TWIN never said the dialog closed: the last answer is the answer.
@@ -310,6 +318,8 @@ def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_secon
             batch = list(due.for_update("FOR UPDATE SKIP LOCKED") if is_postgres else due)
             if batch:
                 Message.update(lease_until=lease_until).where(Message.id.in_([m.id for m in batch])).execute()
+        if batch and log.isEnabledFor(logging.DEBUG):
+            log.debug("claimed %d messages with lease %s: %s", len(batch), lease_until, _by_stage(batch))
         claimed += batch
         if len(batch) < CHUNK:
             break
@@ -334,6 +344,7 @@ def known_since(moment: dt.datetime) -> int:
 
 
 def release(claimed: Claim, due_at: dt.datetime, error: str) -> None:
+    log.debug("releasing lease %s of %d messages: %s", claimed.lease_until, len(claimed), error[:200])
     _update_in_chunks([m.id for m in claimed], claimed.lease_until, None, lease_until=None,
                       next_check_at=due_at, last_error=error[:500])
 
@@ -345,6 +356,7 @@ def renew_lease(claimed: Claim, now: dt.datetime, lease_seconds: float) -> None:
         return
     renewed = now + dt.timedelta(seconds=lease_seconds)
     _update_in_chunks([m.id for m in claimed], claimed.lease_until, None, lease_until=renewed)
+    log.debug("renewed lease %s of %d messages to %s", claimed.lease_until, len(claimed), renewed)
     claimed.lease_until = renewed
 
 
@@ -430,10 +442,13 @@ def apply_session(message: Message, session: dict, now) -> str:
 
 
 def _stored(column, values: list, stages: tuple[str, ...]):
-    """The stored messages in these stages whose `column` is one of `values`."""
+    """The stored messages in these stages whose `column` is one of `values`, by id: every worker
+    then updates rows in the same order, and two workers applying overlapping pages at once wait
+    for each other instead of deadlocking (PostgreSQL)."""
     return list(Message
                 .select(Message.id, Message.stage, Message.chat_id, Message.result)
-                .where(column.in_(values), Message.stage.in_(stages)))
+                .where(column.in_(values), Message.stage.in_(stages))
+                .order_by(Message.id))
 
 
 def bot_result(value) -> str | None:
@@ -487,6 +502,14 @@ def window_anchor(message: Message) -> dt.datetime:
 def _earliest(column):
     # MIN() of a datetime column comes back from SQLite as text unless told what it is.
     return fn.MIN(column).python_value(column.python_value)
+
+
+def _by_stage(rows) -> str:
+    """Claimed rows for a DEBUG line: `stage=id,id,... stage=...`."""
+    ids: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        ids[row.stage].append(row.id)
+    return " ".join(f"{stage}={','.join(sorted(group))}" for stage, group in sorted(ids.items()))
 
 
 def _short(value) -> str | None:
