@@ -126,7 +126,7 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
         for line in sending.summary_lines(plan):
             click.echo(line)
         return
-    work = len(sender.to_send(plan))
+    work = len(sender.sendable(plan.rows))
     unknown = plan.by_state(sending.UNKNOWN)
     if unknown and resend_unknown:
         click.echo(f"warning: resending {len(unknown)} rows whose earlier send has an unknown outcome; "

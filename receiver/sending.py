@@ -208,10 +208,8 @@ class Sender:
             found.update(send for (send,) in query.tuples())
         return dict(found)
 
-    def to_send(self, report: SendReport) -> list[RowOutcome]:
-        return self._may_send(report.rows)
-
-    def _may_send(self, rows: list) -> list:
+    def sendable(self, rows: list) -> list:
+        """The rows this run may send: those TWIN provably did not take (and unknown ones if asked)."""
         wanted = SENDABLE + ((UNKNOWN,) if self.resend_unknown else ())
         return [row for row in rows if row.state in wanted]
 
@@ -221,7 +219,7 @@ class Sender:
         self._claim(send)
         try:
             self._recover(send)
-            work = self._may_send(self._record(send, destinations))
+            work = self.sendable(self._record(send, destinations))
             report = SendReport(send.id, send.key, [], resend_unknown=self.resend_unknown)
             self._send_rows(send, work, report)
             report.rows = self._outcomes(send, destinations, {row.id for row in work})
