@@ -362,12 +362,19 @@ def renew_lease(claimed: Claim, now: dt.datetime, lease_seconds: float) -> None:
 
 def _update_in_chunks(ids: list[str], leased: dt.datetime, in_stage: str | None, *conditions, **values) -> None:
     """UPDATE these messages, those still under this lease (and still `in_stage`, when given, and
-    meeting `conditions`), CHUNK ids per transaction."""
-    for chunk in _chunks(ids):
+    meeting `conditions`), CHUNK ids per transaction.
+
+    On PostgreSQL the rows are locked in id order first, the order in which page applications take
+    them (_stored): a multi-row UPDATE locks rows in whatever order its plan reads them, and another
+    worker applying a page that names some of these messages would then deadlock with it."""
+    lock_first = isinstance(db.obj, PostgresqlDatabase)
+    for chunk in _chunks(sorted(ids)):
         query = Message.update(**values).where(Message.id.in_(chunk), Message.lease_until == leased, *conditions)
         if in_stage is not None:
             query = query.where(Message.stage == in_stage)
         with write_transaction():
+            if lock_first:
+                list(Message.select(Message.id).where(Message.id.in_(chunk)).order_by(Message.id).for_update())
             query.execute()
 
 
