@@ -33,18 +33,17 @@ def _env_int(name, default):
 
 
 def _default_workers():
-    """2 x CPU + 1, the usual figure for a sync worker; fewer on SQLite.
+    """2 x CPU + 1, the usual figure for a sync worker; on SQLite one per CPU, 2 to 4.
 
-    SQLite has a single writer: every callback is one short write transaction, so beyond a few
-    processes they only queue for the write lock (see deploy/README.md, "Sizing", for the figures
-    behind the cap). PostgreSQL takes the full count.
+    SQLite has a single writer: every callback is one short write transaction, and each process
+    that writes makes the others reread what it changed, so beyond one process per CPU they only
+    cost (see deploy/README.md, "Sizing", for the figures). PostgreSQL takes the full count.
     """
     cpus = os.cpu_count() or 1
-    workers = 2 * cpus + 1
     database_url = os.environ.get("DATABASE_URL", "")
-    if not database_url.startswith(("postgres", "postgresql")):
-        workers = min(workers, 4)
-    return max(workers, 2)
+    if database_url.startswith(("postgres", "postgresql")):
+        return max(2 * cpus + 1, 2)
+    return min(max(cpus, 2), 4)
 
 
 bind = [address.strip() for address in os.environ.get("GUNICORN_BIND", "127.0.0.1:8000").split(",")

@@ -63,10 +63,6 @@ class Callback:
     group_id: str | None = None
     flow_id: str | None = None
 
-    @property
-    def dedup_key(self) -> str:
-        return "\x1f".join((self.message_id, self.old_status or "", self.new_status))
-
 
 @bp.route("/callbacks/<token>", methods=ALL_METHODS)
 def receive(token: str):
@@ -238,7 +234,7 @@ def _json_type(value) -> str:
 
 
 IDENTITY = ("callback_data", "bulk_id", "group_id", "flow_id", "price", "part_count")
-EVENT_COLUMNS = ("message_id", "dedup_key", "old_status", "new_status", "old_status_code", "new_status_code",
+EVENT_COLUMNS = ("message_id", "old_status", "new_status", "old_status_code", "new_status_code",
                  "price", "part_count", "callback_data", "received_at", "remote_addr", "content_type", "raw")
 
 
@@ -269,7 +265,7 @@ def store_callback(callback: Callback, raw: str) -> bool:
     now = utcnow()
     first_check_at, stale_check_at = check_times(now, current_app.config["SETTINGS"])
     values = {
-        "message_id": callback.message_id, "dedup_key": callback.dedup_key,
+        "message_id": callback.message_id,
         "old_status": callback.old_status, "new_status": callback.new_status,
         "old_status_code": callback.old_status_code, "new_status_code": callback.new_status_code,
         "callback_data": callback.callback_data, "bulk_id": callback.bulk_id, "group_id": callback.group_id,

@@ -6,25 +6,35 @@ Everything the receiver knows is in these tables, and they are meant to be read 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import logging
+import os
 import secrets
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from peewee import (
     BlobField,
     BooleanField,
     CharField,
+    DatabaseError,
     DatabaseProxy,
     DateTimeField,
     FloatField,
     IntegerField,
+    InterfaceError,
     Model,
     PostgresqlDatabase,
     SqliteDatabase,
     TextField,
     Value,
+    fn,
 )
 from playhouse.db_url import connect as connect_url
 from playhouse.migrate import SchemaMigrator, migrate
+
+log = logging.getLogger(__name__)
 
 db = DatabaseProxy()
 
@@ -62,7 +72,7 @@ class Message(BaseModel):
     messenger_user_id = CharField(null=True, max_length=128)
     variables = TextField(null=True)                           # JSON object
     destination_index = IntegerField(null=True)
-    send_id = IntegerField(null=True, index=True)
+    send_id = IntegerField(null=True)                          # indexed where set (below)
     sent_at = DateTimeField(null=True)
 
     status = CharField(max_length=64, default="CREATED")
@@ -82,7 +92,7 @@ class Message(BaseModel):
     lease_until = DateTimeField(null=True)
     last_error = TextField(null=True)
     given_up_reason = TextField(null=True)
-    chat_id = CharField(null=True, max_length=128, index=True)
+    chat_id = CharField(null=True, max_length=128)             # indexed where set (below)
     chat_id_at = DateTimeField(null=True)
     session = TextField(null=True)                             # the session item as TWIN gave it (JSON)
     session_started_at = DateTimeField(null=True)              # its startedAt, by TWIN's clock
@@ -101,10 +111,19 @@ class Message(BaseModel):
         )
 
 
+# Every index is written on every insert, and a callback is one insert: an index over a column that most
+# rows leave empty (a message that only came by callback has no send; it has no chat id until enrichment
+# finds one) covers only the rows that have a value.
+SPARSE_COLUMNS = ("send_id", "chat_id")
+for _column in SPARSE_COLUMNS:
+    _field = getattr(Message, _column)
+    Message.add_index(Message.index(_field, where=_field.is_null(False), name=f"message_{_column}"))
+
+
 class Event(BaseModel):
-    """Every status callback as received. Exact repeats (same message, old and new status) once."""
-    message_id = CharField(max_length=128, index=True)
-    dedup_key = TextField(unique=True)
+    """Every status callback as received. Exact repeats (same message, old and new status) once: the
+    unique transition key below, which also finds a message's events."""
+    message_id = CharField(max_length=128)
     old_status = CharField(null=True, max_length=64)
     new_status = CharField(max_length=64)
     old_status_code = IntegerField(null=True)
@@ -112,10 +131,14 @@ class Event(BaseModel):
     price = FloatField(null=True)
     part_count = IntegerField(null=True)
     callback_data = TextField(null=True)
-    received_at = DateTimeField(default=utcnow, index=True)
+    received_at = DateTimeField(default=utcnow)               # rows are in the order received (id)
     remote_addr = CharField(null=True, max_length=64)
     content_type = CharField(null=True, max_length=128)
     raw = TextField()                                          # the body exactly as it came
+
+
+Event.add_index(Event.index(Event.message_id, fn.COALESCE(Event.old_status, ""), Event.new_status,
+                            unique=True, name="event_transition"))
 
 
 class Rejected(BaseModel):
@@ -169,7 +192,7 @@ SELECT m.id AS message_id,
        m.last_seen_at
 FROM message AS m
 """
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 def make_database(settings):
@@ -178,8 +201,8 @@ def make_database(settings):
     if settings.is_sqlite:
         path = settings.sqlite_path         # Settings.check() refused a sqlite URL without one
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return SqliteDatabase(path, pragmas=sqlite_pragmas(settings), timeout=settings.sqlite_busy_timeout,
-                              check_same_thread=False)
+        return QueuedSqliteDatabase(path, pragmas=sqlite_pragmas(settings), timeout=settings.sqlite_busy_timeout,
+                                    check_same_thread=False)
     return connect_url(url.replace("postgres://", "postgresql://", 1))
 
 
@@ -191,7 +214,99 @@ def sqlite_pragmas(settings) -> dict:
         "synchronous": settings.sqlite_synchronous,
         "busy_timeout": int(settings.sqlite_busy_timeout * 1000),
         "foreign_keys": 1,
+        # SQLite checkpoints (copies the WAL back into the database, with fsyncs) inside the COMMIT
+        # that takes the WAL past this many pages (16 MB), while that writer holds its turn and the
+        # next ones wait. The queued writers checkpoint after their turn (QueuedSqliteDatabase.write),
+        # so this one is left with little to copy; it is also the backstop for writers that do not
+        # queue, and what lets the WAL start over under a steady load.
+        "wal_autocheckpoint": 4_000,
     }
+
+
+class WriterQueue:
+    """Writers to one SQLite file take their turn in the kernel's queue instead of SQLite's.
+
+    SQLite admits one writer at a time and makes the others poll: a BEGIN IMMEDIATE that finds the
+    database locked sleeps 1, 2, 5, 10... ms between tries, up to the busy timeout. A callback holds
+    the lock for a fraction of a millisecond, so under load the lock sat free while the next writer
+    slept. Here a writer first takes an flock(2) on a file beside the database, which the kernel
+    hands to the next waiter the moment its holder lets go; SQLite's lock is then free.
+
+    Only writers that use the queue are ordered by it. One that does not (the sqlite3 shell,
+    another program) still meets SQLite's own lock, so nothing depends on the queue for
+    correctness; if the file cannot be opened, writers just wait in SQLite as before. The kernel
+    drops the flock of a process that dies. The threads of a process share its open file, and an
+    flock belongs to the open file, so they queue on a lock of their own first.
+    """
+
+    def __init__(self, path: str, database: str):
+        self.path, self.database = path, database
+        self._threads = threading.RLock()
+        self._held = 0              # nesting depth of turn() in the thread holding _threads
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    @contextmanager
+    def turn(self):
+        with self._threads:
+            fd = self._file() if not self._held else None
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _file(self) -> int | None:
+        if self._pid != os.getpid():
+            # A forked child shares its parent's open file, and so its flock: it opens its own.
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._pid = None, os.getpid()
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._mode())
+            except OSError as error:
+                log.warning("SQLite writers will wait in its busy handler: cannot open %s (%s)",
+                            self.path, error.strerror)
+        return self._fd
+
+    def _mode(self) -> int:
+        """The database file's permissions, as SQLite gives its -wal and -shm files."""
+        try:
+            return os.stat(self.database).st_mode & 0o666
+        except OSError:
+            return 0o600
+
+
+class QueuedSqliteDatabase(SqliteDatabase):
+    """SQLite whose writers (write_transaction) queue in a WriterQueue beside the database file, and
+    checkpoint the WAL once their turn is over, so that the next writer never waits for the fsyncs."""
+
+    CHECKPOINT_EVERY = 100      # write transactions of a process between its checkpoints (~900 pages)
+
+    def __init__(self, path: str, **kwargs):
+        super().__init__(path, **kwargs)
+        self.writers = WriterQueue(f"{path}-writers.lock", path)
+        self._writes = 0
+
+    @contextmanager
+    def write(self):
+        with self.writers.turn(), self.atomic("IMMEDIATE"):
+            yield
+        self._writes += 1
+        if self._writes % self.CHECKPOINT_EVERY == 0 and not self.in_transaction():
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        # PASSIVE copies what no reader still needs and never waits; the write before it is already
+        # committed, so a checkpoint that fails (a full disk) is only reported.
+        try:
+            self.execute_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        except (DatabaseError, InterfaceError) as error:
+            log.warning("WAL checkpoint failed: %s", error)
 
 
 def bind(settings):
@@ -205,8 +320,13 @@ def write_transaction():
     """A transaction that will write. On SQLite it takes the write lock at BEGIN: a transaction
     that reads first and writes later cannot wait for the lock (SQLite answers "database is
     locked" at once when another writer committed in between), while BEGIN IMMEDIATE waits its
-    turn under the busy timeout."""
-    return db.atomic("IMMEDIATE") if isinstance(db.obj, SqliteDatabase) else db.atomic()
+    turn, first in the writers' queue (QueuedSqliteDatabase), then under the busy timeout."""
+    database = db.obj
+    if isinstance(database, QueuedSqliteDatabase):
+        return database.write()
+    if isinstance(database, SqliteDatabase):
+        return database.atomic("IMMEDIATE")
+    return database.atomic()
 
 
 class Slot:
@@ -249,11 +369,13 @@ def create_schema() -> None:
     """Create tables, indexes and the results view if missing. Safe to run from many processes at once."""
     with db.connection_context():
         with _schema_lock():
+            retire_replaced_indexes()
             db.create_tables(MODELS, safe=True)
             add_missing_columns()
             if "results" not in [view.name for view in db.get_views()]:
                 db.execute_sql(RESULTS_VIEW)
-            Meta.insert(key="schema_version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
+            Meta.insert(key="schema_version", value=SCHEMA_VERSION).on_conflict(
+                conflict_target=[Meta.key], update={Meta.value: SCHEMA_VERSION}).execute()
 
 
 def add_missing_columns() -> None:
@@ -271,6 +393,28 @@ def add_missing_columns() -> None:
             if not field.null and field.default is None:
                 raise RuntimeError(f"{table}.{field.column_name} is missing and cannot be added by itself")
             migrate(migrator.add_column(table, field.column_name, field))
+
+
+def retire_replaced_indexes() -> None:
+    """Bring a schema-1 database towards schema 2 (create_tables() then builds what replaces these):
+
+    - event.dedup_key (a unique column) and the event.message_id index give way to the unique
+      transition key `event_transition`; the old key held the same three values, so every stored
+      row satisfies the new one. The event.received_at index goes: events are pruned in id order;
+    - the message.send_id and message.chat_id indexes over every row give way to indexes of the
+      same names over the rows that have a value.
+    """
+    event_indexes = {index.name for index in db.get_indexes("event")}
+    for name in ("event_dedup_key", "event_message_id", "event_received_at"):
+        if name in event_indexes:
+            db.execute_sql(f'DROP INDEX "{name}"')
+    if "dedup_key" in {column.name for column in db.get_columns("event")}:
+        migrate(SchemaMigrator.from_database(db.obj).drop_column("event", "dedup_key"))
+    message_indexes = {index.name: index.sql or "" for index in db.get_indexes("message")}
+    for column in SPARSE_COLUMNS:
+        sql = message_indexes.get(f"message_{column}")
+        if sql is not None and " WHERE " not in sql.upper():
+            db.execute_sql(f'DROP INDEX "message_{column}"')
 
 
 class _schema_lock:

@@ -18,8 +18,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def add_events(prefix: str, count: int, received_at: dt.datetime | None = None, raw_size: int = 40):
-    rows = [dict(message_id=f"{prefix}-{n}", dedup_key=f"{prefix}-{n}\x1fPENDING\x1fDELIVERED",
-                 old_status="PENDING", new_status="DELIVERED", raw="x" * raw_size,
+    rows = [dict(message_id=f"{prefix}-{n}", old_status="PENDING", new_status="DELIVERED", raw="x" * raw_size,
                  received_at=received_at or utcnow()) for n in range(count)]
     with models.db.atomic():
         for start in range(0, len(rows), 200):
@@ -45,7 +44,7 @@ def test_backup_while_another_thread_writes(sqlite_app, tmp_path):
         try:
             while not stop.is_set():
                 with models.db.atomic():      # this thread's own connection, as a web worker has
-                    Event.insert(message_id=f"during-{n}", dedup_key=f"during-{n}", new_status="PENDING",
+                    Event.insert(message_id=f"during-{n}", new_status="PENDING",
                                  raw="{}").execute()
                 written.append(n)
                 n += 1

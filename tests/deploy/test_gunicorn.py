@@ -155,13 +155,17 @@ def test_conf_defaults(monkeypatch, tmp_path):
     conf = load_conf(monkeypatch, tmp_path)
     assert conf.bind == ["127.0.0.1:8000"]
     assert conf.worker_class == "sync"
-    assert conf.workers == 4                # SQLite: capped, one writer
+    assert conf.workers == 4                # SQLite: one per CPU, capped (one writer)
     assert conf.preload_app is False
     assert conf.timeout == 30 and conf.graceful_timeout == 30
     assert conf.control_socket_disable is True
 
     conf = load_conf(monkeypatch, tmp_path, DATABASE_URL="postgresql://db/receiver")
     assert conf.workers == 17               # 2 x CPU + 1
+
+    for cpus, workers in ((1, 2), (2, 2), (3, 3)):
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
+        assert load_conf(monkeypatch, tmp_path).workers == workers, cpus
 
     conf = load_conf(monkeypatch, tmp_path, GUNICORN_WORKERS="6", GUNICORN_BIND="0.0.0.0:8080",
                      GUNICORN_WORKER_CLASS="gthread")

@@ -57,7 +57,7 @@ def post(client, message_id, padding=0):
 
 def state():
     return ([tuple(m.__data__.items()) for m in Message.select().order_by(Message.id)],
-            [e.dedup_key for e in Event.select().order_by(Event.id)])
+            [(e.message_id, e.old_status, e.new_status) for e in Event.select().order_by(Event.id)])
 
 
 def assert_503_then_recovery(client, caplog, message_id, why, lift, padding=0):
