@@ -31,11 +31,10 @@ from pathlib import Path
 
 import requests
 
-from receiver.demo import free_port, start_process, stop_processes, wait_healthy
+from receiver.demo import GUNICORN_CONF, free_port, start_process, stop_processes, wait_healthy
 from receiver.settings import Settings
 from receiver.simulator import SimConfig, Simulator
 
-ROOT = Path(__file__).resolve().parent.parent
 CALLBACK_TOKEN = "bench-callback-token-0123456789"
 API_TOKEN = "bench-api-token-0123456789abcdef"
 
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     env = receiver_env(twin, workdir, port, args)
     processes = []
     try:
-        processes.append(start_process(["gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"], env,
+        processes.append(start_process(["gunicorn", "-c", str(GUNICORN_CONF), "wsgi:app"], env,
                                        workdir / "web.log"))
         wait_healthy(f"http://127.0.0.1:{port}/healthz")
         processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))

@@ -28,10 +28,8 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from receiver.demo import free_port
+from receiver.demo import GUNICORN_CONF, free_port, with_code
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
 CALLBACK_TOKEN = "bench-callback-token-0123456789"
 API_TOKEN = "bench-api-token-0123456789abcdef"
 PATH = f"/callbacks/{CALLBACK_TOKEN}"
@@ -74,7 +72,8 @@ class Server:
 
     def start(self, timeout: float = 30.0) -> Server:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), self.app], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), self.app], cwd=self.workdir,
+            env=with_code(self.env),
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr.log", "ab"), start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

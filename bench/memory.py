@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .ingest import API_TOKEN, CALLBACK_TOKEN, PATH, ROOT, Server, children_of, machine
+from receiver.demo import with_code
+
+from .ingest import API_TOKEN, CALLBACK_TOKEN, PATH, Server, children_of, machine
 
 
 def memory_kb(pid: int) -> tuple[int, int]:
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
                "ENRICH_SWEEP_INTERVAL": "1", "ENRICH_POLL_INTERVAL": "0.5"}
         with Server("wsgi:app", workdir / "web", env) as server:
             worker_env = server.env | {"CALLBACK_TOKEN": CALLBACK_TOKEN, "API_TOKEN": API_TOKEN}
-            worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=worker_env,
+            worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=workdir,
+                                      env=with_code(worker_env),
                                       stdout=subprocess.DEVNULL, stderr=open(workdir / "worker.log", "ab"),
                                       start_new_session=True)
             sent = 0

@@ -27,6 +27,7 @@ import requests
 from .simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
 NAMES = ["Иван", "Мария", "Пётр", "Анна", "Олег", "Елена", "Сергей", "Ольга", "Денис", "Юлия", "Артём",
          "Наталья"]
 
@@ -43,7 +44,7 @@ def main() -> int:
     processes: list[subprocess.Popen] = []
     say(f"TWIN simulator on {twin.url}; receiver on http://127.0.0.1:{port}; files in {workdir}")
     try:
-        processes.append(start_process(["gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"], env,
+        processes.append(start_process(["gunicorn", "-c", str(GUNICORN_CONF), "wsgi:app"], env,
                                        workdir / "web.log"))
         wait_healthy(f"http://127.0.0.1:{port}/healthz")
         processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))
@@ -55,7 +56,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "receiver", "send", str(csv_path), "--chat-id", "demo-channel",
                         "--bot-id", "demo-bot", "--chat-session-name", "Опрос", "--callback-data", "demo",
                         "--text", "Здравствуйте, {{name}}! Придёте на встречу?"],
-                       cwd=ROOT, env=env, check=True)
+                       cwd=workdir, env=with_code(env), check=True)
         database = workdir / "receiver.db"
         settled = watch(database, len(NAMES), timeout=45)
         print_table(database)
@@ -156,10 +157,16 @@ def say(text: str) -> None:
 # -- process helpers, shared with bench/ ----------------------------------------------------------
 
 def start_process(command: list[str], env: dict, log_path: Path) -> subprocess.Popen:
-    """Start gunicorn (from the virtualenv) or `python ...` with its output in log_path."""
+    """Start gunicorn (from the virtualenv) or `python ...` with its output in log_path, in log_path's
+    folder: the settings are `env`'s alone, not those of a .env the developer keeps in the checkout."""
     executable = str(Path(sys.executable).with_name(command[0])) if command[0] != "python" else sys.executable
-    return subprocess.Popen([executable, *command[1:]], cwd=ROOT, env=env,
+    return subprocess.Popen([executable, *command[1:]], cwd=log_path.parent, env=with_code(env),
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def with_code(env: dict) -> dict:
+    """`env` with this checkout on PYTHONPATH, for a process that runs outside it."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 from peewee import IntegerField, Model, OperationalError, TextField
