@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from flask import Flask
+from flask import Flask, jsonify, request
 from peewee import SqliteDatabase
+from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, callbacks, cli, models, pages, sending_api
@@ -38,6 +39,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.teardown_appcontext(_release)
     for module in (callbacks, api, sending_api, pages):
         app.register_blueprint(module.bp)
+    for code in (404, 405):
+        app.register_error_handler(code, _routing_error)
     cli.register(app)
     return app
 
@@ -57,6 +60,21 @@ def _token(settings: Settings, key: str, configured: str | None) -> str:
         else:
             print(f"twin24-receiver: API token (Authorization: Bearer ...): {token}", file=sys.stderr)
     return token
+
+
+def _routing_error(error: HTTPException):
+    """A path no route has, or a method its route does not take: in JSON on the JSON face (the
+    callbacks and /api/), as werkzeug's HTML page on the pages."""
+    parts = request.path.split("/")
+    if error.code == 405 and len(parts) == 3 and parts[1] == "callbacks":
+        return callbacks.refuse_unlisted_method(parts[2])
+    if parts[1] not in ("api", "callbacks"):
+        return error
+    if error.code == 404:
+        return jsonify(error="not_found", detail=f"nothing here: {request.path}"), 404
+    allowed = [m for m in error.valid_methods or () if m not in ("HEAD", "OPTIONS")]
+    return (jsonify(error="method_not_allowed", detail=f"use {' or '.join(allowed)}, not {request.method}"), 405,
+            {"Allow": ", ".join(error.valid_methods or ())})
 
 
 def _connect():

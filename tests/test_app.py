@@ -50,3 +50,19 @@ def test_a_database_from_an_earlier_version_gains_the_new_columns_and_keeps_its_
         rows = connection.execute("select id, status from message").fetchall()
     assert "session_started_at" in columns
     assert rows == [("m-1", "PENDING")]
+
+
+def test_the_json_face_answers_an_unknown_path_or_method_in_json_and_the_pages_in_html(tmp_path):
+    client = create_app(make_settings(f"sqlite:///{tmp_path}/receiver.db")).test_client()
+
+    unknown = client.get("/api/nothing")
+    assert unknown.status_code == 404
+    assert unknown.json == {"error": "not_found", "detail": "nothing here: /api/nothing"}
+
+    wrong_method = client.delete("/api/sends")
+    assert wrong_method.status_code == 405 and wrong_method.headers["Allow"] == "POST, OPTIONS"
+    assert wrong_method.json == {"error": "method_not_allowed", "detail": "use POST, not DELETE"}
+
+    assert client.get("/callbacks/a/b").json["error"] == "not_found"
+    page = client.get("/nothing")
+    assert page.status_code == 404 and page.mimetype == "text/html"

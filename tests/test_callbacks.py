@@ -258,6 +258,19 @@ def test_a_long_content_type_or_client_address_is_cut_to_its_column(client, call
     assert (kept.content_type, kept.remote_addr) == (content_type[:128], address[:64])
 
 
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND"])
+def test_a_method_the_route_does_not_list_is_refused_like_get(client, callback_path, method):
+    answer = client.open(callback_path, method=method, json=callback())
+
+    assert answer.status_code == 405 and answer.headers["Allow"] == "POST"
+    assert answer.json == {"error": "method_not_allowed", "detail": f"use POST, not {method}"}
+    assert Rejected.get().reason == "method_not_allowed" and Event.select().count() == 0
+
+    wrong = client.open("/callbacks/" + "x" * len(CALLBACK_TOKEN), method=method, json=callback())
+    assert wrong.status_code == 404 and wrong.json == {"error": "not_found"}
+    assert Rejected.select().count() == 1
+
+
 @pytest.mark.parametrize("method", ["post", "get", "options"])
 def test_a_wrong_token_is_404_and_stores_nothing(client, method):
     answer = getattr(client, method)("/callbacks/" + "x" * len(CALLBACK_TOKEN), json=callback())
