@@ -7,7 +7,8 @@ Starts gunicorn with deploy/gunicorn.conf.py twice, with the same settings: once
 (`bare_app` below). Each is loaded for BENCH_DURATION seconds (default 15) at BENCH_CONNECTIONS
 (default 32) keep-alive connections by bench/loadgen.py; then every acknowledged callback is looked up
 in the event table. Environment: BENCH_DURATION, BENCH_CONNECTIONS, BENCH_WORKERS (GUNICORN_WORKERS;
-default: deploy/gunicorn.conf.py's own choice), BENCH_DUPLICATES (share of repeats, default 0.05).
+default: deploy/gunicorn.conf.py's own choice), BENCH_DUPLICATES (share of repeats, default 0.05),
+BENCH_DATABASE_URL (postgresql://...: store in a schema of its own on that server instead of SQLite).
 
 On a small machine the load generator and the server share the cores; the generator's own CPU cost is
 printed so its share can be judged.
@@ -145,10 +146,56 @@ def machine() -> str:
     return f"{cpus} CPUs, {memory}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
-def stored_keys(db_path: Path) -> set[str]:
-    with sqlite3.connect(db_path) as connection:
-        rows = connection.execute("SELECT message_id, COALESCE(old_status, ''), new_status FROM event")
+class Database:
+    """Where the receiver stores: a fresh SQLite file in `workdir`, or with BENCH_DATABASE_URL
+    (postgresql://...) a schema of its own on that server, dropped afterwards."""
+
+    KEYS = "SELECT message_id, COALESCE(old_status, ''), new_status FROM event"
+
+    def __init__(self, workdir: Path, postgres_url: str | None):
+        self.postgres_url = postgres_url
+        self.path = workdir / "receiver.db"
+        self.schema = f"bench_ingest_{os.getpid()}"
+
+    @property
+    def name(self) -> str:
+        return "PostgreSQL" if self.postgres_url else "SQLite (WAL, synchronous=NORMAL)"
+
+    @property
+    def url(self) -> str:
+        if not self.postgres_url:
+            return f"sqlite:///{self.path}"
+        separator = "&" if "?" in self.postgres_url else "?"
+        return f"{self.postgres_url}{separator}options=-csearch_path%3D{self.schema}"
+
+    def __enter__(self) -> Database:
+        if self.postgres_url:
+            self._postgres(f"CREATE SCHEMA {self.schema}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.postgres_url:
+            self._postgres(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+    def stored_keys(self) -> set[str]:
+        """Every stored event as message id|old status|new status."""
+        if self.postgres_url:
+            rows = self._postgres(self.KEYS.replace("FROM event", f"FROM {self.schema}.event"))
+        else:
+            with sqlite3.connect(self.path) as connection:
+                rows = connection.execute(self.KEYS).fetchall()
         return {f"{m}|{o}|{n}" for m, o, n in rows}
+
+    def _postgres(self, sql: str) -> list:
+        import psycopg2
+        connection = psycopg2.connect(self.postgres_url)
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+                return cursor.fetchall() if cursor.description else []
+        finally:
+            connection.close()
 
 
 def load(server: Server, duration: float, connections: int, duplicates: float, max_requests=None):
@@ -170,24 +217,26 @@ def main(argv: list[str] | None = None) -> dict:
     connections = int(os.environ.get("BENCH_CONNECTIONS", "32"))
     duplicates = float(os.environ.get("BENCH_DUPLICATES", "0.05"))
     workdir = Path(tempfile.mkdtemp(prefix="twin24-bench-ingest-"))
-    db_path = workdir / "receiver.db"
+    database = Database(workdir, os.environ.get("BENCH_DATABASE_URL") or None)
+    # Both servers get the receiver's DATABASE_URL: gunicorn.conf.py sizes its workers by it.
+    env = {"DATABASE_URL": database.url}
     print(f"ingest: {duration:.0f} s per server at {connections} connections, {duplicates:.0%} duplicates")
     print(f"machine: {machine()}")
     print("note: the load generator runs on the same machine and shares its cores with the server")
     try:
-        with Server("bench.ingest:bare_app", workdir / "bare") as bare:
+        with Server("bench.ingest:bare_app", workdir / "bare", env) as bare:
             load(bare, 2.0, connections, duplicates)                       # warm-up
             workers = len(bare.worker_pids())
             bare_result = load(bare, duration, connections, duplicates)
         (workdir / "receiver").mkdir()
-        with Server("wsgi:app", workdir / "receiver", {"DATABASE_URL": f"sqlite:///{db_path}"}) as receiver:
+        with database, Server("wsgi:app", workdir / "receiver", env) as receiver:
             load(receiver, 2.0, connections, duplicates)                   # warm-up (and schema)
             receiver_result = load(receiver, duration, connections, duplicates)
-        stored = stored_keys(db_path)
+            stored = database.stored_keys()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"gunicorn: deploy/gunicorn.conf.py, {workers} sync workers, SQLite (WAL, synchronous=NORMAL)")
+    print(f"gunicorn: deploy/gunicorn.conf.py, {workers} sync workers, {database.name}")
     print(f"  {'endpoint':<22} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'2xx':>9} {'other':>7}")
     print(row("bare Flask (parse, 200)", bare_result))
     print(row("receiver (store, 200)", receiver_result))

@@ -72,9 +72,10 @@ def _routing_error(error: HTTPException):
         return error
     if error.code == 404:
         return jsonify(error="not_found", detail=f"nothing here: {request.path}"), 404
-    allowed = [m for m in error.valid_methods or () if m not in ("HEAD", "OPTIONS")]
+    methods = sorted(error.valid_methods or ())        # a set: sorted, so the answer is always the same
+    allowed = [m for m in methods if m not in ("HEAD", "OPTIONS")]
     return (jsonify(error="method_not_allowed", detail=f"use {' or '.join(allowed)}, not {request.method}"), 405,
-            {"Allow": ", ".join(error.valid_methods or ())})
+            {"Allow": ", ".join(methods)})
 
 
 def _connect():

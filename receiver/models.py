@@ -33,6 +33,7 @@ from peewee import (
 )
 from playhouse.db_url import connect as connect_url
 from playhouse.migrate import SchemaMigrator, migrate
+from playhouse.pool import PooledDatabase
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,10 @@ def make_database(settings):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return QueuedSqliteDatabase(path, pragmas=sqlite_pragmas(settings), timeout=settings.sqlite_busy_timeout,
                                     check_same_thread=False)
-    return connect_url(url.replace("postgres://", "postgresql://", 1))
+    # A connection per thread, kept between requests (a pool): opening one (a server process,
+    # authentication) takes longer than storing a callback. A connection is replaced after 5 minutes.
+    pooled = url.replace("postgres://", "postgresql://", 1).replace("postgresql://", "postgresql+pool://", 1)
+    return connect_url(pooled, stale_timeout=300)
 
 
 def sqlite_pragmas(settings) -> dict:
@@ -311,6 +315,8 @@ class QueuedSqliteDatabase(SqliteDatabase):
 
 def bind(settings):
     """Point the models at the configured database and return it."""
+    if isinstance(db.obj, PooledDatabase):
+        db.obj.close_all()          # the pool of a database this process used before (tests)
     database = make_database(settings)
     db.initialize(database)
     return database

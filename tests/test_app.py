@@ -60,7 +60,7 @@ def test_the_json_face_answers_an_unknown_path_or_method_in_json_and_the_pages_i
     assert unknown.json == {"error": "not_found", "detail": "nothing here: /api/nothing"}
 
     wrong_method = client.delete("/api/sends")
-    assert wrong_method.status_code == 405 and wrong_method.headers["Allow"] == "POST, OPTIONS"
+    assert wrong_method.status_code == 405 and wrong_method.headers["Allow"] == "OPTIONS, POST"
     assert wrong_method.json == {"error": "method_not_allowed", "detail": "use POST, not DELETE"}
 
     assert client.get("/callbacks/a/b").json["error"] == "not_found"

@@ -228,3 +228,16 @@ def test_the_turn_file_has_the_database_file_s_permissions(queued, tmp_path):
     insert(1)
     database, turns = tmp_path / "turns.db", tmp_path / "turns.db-writers.lock"
     assert turns.stat().st_mode & 0o777 == database.stat().st_mode & 0o666
+
+
+def test_a_postgresql_connection_is_kept_between_requests(app, settings, client, callback_path):
+    if settings.is_sqlite:
+        pytest.skip("PostgreSQL's pool")
+
+    def server_process():
+        with models.db.connection_context():
+            return models.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+
+    first = server_process()
+    assert client.post(callback_path, json=callback()).status_code == 200
+    assert server_process() == first
