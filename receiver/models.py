@@ -10,7 +10,9 @@ import fcntl
 import logging
 import os
 import secrets
+import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -295,6 +297,20 @@ class QueuedSqliteDatabase(SqliteDatabase):
         super().__init__(path, **kwargs)
         self.writers = WriterQueue(f"{path}-writers.lock", path)
         self._writes = 0
+
+    def _connect(self):
+        # Opening sets the pragmas, and turning a new file to WAL needs it alone for a moment: a
+        # process that opens it at the same instant (gunicorn starts its workers together, each
+        # creating the schema) can get "database is locked" without SQLite waiting (seen once in
+        # CI). Such an open is tried again, within the busy timeout.
+        deadline = time.monotonic() + (self._timeout or 0)
+        while True:
+            try:
+                return super()._connect()
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def write(self):

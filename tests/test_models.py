@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -241,3 +242,21 @@ def test_a_postgresql_connection_is_kept_between_requests(app, settings, client,
     first = server_process()
     assert client.post(callback_path, json=callback()).status_code == 200
     assert server_process() == first
+
+
+def test_an_open_that_finds_the_new_file_locked_is_tried_again(tmp_path, monkeypatch):
+    # As when gunicorn's workers all open a new database at once: the first open's pragmas meet a lock.
+    locked_once = []
+
+    def set_pragmas(self, conn):
+        if not locked_once:
+            locked_once.append(True)
+            raise sqlite3.OperationalError("database is locked")
+        return original(self, conn)
+
+    original = QueuedSqliteDatabase._set_pragmas
+    monkeypatch.setattr(QueuedSqliteDatabase, "_set_pragmas", set_pragmas)
+    database = QueuedSqliteDatabase(str(tmp_path / "new.db"), pragmas={"journal_mode": "wal"}, timeout=5)
+    database.connect()
+    assert locked_once and database.execute_sql("PRAGMA journal_mode").fetchone() == ("wal",)
+    database.close()
