@@ -67,7 +67,7 @@ def _routing_error(error: HTTPException):
     callbacks and /api/), as werkzeug's HTML page on the pages."""
     parts = request.path.split("/")
     if error.code == 405 and len(parts) == 3 and parts[1] == "callbacks":
-        return callbacks.refuse_unlisted_method(parts[2])
+        return callbacks.receive(parts[2])
     if parts[1] not in ("api", "callbacks"):
         return error
     if error.code == 404:

@@ -66,8 +66,11 @@ class Callback:
 
 @bp.route("/callbacks/<token>", methods=ALL_METHODS)
 def receive(token: str):
-    if not _ours(token):
-        return _not_found()
+    """Also answers a method the route does not list (TRACE, PROPFIND...): the app's 405 handler
+    hands those here, so that every method gets the same answer."""
+    if not hmac.compare_digest(token.encode(), current_app.config["CALLBACK_TOKEN"].encode()):
+        # Not ours: say nothing about the endpoint and keep nothing.
+        return jsonify(error="not_found"), 404
     try:
         if request.method != "POST":
             raise Refusal("method_not_allowed", f"use POST, not {request.method}", 405)
@@ -85,22 +88,6 @@ def receive(token: str):
         return response, 503, {"Retry-After": "5"}
     metrics.count_callback(callback.new_status if fresh else None)
     return jsonify(stored=True, duplicate=not fresh), 200
-
-
-def refuse_unlisted_method(token: str):
-    """A method the route does not list (TRACE, PROPFIND...), which never reaches receive(): the same answer."""
-    if not _ours(token):
-        return _not_found()
-    return refuse(Refusal("method_not_allowed", f"use POST, not {request.method}", 405))
-
-
-def _ours(token: str) -> bool:
-    return hmac.compare_digest(token.encode(), current_app.config["CALLBACK_TOKEN"].encode())
-
-
-def _not_found():
-    # Not ours: say nothing about the endpoint and keep nothing.
-    return jsonify(error="not_found"), 404
 
 
 def _why(error: BaseException) -> str:
