@@ -180,15 +180,16 @@ class Database:
     def stored_keys(self) -> set[str]:
         """Every stored event as message id|old status|new status."""
         if self.postgres_url:
-            rows = self._postgres(self.KEYS.replace("FROM event", f"FROM {self.schema}.event"))
+            rows = self._postgres(self.KEYS)
         else:
             with sqlite3.connect(self.path) as connection:
                 rows = connection.execute(self.KEYS).fetchall()
         return {f"{m}|{o}|{n}" for m, o, n in rows}
 
     def _postgres(self, sql: str) -> list:
+        """Runs `sql` with the receiver's URL, whose search_path is the schema."""
         import psycopg2
-        connection = psycopg2.connect(self.postgres_url)
+        connection = psycopg2.connect(self.url)
         try:
             connection.autocommit = True
             with connection.cursor() as cursor:
@@ -196,6 +197,25 @@ class Database:
                 return cursor.fetchall() if cursor.description else []
         finally:
             connection.close()
+
+
+def cpu_seconds(server: Server) -> float:
+    """CPU time (user + system) the gunicorn master and its workers have used so far, from /proc."""
+    total = 0
+    for pid in [server.process.pid, *server.worker_pids()]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])          # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured_load(server: Server, duration: float, connections: int, duplicates: float):
+    """load(), and the server's CPU seconds per answered request during it."""
+    before = cpu_seconds(server)
+    result = load(server, duration, connections, duplicates)
+    return result, (cpu_seconds(server) - before) / max(result.requests, 1)
 
 
 def load(server: Server, duration: float, connections: int, duplicates: float, max_requests=None):
@@ -227,11 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
         with Server("bench.ingest:bare_app", workdir / "bare", env) as bare:
             load(bare, 2.0, connections, duplicates)                       # warm-up
             workers = len(bare.worker_pids())
-            bare_result = load(bare, duration, connections, duplicates)
+            bare_result, bare_cpu = measured_load(bare, duration, connections, duplicates)
         (workdir / "receiver").mkdir()
         with database, Server("wsgi:app", workdir / "receiver", env) as receiver:
             load(receiver, 2.0, connections, duplicates)                   # warm-up (and schema)
-            receiver_result = load(receiver, duration, connections, duplicates)
+            receiver_result, receiver_cpu = measured_load(receiver, duration, connections, duplicates)
             stored = database.stored_keys()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -244,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     generator_cpu = receiver_result.cpu_seconds / max(receiver_result.requests, 1)
     print(f"  ratio receiver/bare: {ratio:.2f}   (target >= 0.6)")
     print(f"  receiver p99: {receiver_result.percentile(99) * 1000:.1f} ms   (target < 50 ms at 32 connections)")
+    print(f"  server CPU (gunicorn master and workers): bare {bare_cpu * 1e6:.0f} µs, "
+          f"receiver {receiver_cpu * 1e6:.0f} µs per request")
     print(f"  load generator CPU: {generator_cpu * 1e6:.0f} µs per request "
           f"({generator_cpu * receiver_result.rate:.0%} of one core during the receiver run)")
     # The warm-up's callbacks are in the database too: compare the measured run's acknowledged set.
