@@ -12,7 +12,7 @@ from .settings import masked_url
 
 
 def register(app: Flask) -> None:
-    for command in (init_db, show_urls, worker, status, send, export, backup, prune):
+    for command in (init_db, show_urls, worker, status, send, export, backup, prune, check_twin, rejected):
         app.cli.add_command(command)
 
 
@@ -57,6 +57,16 @@ def _sleep_until_stopped() -> None:
         signal.pause()
 
 
+@click.command("check-twin")
+@with_appcontext
+def check_twin():
+    """Try the TWIN settings once: log in (or take TWIN24_TOKEN), refresh, ask both statistics for the
+    last hour; print each call, TWIN's status, the time and the answer's keys, then a verdict. Sends
+    nothing; exits 1 when a step fails, 2 without credentials."""
+    from .check_twin import run
+    raise SystemExit(run(current_app.config["SETTINGS"], click.echo))
+
+
 @click.command("status")
 def status():
     """Print the enrichment backlog: messages per stage, the oldest due one, the last TWIN errors."""
@@ -77,8 +87,9 @@ def status():
 @click.command("send")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Chat settings from a JSON, TOML or INI file (chatId, botId, messengerType, "
-                   "chatSessionName, text, provider, callbackData, variables). Options win over it.")
+              help="Chat settings and send options from a JSON, TOML or INI file (chatId, botId, "
+                   "messengerType, chatSessionName, text, provider, callbackData, variables, and the "
+                   "options below by their TWIN names). Options win over it.")
 @click.option("--chat-id", help="channels.chat.chatId: the chat channel to send from.")
 @click.option("--bot-id", help="channels.chat.botId.")
 @click.option("--messenger-type", help="channels.chat.messengerType (default WHATSAPP).")
@@ -87,6 +98,16 @@ def status():
 @click.option("--provider", help="channels.chat.provider (default TWIN).")
 @click.option("--callback-data", help="callbackData: names the mailing in every callback.")
 @click.option("--variables", "declared", help="Comma-separated variable names: any other column is an error.")
+@click.option("--send-at", help="sendAt: send later, at this ISO 8601 time with a zone offset "
+                                "(2025-03-01T10:00:00+03:00).")
+@click.option("--allowed-time-ranges", help="allowedTimeRanges: when TWIN may deliver, e.g. "
+                                            "'09:00:00-13:00:00,14:00:00-18:00:00'.")
+@click.option("--validity-period", type=int, help="channels.chat.validityPeriod: minutes (1-2880) before an "
+                                                  "undelivered message ends EXPIRED.")
+@click.option("--template-id", help="templateId.")
+@click.option("--use-short-links/--no-use-short-links", default=None, help="useShortLinks.")
+@click.option("--continue-last-or-start-new-session/--no-continue-last-or-start-new-session", "continue_session",
+              default=None, help="channels.chat.continueLastOrStartNewSession.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), help="Default: from the file's extension.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Destinations per request (SEND_BATCH_SIZE).")
 @click.option("--dry-run", is_flag=True, help="Check the input and show what would be sent; send nothing.")
@@ -94,7 +115,8 @@ def status():
               help="Also send rows whose earlier send has an unknown outcome. TWIN may have taken them: "
                    "their recipients may get the message twice.")
 def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, text, provider,
-         callback_data, declared, fmt, batch_size, dry_run, resend_unknown):
+         callback_data, declared, send_at, allowed_time_ranges, validity_period, template_id, use_short_links,
+         continue_session, fmt, batch_size, dry_run, resend_unknown):
     """Send a mailing from a CSV or JSON FILE, with callbackUrl set to this receiver.
 
     Everything is checked before the first request; a rerun of the same mailing (same chat settings and
@@ -106,19 +128,25 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
     settings = current_app.config["SETTINGS"]
     options = {"chatId": chat_id, "botId": bot_id, "messengerType": messenger_type,
                "chatSessionName": chat_session_name, "text": text, "provider": provider,
-               "callbackData": callback_data, "variables": declared}
+               "callbackData": callback_data, "variables": declared, "sendAt": send_at,
+               "allowedTimeRanges": allowed_time_ranges, "validityPeriod": validity_period,
+               "templateId": template_id, "useShortLinks": use_short_links,
+               "continueLastOrStartNewSession": continue_session}
+    url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
+    problems = destinations.callback_url_problems(url)          # TWIN's limit: checked before any call
     try:
         values = destinations.load_config(config_path) if config_path else {}
         values.update({k: v for k, v in options.items() if v is not None})
         chat = destinations.chat_settings(values)
         rows = destinations.read_destinations(file, chat.variables, fmt)
     except destinations.InputError as error:
-        click.echo(f"{file}: nothing was sent:\n{error}", err=True)
-        raise SystemExit(2) from None
+        problems = error.problems + problems
+    if problems:
+        click.echo(f"{file}: nothing was sent:\n{destinations.InputError(problems)}", err=True)
+        raise SystemExit(2)
     if not settings.has_twin24_credentials and not dry_run:
         click.echo("nothing was sent: set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD", err=True)
         raise SystemExit(2)
-    url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
     sender = sending.Sender(settings, chat, callback_url=url, batch_size=batch_size,
                             resend_unknown=resend_unknown, source=str(file))
     plan = sender.plan(rows)
@@ -231,3 +259,90 @@ def prune(days: int | None, dry_run: bool, batch_size: int):
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {result.events} events and {result.rejected} refused callbacks "
                f"received before {result.cutoff:%Y-%m-%d %H:%M:%S} UTC ({days} days)")
+
+
+@click.group("rejected")
+def rejected():
+    """Refused callbacks kept in the `rejected` table: list them by reason, replay them after a fix."""
+
+
+@rejected.command("list")
+@with_appcontext
+@click.option("--reason", help="Show the kept refusals of this reason, one a line.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Rows shown with --reason.")
+def rejected_list(reason: str | None, limit: int):
+    """Refusals by reason: how many are kept, how many no replay has resolved, first and last time (UTC)."""
+    from . import rejected as kept
+    if reason is None:
+        counts = kept.by_reason()
+        click.echo(f"{'reason':<24} {'kept':>6} {'unresolved':>10}  {'first (UTC)':<19}  last (UTC)"
+                   if counts else "no refused callbacks are kept")
+        for c in counts:
+            click.echo(f"{c.reason:<24} {c.kept:>6} {c.unresolved:>10}  {c.first:%Y-%m-%d %H:%M:%S}  "
+                       f"{c.last:%Y-%m-%d %H:%M:%S}")
+        return
+    rows = list(kept.select(reason=reason).limit(limit + 1))
+    if not rows:
+        click.echo(f"no refused callbacks are kept with reason {reason}")
+    for row in rows[:limit]:
+        replayed = (f"replayed {row.replayed_at:%Y-%m-%d %H:%M:%S}: {row.replay_outcome}" if row.replayed_at
+                    else "not replayed")
+        click.echo(f"#{row.id} {row.received_at:%Y-%m-%d %H:%M:%S} {row.reason} ({replayed}): {row.detail}")
+        click.echo(f"    {kept.body_preview(row)}")
+    if len(rows) > limit:
+        click.echo(f"more than {limit} are kept: raise --limit")
+
+
+@rejected.command("replay")
+@with_appcontext
+@click.option("--id", "row_id", type=int, help="Replay this one kept refusal (its #id in `rejected list`).")
+@click.option("--reason", help="Replay the kept refusals of this reason.")
+@click.option("--since", help="Refused at or after this ISO 8601 date/time (UTC unless an offset is given).")
+@click.option("--until", help="Refused before this ISO 8601 date/time.")
+def rejected_replay(row_id: int | None, reason: str | None, since: str | None, until: str | None):
+    """Store kept refusals through the callback endpoint's own reader, as if they came now.
+
+    Idempotent: a callback already stored is reported as a duplicate. Each row is marked with what
+    came of it; exits 1 if the database could not store one.
+    """
+    from . import callbacks, results
+    from . import rejected as kept
+    if row_id is None and reason is None and since is None and until is None:
+        raise click.UsageError("say what to replay: --id, --reason, or --since/--until")
+    try:
+        since_at = results.parse_time("since", since) if since else None
+        until_at = results.parse_time("until", until) if until else None
+    except results.FilterError as error:
+        raise click.BadParameter(error.detail, param_hint=f"--{error.param}") from None
+    ids = kept.replay_ids(kept.select(row_id=row_id, reason=reason, since=since_at, until=until_at))
+    if row_id is not None and not ids:
+        raise click.ClickException(f"no kept refusal #{row_id}")
+    totals = dict.fromkeys(["stored", "duplicate", "still refused", "not replayable"], 0)
+    for next_id in ids:
+        try:
+            replay = kept.replay(kept.select(row_id=next_id).get())
+        except callbacks.Unstored as error:
+            click.echo(f"#{next_id}: the database could not store message {error.message_id}: {error.__cause__}; "
+                       "nothing marked, try again", err=True)
+            raise SystemExit(1) from None
+        for line, kind in _replay_lines(replay):
+            click.echo(line)
+            totals[kind] += 1
+    click.echo(f"replayed {len(ids)} kept refusals: " + ", ".join(f"{n} {kind}" for kind, n in totals.items()))
+
+
+def _replay_lines(replay):
+    """(line, kind) per callback of a replayed row."""
+    where = f"#{replay.row_id} ({replay.reason})"
+    if replay.not_replayable:
+        yield f"{where}: not replayable: {replay.not_replayable}", "not replayable"
+        return
+    if replay.refusal:
+        yield f"{where}: still refused: {replay.refusal.reason}: {replay.refusal.detail}", "still refused"
+        return
+    for outcome in replay.outcomes:
+        if outcome.refusal:
+            yield f"{where}: still refused: {outcome.refusal.reason}: {outcome.refusal.detail}", "still refused"
+        else:
+            callback = outcome.callback
+            yield f"{where}: {outcome.kind}: message {callback.message_id} {callback.new_status}", outcome.kind

@@ -91,6 +91,7 @@ class Enricher:
         self.stopping = False
         self.last_sweep: dict[str, float] = {}    # endpoint -> time.monotonic() of its last sweep
         self.failures = 0                         # sweeps failed in a row (TWIN down, credentials wrong)
+        self.twin_tried = False                   # a first sweep that fails points the operator at check-twin
 
     @classmethod
     def from_app(cls, app) -> Enricher:
@@ -192,9 +193,14 @@ class Enricher:
             log.warning("%s sweep failed, %d messages due again in %.0f s: %s", sweep.endpoint, len(claimed),
                         delay, error)
             remember_twin_error(error, now)
+            if not self.twin_tried:
+                log.warning("the worker's first TWIN call failed: run `python -m receiver check-twin` to see "
+                            "each step TWIN answers and which setting to look at")
+            self.twin_tried = True
             release(claimed, self.clock() + dt.timedelta(seconds=delay), str(error))
             return len(claimed)
         self.failures = 0
+        self.twin_tried = True
         remember_twin_ok(sweep.endpoint, now)
         self.settle(sweep, claimed, seen)
         log.info("%s sweep: %d claimed, %d found, window %s .. %s", sweep.endpoint, len(claimed),

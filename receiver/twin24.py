@@ -12,10 +12,12 @@ What is retried, and why:
   or a 5xx may come after TWIN took the message, so they raise `SendOutcomeUnknown` and are never retried.
 * A 401 on any call gets a fresh token (refresh, else a new login) and the call is repeated once.
   A static token is never refreshed: its 401 is a `TwinAuthError`.
+* Refresh is `POST {auth}/refresh` with a JSON body, as TWIN's SDK does since 2023; where that is
+  answered 404/405, the older `GET ?refreshToken=` is tried, and used from then on if it works.
 
 Secrets (password, tokens, refresh token) never reach a log line or an exception message: failures are
 described from the exception's class and the OS error, never from requests' text (which holds the URL,
-and the refresh URL carries the refresh token), and requests' exceptions are not chained.
+and the GET refresh URL carries the refresh token), and requests' exceptions are not chained.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -41,6 +44,7 @@ MESSAGE_FIELDS = ("id", "providerMessageId", "status")
 SESSION_FIELDS = ("id", "name", "clientId", "messengerType", "status", "botStatus", "startedAt",
                   "lastMessageCreatedAt", "dialogResultsFromBotJson")
 DETAIL_CAP = 1000          # characters of TWIN's error text kept in an exception
+TOKEN_KEYS = ("token", "authToken")   # TWIN answers `token`; `authToken` is accepted in case a deployment does
 
 
 class TwinError(Exception):
@@ -71,6 +75,19 @@ class SendOutcomeUnknown(TwinError):
 
 class SendNotTaken(TwinError):
     """TWIN provably did not take the send, and the retries ran out; safe to send again later."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One HTTP attempt, as the `on_attempt` hook sees it (`python -m receiver check-twin` prints these).
+    `url` has no query string; `response` is None when no answer came (`failure` says why)."""
+    endpoint: str
+    method: str
+    url: str
+    status: int | None
+    failure: str | None
+    seconds: float
+    response: requests.Response | None
 
 
 class _TransportError(Exception):
@@ -138,7 +155,8 @@ class TwinClient:
 
     def __init__(self, settings, session: requests.Session | None = None,
                  on_call: Callable[[str, str], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_attempt: Callable[[Attempt], None] | None = None) -> None:
         self.settings = settings
         if session is None:
             session = requests.Session()
@@ -147,6 +165,7 @@ class TwinClient:
             session.mount("http://", adapter)
         self._session = session
         self._on_call = on_call
+        self._on_attempt = on_attempt
         self._sleep = sleep
         self._timeout = (settings.twin24_connect_timeout, settings.twin24_read_timeout)
         self._random = random.Random()
@@ -158,8 +177,44 @@ class TwinClient:
         self._token: str | None = None
         self._refresh_token: str | None = None
         self._renew_at = 0.0        # time.monotonic() after which the token is renewed before use
+        self._refresh_by_post = True    # False once TWIN refused POST /refresh (404/405) and GET worked
         if not self._static and not (settings.twin24_login and settings.twin24_password):
             raise ValueError("TwinClient needs TWIN24_TOKEN or TWIN24_LOGIN and TWIN24_PASSWORD")
+
+    # ------------------------------------------------------------------ auth, one step at a time
+    @property
+    def uses_static_token(self) -> bool:
+        return bool(self._static)
+
+    @property
+    def holds_refresh_token(self) -> bool:
+        return self._refresh_token is not None
+
+    def log_in(self) -> None:
+        """Log in now, whatever token is held. Raises TwinAuthError or TwinError."""
+        with self._token_lock:
+            self._token = self._refresh_token = None
+            self._store_pair(*self._login())
+
+    def refresh(self) -> None:
+        """Refresh the held token now, without falling back to a login. Raises TwinError."""
+        with self._token_lock:
+            if not (self._token and self._refresh_token):
+                raise TwinError("refresh", None, "nothing to refresh: no token and refresh token held")
+            try:
+                self._store_pair(*self._refresh())
+            except _TransportError as failure:
+                raise TwinError("refresh", None, failure.detail) from None
+
+    def close(self) -> None:
+        self._session.close()
+
+    def redact(self, text: str) -> str:
+        """`text` with the password and every token this client knows replaced by ***."""
+        for secret in (self._static, self.settings.twin24_password, self._token, self._refresh_token):
+            if secret and len(secret) >= 4:
+                text = text.replace(secret, "***")
+        return text
 
     # ------------------------------------------------------------------ public calls
     def send(self, payload: dict) -> list[dict]:
@@ -314,14 +369,17 @@ class TwinClient:
             headers["Authorization"] = f"Bearer {token}"
         with self._count_lock:
             self.calls += 1
+        started = time.monotonic()
         try:
             resp = self._session.request(method, url, params=params, json=json_body, headers=headers,
                                          timeout=self._timeout, allow_redirects=False)
         except requests.exceptions.RequestException as exc:
             failure = _classify(exc)
             self._report(endpoint, failure.outcome)
+            self._trace(Attempt(endpoint, method, url, None, failure.detail, time.monotonic() - started, None))
             raise failure from None
         self._report(endpoint, str(resp.status_code))
+        self._trace(Attempt(endpoint, method, url, resp.status_code, None, time.monotonic() - started, resp))
         return resp
 
     def _report(self, endpoint: str, outcome: str) -> None:
@@ -331,6 +389,14 @@ class TwinClient:
             self._on_call(endpoint, outcome)
         except Exception:  # a metrics hook never breaks a TWIN call
             log.exception("on_call hook failed for %s %s", endpoint, outcome)
+
+    def _trace(self, attempt: Attempt) -> None:
+        if self._on_attempt is None:
+            return
+        try:
+            self._on_attempt(attempt)
+        except Exception:  # an observer never breaks a TWIN call
+            log.exception("on_attempt hook failed for %s", attempt.endpoint)
 
     def _pause(self, endpoint: str, attempt: int, resp: requests.Response | None, outcome: str) -> None:
         cap = self.settings.twin24_max_retry_wait
@@ -352,13 +418,7 @@ class TwinClient:
                 text += f" (details: {json.dumps(body['details'], ensure_ascii=False)})"
         else:
             text = _snippet(resp)
-        return self._redact(f"HTTP {resp.status_code}: {text}")[:DETAIL_CAP]
-
-    def _redact(self, text: str) -> str:
-        for secret in (self._static, self.settings.twin24_password, self._token, self._refresh_token):
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
+        return self.redact(f"HTTP {resp.status_code}: {text}")[:DETAIL_CAP]
 
     # ------------------------------------------------------------------ tokens
     def _current_token(self) -> str:
@@ -387,23 +447,38 @@ class TwinClient:
         """Refresh the token if we hold a refresh token, else (or if that fails) log in. Lock held."""
         if self._refresh_token and self._token:
             try:
-                self._store_pair(self._refresh())
+                self._store_pair(*self._refresh())
                 return
             except (TwinError, _TransportError) as exc:
                 log.info("TWIN refresh failed (%s); logging in again", getattr(exc, "detail", exc))
         self._token = self._refresh_token = None
-        self._store_pair(self._login())
+        self._store_pair(*self._login())
 
-    def _refresh(self) -> dict:
-        """One attempt at GET {auth}/refresh; any failure falls back to a new login."""
-        resp = self._attempt("refresh", "GET", f"{self.settings.twin24_auth_url}/refresh",
-                             token=self._token, params={"refreshToken": self._refresh_token,
-                                                        "ttl": self.settings.twin24_token_ttl})
+    def _refresh(self) -> tuple[str, str | None]:
+        """POST {auth}/refresh; if TWIN answers that 404/405, GET {auth}/refresh?refreshToken= once
+        (and from then on, if it works). One attempt each: a failure falls back to a new login.
+        The current token goes along as a Bearer header: TWIN's SDK sends it, TWIN does not need it.
+        An answer without a refreshToken keeps the one we hold (whether they rotate is undocumented)."""
+        url, ttl = f"{self.settings.twin24_auth_url}/refresh", self.settings.twin24_token_ttl
+        if self._refresh_by_post:
+            resp = self._attempt("refresh", "POST", url, token=self._token,
+                                 json_body={"refreshToken": self._refresh_token, "ttl": ttl})
+            if resp.status_code not in (404, 405):
+                token, refresh_token = self._token_answer("refresh", resp)
+                return token, refresh_token or self._refresh_token
+            log.info("TWIN refresh: POST answered %d; trying GET ?refreshToken=", resp.status_code)
+        resp = self._attempt("refresh", "GET", url, token=self._token,
+                             params={"refreshToken": self._refresh_token, "ttl": ttl})
+        token, refresh_token = self._token_answer("refresh", resp)
+        self._refresh_by_post = False
+        return token, refresh_token or self._refresh_token
+
+    def _token_answer(self, endpoint: str, resp: requests.Response) -> tuple[str, str | None]:
         if not 200 <= resp.status_code < 300:
-            raise TwinError("refresh", resp.status_code, self._error_text(resp))
-        return _token_pair("refresh", resp)
+            raise TwinError(endpoint, resp.status_code, self._error_text(resp), _json_or_none(resp))
+        return _token_pair(endpoint, resp)
 
-    def _login(self) -> dict:
+    def _login(self) -> tuple[str, str | None]:
         """POST {auth}/login, retried like a GET on connection errors, timeouts, 5xx and 429."""
         endpoint, url = "login", f"{self.settings.twin24_auth_url}/login"
         body = {"email": self.settings.twin24_login, "password": self.settings.twin24_password,
@@ -429,13 +504,13 @@ class TwinClient:
                 continue
             if 400 <= status < 500:
                 raise TwinAuthError(endpoint, status, "TWIN refused the login "
-                                    f"(TWIN24_LOGIN/TWIN24_PASSWORD): {self._error_text(resp)}")
+                                    f"(TWIN24_LOGIN/TWIN24_PASSWORD): {self._error_text(resp)}",
+                                    _json_or_none(resp))
             if not 200 <= status < 300:
                 raise TwinError(endpoint, status, self._error_text(resp))
             return _token_pair(endpoint, resp)
 
-    def _store_pair(self, pair: dict) -> None:
-        token = pair["authToken"]
+    def _store_pair(self, token: str, refresh_token: str | None) -> None:
         now_wall, now = time.time(), time.monotonic()
         claims = _jwt_claims(token)
         exp, iat = _as_number(claims.get("exp")), _as_number(claims.get("iat"))
@@ -447,7 +522,7 @@ class TwinClient:
         if lifetime is None:                        # unreadable: trust the ttl we asked for
             lifetime = float(self.settings.twin24_token_ttl)
         self._token = token
-        self._refresh_token = pair.get("refreshToken") or None
+        self._refresh_token = refresh_token
         self._renew_at = now + lifetime - min(self.refresh_margin, lifetime / 4)
 
 
@@ -520,11 +595,21 @@ def _snippet(resp: requests.Response, size: int = 200) -> str:
     return repr(text[:size]) if text else "(empty body)"
 
 
-def _token_pair(endpoint: str, resp: requests.Response) -> dict:
+def _token_pair(endpoint: str, resp: requests.Response) -> tuple[str, str | None]:
+    """(token, refresh token or None) from a login or refresh answer. The error names the keys TWIN
+    sent, never a value: any of them may be a token under a name we do not know."""
     body = _json_or_none(resp)
-    if not isinstance(body, dict) or not isinstance(body.get("authToken"), str) or not body["authToken"]:
-        raise TwinError(endpoint, resp.status_code, "answer lacks authToken")
-    return body
+    if not isinstance(body, dict):
+        shape = "not JSON" if body is None else f"a JSON {type(body).__name__}"
+        raise TwinError(endpoint, resp.status_code, f"answer is {shape}, not an object with `token` "
+                        f"({len(resp.content)} bytes)")
+    token = next((body[key] for key in TOKEN_KEYS if isinstance(body.get(key), str) and body[key]), None)
+    if token is None:
+        keys = ", ".join(sorted(str(key)[:40] for key in body)[:20]) or "none"
+        raise TwinError(endpoint, resp.status_code, f"answer has no `token` (nor `authToken`); "
+                        f"keys received: {keys}")
+    refresh = body.get("refreshToken")
+    return token, refresh if isinstance(refresh, str) and refresh else None
 
 
 def _page_items(endpoint: str, body) -> tuple[list[dict], int | None]:

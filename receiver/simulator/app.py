@@ -13,7 +13,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 
 from . import stats
 from .config import SimConfig
-from .tokens import UNAUTHORIZED, TokenStore
+from .tokens import TokenStore
 from .validation import Invalid, validate_send
 from .world import World
 
@@ -138,21 +138,33 @@ def login():
     return jsonify(tokens.issue(body["email"], ttl, world.config.refresh_ttl, body.get("companyId")))
 
 
-@iam.get("/refresh")
+@iam.post("/refresh")
 @endpoint("refresh", auth=False, faults=False)
 def refresh():
+    """The refresh token alone is the credential: TWIN's SDK sends the current token along, its
+    integrations send none, so an Authorization header is neither needed nor checked."""
     world, tokens, _ = _sim()
-    current = tokens.decode(_bearer() or "")      # an expired token is fine here: that is the point
-    if current is None:
-        return error(401, UNAUTHORIZED)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return error(400, "Body must be a JSON object")
+    if not isinstance(body.get("refreshToken"), str) or not body["refreshToken"]:
+        return error(422, "Validation failed", {"refreshToken": "is required"})
     try:
-        ttl = _ttl(request.args.get("ttl"), world.config)
-    except ValueError:
+        ttl = _ttl(body.get("ttl"), world.config)
+    except (TypeError, ValueError):
         return error(422, "Validation failed", {"ttl": "must be a positive number of seconds"})
-    subject = tokens.use_refresh(request.args.get("refreshToken", ""))
-    if subject is None or subject != current.get("sub"):
+    holder = tokens.use_refresh(body["refreshToken"])
+    if holder is None:
         return error(401, "Invalid refresh token")
-    return jsonify(tokens.issue(subject, ttl, world.config.refresh_ttl, current.get("companyId")))
+    subject, company_id = holder
+    return jsonify(tokens.issue(subject, ttl, world.config.refresh_ttl, company_id))
+
+
+@iam.get("/refresh")
+@endpoint("refresh", auth=False, faults=False)
+def refresh_by_get():
+    """The SDK's pre-2023 `GET ?refreshToken=`: refused, and counted, as a client still using it should see."""
+    return error(405, "Method Not Allowed", headers={"Allow": "POST"})
 
 
 # ---- notify ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Bearer tokens like TWIN's IAM: HS256 JWTs whose payload carries `exp`, plus opaque refresh tokens.
+A pair is answered as `{"token", "refreshToken"}`, TWIN's keys.
 
 The server keeps each token's real expiry itself (by `jti`), so `expire_all()` can expire tokens that
 clients already hold, and sub-second lifetimes work in tests although the JWT's `exp` is whole seconds.
@@ -30,7 +31,7 @@ class TokenStore:
         self._secret = f"twin24-sim-{seed}".encode()
         self._lock = threading.Lock()
         self._expiry: dict[str, float] = {}          # jti -> epoch seconds
-        self._refresh: dict[str, tuple[str, float]] = {}  # refresh token -> (subject, expiry)
+        self._refresh: dict[str, tuple[str, float, object]] = {}  # refresh token -> (subject, expiry, companyId)
         self._counter = 0
 
     def issue(self, subject: str, ttl: float, refresh_ttl: float, company_id=None) -> dict:
@@ -40,12 +41,12 @@ class TokenStore:
             jti = f"{self._counter}-{secrets.token_hex(4)}"
             self._expiry[jti] = now + ttl
             refresh = secrets.token_urlsafe(24)
-            self._refresh[refresh] = (subject, now + refresh_ttl)
+            self._refresh[refresh] = (subject, now + refresh_ttl, company_id)
         # exp is floored so a client that refreshes at `exp` is never late.
         payload = {"sub": subject, "iat": int(now), "exp": int(now + ttl), "jti": jti}
         if company_id is not None:
             payload["companyId"] = company_id
-        return {"authToken": self._sign(payload), "refreshToken": refresh}
+        return {"token": self._sign(payload), "refreshToken": refresh}
 
     def _sign(self, payload: dict) -> str:
         header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
@@ -80,13 +81,13 @@ class TokenStore:
                 return EXPIRED
         return None
 
-    def use_refresh(self, refresh: str) -> str | None:
-        """Consume a refresh token (they rotate); the subject it was issued to, or None."""
+    def use_refresh(self, refresh: str) -> tuple[str, object] | None:
+        """Consume a refresh token (they rotate); (subject, companyId) it was issued to, or None."""
         with self._lock:
             entry = self._refresh.pop(refresh, None)
         if entry is None or entry[1] <= time.time():
             return None
-        return entry[0]
+        return entry[0], entry[2]
 
     def expire_all(self) -> None:
         now = time.time()

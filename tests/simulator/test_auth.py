@@ -23,6 +23,11 @@ def get_stats(sim, token):
                         headers=headers, timeout=5)
 
 
+def refresh(sim, refresh_token, ttl=60, headers=None):
+    body = {"refreshToken": refresh_token, "ttl": ttl}
+    return requests.post(sim.auth_url + "/refresh", json=body, headers=headers or {}, timeout=5)
+
+
 def jwt_payload(token):
     body = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -32,10 +37,10 @@ def test_login_gives_a_jwt_with_exp_that_works(sim):
     answer = login(sim, ttl=120)
     assert answer.status_code == 200
     tokens = answer.json()
-    assert set(tokens) >= {"authToken", "refreshToken"}
-    exp = jwt_payload(tokens["authToken"])["exp"]
+    assert set(tokens) == {"token", "refreshToken"}               # TWIN's keys
+    exp = jwt_payload(tokens["token"])["exp"]
     assert time.time() + 100 < exp <= time.time() + 120
-    assert get_stats(sim, tokens["authToken"]).status_code == 200
+    assert get_stats(sim, tokens["token"]).status_code == 200
 
 
 def test_bad_password_and_missing_token_are_401(sim):
@@ -54,28 +59,68 @@ def test_static_token_is_accepted_and_survives_expire_all(sim):
 
 def test_token_expires_with_twins_text_then_refresh_gives_a_new_pair(sim):
     tokens = login(sim, ttl=0.3).json()
-    assert get_stats(sim, tokens["authToken"]).status_code == 200
+    assert get_stats(sim, tokens["token"]).status_code == 200
     time.sleep(0.4)
-    expired = get_stats(sim, tokens["authToken"])
+    expired = get_stats(sim, tokens["token"])
     assert expired.status_code == 401 and expired.json() == {"error": "Token is expired."}
-    fresh = requests.get(sim.auth_url + "/refresh", params={"refreshToken": tokens["refreshToken"], "ttl": 60},
-                         headers={"Authorization": f"Bearer {tokens['authToken']}"}, timeout=5)
-    assert fresh.status_code == 200
-    assert get_stats(sim, fresh.json()["authToken"]).status_code == 200
+    fresh = refresh(sim, tokens["refreshToken"], headers={"Authorization": f"Bearer {tokens['token']}"})
+    assert fresh.status_code == 200 and set(fresh.json()) == {"token", "refreshToken"}
+    assert jwt_payload(fresh.json()["token"])["exp"] <= time.time() + 60
+    assert get_stats(sim, fresh.json()["token"]).status_code == 200
     # refresh tokens rotate: the old one is spent
-    again = requests.get(sim.auth_url + "/refresh", params={"refreshToken": tokens["refreshToken"]},
-                         headers={"Authorization": f"Bearer {tokens['authToken']}"}, timeout=5)
-    assert again.status_code == 401
+    again = refresh(sim, tokens["refreshToken"])
+    assert again.status_code == 401 and again.json() == {"error": "Invalid refresh token"}
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer garbage", "{token}"])
+def test_refresh_needs_no_authorization_header(sim, authorization):
+    # TWIN's integrations send none, its SDK sends the current token (without "Bearer"): both work.
+    tokens = login(sim).json()
+    headers = {"Authorization": authorization.format(token=tokens["token"])} if authorization else {}
+    fresh = refresh(sim, tokens["refreshToken"], headers=headers)
+    assert fresh.status_code == 200
+    assert jwt_payload(fresh.json()["token"])["sub"] == sim.login
+    assert get_stats(sim, fresh.json()["token"]).status_code == 200
+
+
+def test_refresh_by_get_is_refused_with_405_in_json(sim):
+    tokens = login(sim).json()
+    answer = requests.get(sim.auth_url + "/refresh", params={"refreshToken": tokens["refreshToken"], "ttl": 60},
+                          headers={"Authorization": f"Bearer {tokens['token']}"}, timeout=5)
+    assert answer.status_code == 405 and answer.json() == {"error": "Method Not Allowed"}
+    assert answer.headers["Allow"] == "POST"
+    assert refresh(sim, tokens["refreshToken"]).status_code == 200      # the GET spent nothing
+    assert sim.calls()["refresh"] == {"405": 1, "200": 1}
+
+
+@pytest.mark.parametrize("body, field", [({}, "refreshToken"), ({"refreshToken": ""}, "refreshToken"),
+                                         ({"refreshToken": 5}, "refreshToken"),
+                                         ({"refreshToken": "x", "ttl": "soon"}, "ttl")])
+def test_a_refresh_body_without_a_usable_field_is_refused_naming_it(sim, body, field):
+    answer = requests.post(sim.auth_url + "/refresh", json=body, timeout=5)
+    assert answer.status_code == 422 and field in answer.json()["details"]
+
+
+def test_a_refresh_body_that_is_not_a_json_object_is_refused(sim):
+    answer = requests.post(sim.auth_url + "/refresh", data="refreshToken=x",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=5)
+    assert answer.status_code == 400 and "error" in answer.json()
+
+
+def test_refresh_keeps_the_company_of_the_login(sim):
+    tokens = login(sim, companyId=42).json()
+    fresh = refresh(sim, tokens["refreshToken"]).json()
+    assert jwt_payload(fresh["token"])["companyId"] == 42
 
 
 def test_login_ttl_is_capped_by_config(make_sim):
     sim = make_sim(token_ttl=60)
-    token = login(sim, ttl=100000).json()["authToken"]
+    token = login(sim, ttl=100000).json()["token"]
     assert jwt_payload(token)["exp"] <= time.time() + 60
 
 
 def test_expire_tokens_over_http_expires_issued_tokens(sim):
-    token = login(sim).json()["authToken"]
+    token = login(sim).json()["token"]
     assert requests.post(sim.url + "/_sim/expire-tokens", timeout=5).status_code == 200
     assert get_stats(sim, token).json() == {"error": "Token is expired."}
     assert sim.calls()["messages_stats"] == {"401": 1}
@@ -91,8 +136,9 @@ def test_a_ttl_that_is_not_a_finite_number_is_refused(sim, ttl):
     assert refused.json()["details"] == {"ttl": "must be a positive number of seconds"}
 
     tokens = login(sim).json()
-    refreshed = requests.get(sim.auth_url + "/refresh", params={"refreshToken": tokens["refreshToken"], "ttl": ttl},
-                             headers={"Authorization": f"Bearer {tokens['authToken']}"}, timeout=5)
+    body = json.dumps({"refreshToken": tokens["refreshToken"], "ttl": ttl})
+    refreshed = requests.post(sim.auth_url + "/refresh", data=body, headers={"Content-Type": "application/json"},
+                              timeout=5)
     assert refreshed.status_code == 422
     assert refreshed.json()["details"] == {"ttl": "must be a positive number of seconds"}
 

@@ -91,7 +91,7 @@ def test_login_then_expired_token_is_refreshed(make_sim, make_client, recorder):
 
 
 def test_token_refreshed_ahead_of_expiry(make_sim, make_client, recorder):
-    sim = make_sim(static_token=None, token_ttl=2)         # TWIN grants less than the 3600 s asked
+    sim = make_sim(static_token=None, token_ttl=2)         # TWIN grants less than the 86400 s asked
     client = make_client(settings_for(sim, auth="login"))
     start, end = window()
     list(client.iter_messages(start, end))
@@ -409,7 +409,7 @@ def test_refresh_token_never_logged_or_raised(make_sim, make_client, recorder, c
     sim.expire_tokens()                                    # a refresh, logged by urllib3 at DEBUG
     list(client.iter_messages(start, end))
     refresh_tokens.append(client._refresh_token)
-    assert "refresh?refreshToken=***" in caplog.text
+    assert "POST /iam/api/v1/auth/refresh" in caplog.text   # urllib3's line; the token is in the body
     sim.stop()                                             # refresh and login now fail to connect
     client._renew_at = 0.0
     with pytest.raises(TwinError) as caught:
@@ -533,9 +533,9 @@ def test_a_token_that_expires_again_later_in_a_call_is_renewed_again():
 def test_second_401_with_fresh_token_is_auth_error():
     def handler(method, url, params, body):
         if url.endswith("/login"):
-            return 200, {"authToken": "opaque-token", "refreshToken": "r1"}, {}
+            return 200, {"token": "opaque-token", "refreshToken": "r1"}, {}
         if url.endswith("/refresh"):
-            return 200, {"authToken": "opaque-token-2", "refreshToken": "r2"}, {}
+            return 200, {"token": "opaque-token-2", "refreshToken": "r2"}, {}
         return 401, {"error": "Token is expired."}, {}
     rec = Recorder()
     session = ScriptedSession(handler)
@@ -547,9 +547,9 @@ def test_second_401_with_fresh_token_is_auth_error():
     assert [r[4].get("Authorization") for r in session.requests if r[1].endswith("/messages")] == \
         ["Bearer opaque-token", "Bearer opaque-token-2"]
     login = session.requests[0]
-    assert login[3] == {"email": "a@b.c", "password": "pw-secret", "ttl": 3600}
+    assert login[3] == {"email": "a@b.c", "password": "pw-secret", "ttl": 86400}
     refresh = session.requests[2]
-    assert refresh[2] == {"refreshToken": "r1", "ttl": 3600}
+    assert refresh[0] == "POST" and refresh[2] == {} and refresh[3] == {"refreshToken": "r1", "ttl": 86400}
     assert refresh[4]["Authorization"] == "Bearer opaque-token"
 
 
@@ -576,7 +576,7 @@ def test_jwt_expiry_read_from_payload():
 
     def handler(method, url, params, body):
         if url.endswith("/login"):
-            return 200, {"authToken": token, "refreshToken": "r"}, {}
+            return 200, {"token": token, "refreshToken": "r"}, {}
         return 200, {"count": 0, "items": []}, {}
     client = TwinClient(scripted_settings(twin24_token=None, twin24_login="a@b.c", twin24_password="pw"),
                         session=ScriptedSession(handler))
