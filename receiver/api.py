@@ -10,10 +10,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
-from peewee import DatabaseError, InterfaceError
+from peewee import DatabaseError, InterfaceError, fn
 
 from . import results
 from .models import Event, Message, Meta
+from .status import OUTCOMES, outcome_of_rank
 
 bp = Blueprint("api", __name__)
 
@@ -253,6 +254,7 @@ class DatabaseCollector:
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
             report = backlog()
+            outcomes = messages_by_outcome()
             events = Event.select().count()
             rejected = Rejected.select().count()
             calls = list(TwinCall.select())
@@ -266,6 +268,14 @@ class DatabaseCollector:
         for stage in STAGES:
             stages.add_metric([stage], report["stages"].get(stage, 0))
         yield stages
+        by_outcome = GaugeMetricFamily(
+            "receiver_messages_by_outcome",
+            "Messages by where their status stands: delivered, failed (UNDELIVERED, ERROR, EXPIRED), "
+            "in_flight (CREATED and the in-flight statuses) or other (statuses we do not know).",
+            labels=["outcome"])
+        for outcome in OUTCOMES:
+            by_outcome.add_metric([outcome], outcomes.get(outcome, 0))
+        yield by_outcome
         yield GaugeMetricFamily("receiver_enrichment_due", "Messages due for a TWIN lookup now.",
                                 value=report["due"])
         yield GaugeMetricFamily("receiver_enrichment_oldest_due_seconds",
@@ -286,6 +296,16 @@ class DatabaseCollector:
                 last_ok.add_metric([call.endpoint], _unix(call.last_ok_at))
         yield last_error
         yield last_ok
+
+
+def messages_by_outcome() -> dict[str, int]:
+    """Messages per outcome, from one GROUP BY over the rank stored with each status."""
+    counts: dict[str, int] = {}
+    for rank, count in Message.select(Message.status_rank, fn.COUNT(Message.id)).group_by(
+            Message.status_rank).tuples():
+        outcome = outcome_of_rank(rank)
+        counts[outcome] = counts.get(outcome, 0) + count
+    return counts
 
 
 def _unix(value) -> float:

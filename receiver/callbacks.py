@@ -1,28 +1,33 @@
-"""The callback endpoint: where TWIN's status callbacks arrive, are checked and are stored.
+"""The callback endpoint: where TWIN's status callbacks arrive, are read and are stored.
 
     POST /callbacks/<CALLBACK_TOKEN>
 
 Store first, answer later, work later still: the request never calls TWIN. A callback is answered
-200 only after its event and the message's new status are committed; a refusal is answered with a
-4xx whose reason comes from a small vocabulary, and the refused body is kept in `rejected`; a store
-that fails (disk full, read-only file, database away) is answered 503 so that TWIN tries again.
+200 only after its event and the message's new status are committed. Only what names no message or
+no status is refused (a 4xx whose reason comes from a small vocabulary, the body kept in `rejected`);
+an optional field that cannot be read is stored as null, the raw body keeping what came. A store that
+fails (disk full, read-only file, database away) is answered 503 so that TWIN tries again.
+`accept()` is the one way a body becomes stored callbacks: the endpoint's, and a replay's (rejected.py).
 """
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Blueprint, current_app, jsonify, request
 from peewee import DatabaseError, InterfaceError, fn
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
 
 from . import metrics
 from .models import Event, Message, Prepared, Rejected, db, slot, utcnow, write_transaction
-from .status import check_times, forward_update_for, new_fields_for, variant
+from .status import STATUS_OF_CODE, check_times, forward_update_for, new_fields_for, variant
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,12 @@ bp = Blueprint("callbacks", __name__)
 
 # OPTIONS is listed so that Flask does not answer it by itself (200, whatever the token).
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 MAX_ID_LENGTH = 128
 MAX_STATUS_LENGTH = 64
+# An array body is a tolerance (TWIN posts one object per callback): each item is a transaction and a
+# refused item a kept row, so a 64 KB body of `[1,1,...]` must not become 30,000 of them.
+MAX_ITEMS = 500
 INT_RANGE = (-(2**31), 2**31 - 1)   # what an INTEGER column holds on every backend
 # The magnitudes (besides 0) a FloatField holds on every backend: on PostgreSQL it is a 4-byte REAL,
 # which refuses an overflow or underflow (a 503 on every retry); these are float32's normal range.
@@ -39,14 +48,30 @@ FLOAT_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)
 # A whole number as text: ASCII digits only (int() also takes "1_000", "+5" and other scripts' digits,
 # str.isdigit() takes "²", which int() does not); more than 20 digits is out of range anyway.
 WHOLE_NUMBER = re.compile(r"-?[0-9]{1,20}")
+# A decimal number as text, ASCII only (float() also takes "1_000", "٣", "nan"). The separator may be
+# a comma: TWIN is Russian, and Russian writes 2.5 as "2,5" and groups thousands with spaces, never
+# with commas, so one comma between digits can only be the decimal separator.
+DECIMAL_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:[.,][0-9]*)?|[.,][0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 
 
 class Refusal(Exception):
-    """Why a callback was refused: `reason` is one word of a fixed vocabulary, `detail` a sentence."""
+    """Why a callback was refused: `reason` is one word of a fixed vocabulary, `detail` a sentence.
+    `body` is what to keep of an array's item (None: the request's body)."""
 
-    def __init__(self, reason: str, detail: str, http_status: int = 400):
+    def __init__(self, reason: str, detail: str, http_status: int = 400, body: bytes | None = None):
         super().__init__(detail)
-        self.reason, self.detail, self.http_status = reason, detail, http_status
+        self.reason, self.detail, self.http_status, self.body = reason, detail, http_status, body
+
+    def as_json(self) -> dict:
+        return {"error": self.reason, "detail": self.detail}
+
+
+class Unstored(Exception):
+    """The database could not store a callback (the cause is chained): the sender should retry."""
+
+    def __init__(self, message_id: str):
+        super().__init__(message_id)
+        self.message_id = message_id
 
 
 @dataclass(frozen=True)
@@ -62,7 +87,44 @@ class Callback:
     bulk_id: str | None = None
     group_id: str | None = None
     flow_id: str | None = None
+    raw: str = ""                          # what its event keeps: the body, or its item of an array
+    unreadable: tuple[str, ...] = ()       # optional fields stored as null: they could not be read
 
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one callback of a body: stored, an exact repeat, or refused."""
+    callback: Callback | None = None
+    refusal: Refusal | None = None
+    duplicate: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "refused" if self.refusal else "duplicate" if self.duplicate else "stored"
+
+    def as_json(self) -> dict:
+        if self.refusal:
+            return self.refusal.as_json()
+        answer = {"stored": True, "duplicate": self.duplicate}
+        if self.callback.unreadable:
+            answer["unreadable"] = list(self.callback.unreadable)
+        return answer
+
+
+@dataclass
+class Accepted:
+    """A body's outcomes, in its order; `is_array` when the body was a JSON array of callbacks."""
+    is_array: bool
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"stored": 0, "duplicate": 0, "refused": 0}
+        for outcome in self.outcomes:
+            counts[outcome.kind] += 1
+        return counts
+
+
+# ---- the endpoint ---------------------------------------------------------------------------------
 
 @bp.route("/callbacks/<token>", methods=ALL_METHODS)
 def receive(token: str):
@@ -74,20 +136,32 @@ def receive(token: str):
     try:
         if request.method != "POST":
             raise Refusal("method_not_allowed", f"use POST, not {request.method}", 405)
-        fields, raw = read_body()
-        callback = parse_callback(fields)
+        accepted = accept(read_body(), request.content_type, request.remote_addr)
     except Refusal as refusal:
         return refuse(refusal)
-    try:
-        fresh = store_callback(callback, raw)
-    except (DatabaseError, InterfaceError) as error:
+    except Unstored as error:
         # TWIN retries a callback that was not answered 2xx: ask it to, and say why in the log.
-        log.error("could not store callback for message %s: %s", callback.message_id, _why(error))
+        log.error("could not store callback for message %s: %s", error.message_id, _why(error.__cause__))
         metrics.CALLBACKS_UNSTORED.inc()
         response = jsonify(error="storage_unavailable", detail="the callback could not be stored; retry later")
         return response, 503, {"Retry-After": "5"}
-    metrics.count_callback(callback.new_status if fresh else None)
-    return jsonify(stored=True, duplicate=not fresh), 200
+    if not accepted.is_array:
+        outcome = accepted.outcomes[0]
+        return refuse(outcome.refusal) if outcome.refusal else (jsonify(outcome.as_json()), 200)
+    return answer_array(accepted)
+
+
+def answer_array(accepted: Accepted):
+    """Per item what a lone callback would have been answered, and the counts. Refused items are kept;
+    the array is refused as a whole (with its first item's reason) only when none of it was stored."""
+    refusals = [outcome.refusal for outcome in accepted.outcomes if outcome.refusal]
+    keep_refused(refusals)
+    answer = {"counts": accepted.counts(), "items": [outcome.as_json() for outcome in accepted.outcomes]}
+    if len(refusals) < len(accepted.outcomes):
+        return jsonify(answer), 200
+    first = refusals[0]
+    detail = f"none of the {len(refusals)} callbacks of the array could be stored; {first.detail}"
+    return jsonify(error=first.reason, detail=detail, **answer), first.http_status
 
 
 def _why(error: BaseException) -> str:
@@ -101,30 +175,49 @@ def _why(error: BaseException) -> str:
     return "; then ".join(reversed(messages))
 
 
-def read_body() -> tuple[dict, str]:
-    """The callback's fields and its body as text, from JSON (TWIN's way) or a form."""
+def read_body() -> bytes:
     try:
-        data = request.get_data(cache=True)
+        return request.get_data(cache=True)
     except RequestEntityTooLarge:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         raise Refusal("payload_too_large", f"the body is larger than {limit} bytes", 413) from None
-    mimetype = request.mimetype
-    if mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+
+
+# ---- one body, from the endpoint or a replay ---------------------------------------------------------
+
+def accept(data: bytes, content_type: str | None, remote_addr: str | None) -> Accepted:
+    """Read a body and store each callback in it, each in a transaction of its own (so a failure
+    halfway leaves the stored ones stored, and the sender's retry finds them as exact repeats).
+
+    Raises Refusal when the body as a whole cannot be read, and Unstored when the database fails."""
+    is_array, items = parse_body(data, content_type)
+    sender = _cut_to(Event, remote_addr=remote_addr, content_type=content_type)
+    accepted = Accepted(is_array)
+    for item in items:
+        if isinstance(item, Refusal):
+            accepted.outcomes.append(Outcome(refusal=item))
+            continue
         try:
-            fields = request.form.to_dict(flat=True)
-        except RequestEntityTooLarge:
-            # werkzeug's form parser limits parts and part sizes, however small the whole body is.
-            raise Refusal("too_many_fields", f"the form has more than {request.max_form_parts} parts, or a "
-                          f"field larger than {request.max_form_memory_size} bytes", 413) from None
-        if not fields:
-            raise Refusal("missing_field", "the form has no fields", 422)
-        raw = data.decode("utf-8", "replace")
-        if "\x00" in raw:
-            raise Refusal("bad_character", "the body contains a NUL character", 422)
-        return fields, raw
+            fresh = store_callback(item, sender)
+        except (DatabaseError, InterfaceError) as error:
+            raise Unstored(item.message_id) from error
+        metrics.count_callback(item.new_status if fresh else None)
+        for name in item.unreadable:
+            metrics.CALLBACK_FIELDS_DROPPED.labels(field=name).inc()
+        accepted.outcomes.append(Outcome(callback=item, duplicate=not fresh))
+    return accepted
+
+
+def parse_body(data: bytes, content_type: str | None) -> tuple[bool, list[Callback | Refusal]]:
+    """(whether the body is an array, its callbacks): from JSON (TWIN's way: one object, or an array
+    of them) or a form. An item that names no message or no status is a Refusal in the list; a body
+    that cannot be read at all raises one."""
+    mimetype, options = parse_options_header(content_type)
+    mimetype = mimetype.lower()
+    if mimetype in FORM_TYPES:
+        return False, [_parse_form(data, mimetype, options)]
     if mimetype and mimetype not in ("application/json", "text/plain") and not mimetype.endswith("+json"):
-        raise Refusal("unsupported_content_type",
-                      f"send application/json (or a form), not {mimetype}", 415)
+        raise Refusal("unsupported_content_type", f"send application/json (or a form), not {mimetype}", 415)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -133,30 +226,117 @@ def read_body() -> tuple[dict, str]:
         document = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as error:
         raise Refusal("unparsable_json", f"the body is not JSON: {str(error)[:200]}") from None
-    if not isinstance(document, dict):
-        raise Refusal("not_an_object", f"expected a JSON object, got {type(document).__name__}")
-    return document, text
+    if isinstance(document, dict):
+        return False, [_parse_or_refusal(document, text)]
+    if not isinstance(document, list):
+        raise Refusal("not_an_object", f"expected a JSON object (or an array of them), got {_json_type(document)}")
+    if not document:
+        raise Refusal("empty_array", "the array holds no callback")
+    if len(document) > MAX_ITEMS:
+        raise Refusal("too_many_items", f"the array holds {len(document)} items; at most {MAX_ITEMS}", 413)
+    return True, [_parse_item(number, item) for number, item in enumerate(document)]
+
+
+def _parse_form(data: bytes, mimetype: str, options: dict) -> Callback | Refusal:
+    config = current_app.config
+    parser = FormDataParser(max_form_memory_size=config.get("MAX_FORM_MEMORY_SIZE", 500_000),
+                            max_form_parts=config.get("MAX_FORM_PARTS", 1000))
+    try:
+        _, form, _ = parser.parse(io.BytesIO(data), mimetype, len(data), options)
+    except RequestEntityTooLarge:
+        # werkzeug's form parser limits parts and part sizes, however small the whole body is.
+        raise Refusal("too_many_fields", f"the form has more than {parser.max_form_parts} parts, or a "
+                      f"field larger than {parser.max_form_memory_size} bytes", 413) from None
+    fields = form.to_dict(flat=True)
+    if not fields:
+        raise Refusal("missing_field", "the form has no fields", 422)
+    raw = data.decode("utf-8", "replace")
+    if "\x00" in raw:
+        # The raw copy is text, and PostgreSQL's text cannot hold NUL: a body it cannot keep is refused.
+        raise Refusal("bad_character", "the body contains a NUL character", 422)
+    return _parse_or_refusal(fields, raw)
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_callback(fields: dict) -> Callback:
-    """Check TWIN's fields and their types; unknown fields stay in the raw copy only."""
+def _parse_item(number: int, item) -> Callback | Refusal:
+    """One item of an array body; its event keeps the item's own JSON text, not the whole array."""
+    text = _json_text(item)
+    if not isinstance(item, dict):
+        return Refusal("not_an_object", f"item {number}: expected a JSON object, got {_json_type(item)}",
+                       body=text.encode())
+    parsed = _parse_or_refusal(item, text)
+    if isinstance(parsed, Refusal):
+        parsed.detail = f"item {number}: {parsed.detail}"
+        parsed.body = text.encode()
+    return parsed
+
+
+def _json_text(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:      # an unpaired surrogate (a "\ud800" escape) has no UTF-8: escape it
+        text = json.dumps(value, separators=(",", ":"))
+    return text
+
+
+def _parse_or_refusal(fields: dict, raw: str) -> Callback | Refusal:
+    try:
+        return parse_callback(fields, raw)
+    except Refusal as refusal:
+        return refusal
+
+
+def parse_callback(fields: dict, raw: str = "") -> Callback:
+    """Read TWIN's fields. Refused only without a readable message id or status; an optional field
+    that cannot be read is None (and named in `unreadable`); unknown fields stay in the raw copy."""
+    unreadable: list[str] = []
+
+    def optional(read, name, **options):
+        try:
+            return read(fields, name, **options)
+        except Refusal:
+            unreadable.append(name)
+            return None
+
+    new_code = optional(_integer, "newStatusCode")
+    old_code = optional(_integer, "oldStatusCode")
     return Callback(
-        message_id=_text(fields, "id", required=True, limit=MAX_ID_LENGTH),
-        new_status=_text(fields, "newStatus", required=True, limit=MAX_STATUS_LENGTH).upper(),
-        old_status=_upper(_text(fields, "oldStatus", limit=MAX_STATUS_LENGTH)),
-        new_status_code=_integer(fields, "newStatusCode"),
-        old_status_code=_integer(fields, "oldStatusCode"),
-        price=_number(fields, "price"),
-        part_count=_integer(fields, "partCount"),
-        callback_data=_opaque(fields.get("callbackData")),
-        bulk_id=_text(fields, "bulkId", limit=MAX_ID_LENGTH, numbers=True),
-        group_id=_text(fields, "groupId", limit=MAX_ID_LENGTH, numbers=True),
-        flow_id=_text(fields, "flowId", limit=MAX_ID_LENGTH, numbers=True),
+        message_id=_text(fields, "id", required=True, limit=MAX_ID_LENGTH, numbers=True),
+        new_status=_status(fields, "newStatus", new_code, unreadable, required=True),
+        old_status=_status(fields, "oldStatus", old_code, unreadable),
+        new_status_code=new_code,
+        old_status_code=old_code,
+        price=optional(_number, "price"),
+        part_count=optional(_integer, "partCount"),
+        callback_data=optional(_opaque, "callbackData"),
+        bulk_id=optional(_text, "bulkId", limit=MAX_ID_LENGTH, numbers=True),
+        group_id=optional(_text, "groupId", limit=MAX_ID_LENGTH, numbers=True),
+        flow_id=optional(_text, "flowId", limit=MAX_ID_LENGTH, numbers=True),
+        raw=raw,
+        unreadable=tuple(unreadable),
     )
+
+
+def _status(fields, name, code, unreadable: list, required=False) -> str | None:
+    """The status as given, else the one its code confirms (2 PENDING, 6 DELIVERED: the only codes TWIN
+    confirms); a required status that neither gives is refused with the status field's own reason."""
+    try:
+        status = _text(fields, name, limit=MAX_STATUS_LENGTH)
+        problem = None
+    except Refusal as refusal:
+        status, problem = None, refusal
+        unreadable.append(name)
+    if status is not None:
+        return status.upper()
+    if code in STATUS_OF_CODE:
+        return STATUS_OF_CODE[code]
+    if required:
+        raise problem or Refusal("missing_field", f"'{name}' is required (or a {name}Code of 2 or 6)", 422)
+    return None
 
 
 def _text(fields, name, *, required=False, limit, numbers=False):
@@ -165,7 +345,9 @@ def _text(fields, name, *, required=False, limit, numbers=False):
         if required:
             raise Refusal("missing_field", f"'{name}' is required", 422)
         return None
-    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    elif numbers and isinstance(value, float) and math.isfinite(value):
         value = json.dumps(value)
     if not isinstance(value, str):
         raise Refusal("wrong_type", f"'{name}' must be a string, got {_json_type(value)}", 422)
@@ -184,10 +366,6 @@ def _storable(value: str, name: str) -> str:
         raise Refusal("bad_character", f"'{name}' contains an unpaired surrogate "
                       f"(\\u{ord(value[error.start]):04x})", 422) from None
     return value
-
-
-def _upper(value):
-    return value.upper() if value is not None else None
 
 
 def _integer(fields, name):
@@ -209,31 +387,36 @@ def _number(fields, name):
     value = fields.get(name)
     if value is None or value == "":
         return None
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    if isinstance(value, str) and DECIMAL_NUMBER.fullmatch(value.strip()):
+        value = float(value.strip().replace(",", "."))
+    if isinstance(value, int) and not isinstance(value, bool):
         try:
-            number = float(value)
-        except (ValueError, OverflowError):     # not a number, or an integer too large for a float
-            number = math.nan
-        if math.isfinite(number):
-            if number == 0 or FLOAT_RANGE[0] <= abs(number) <= FLOAT_RANGE[1]:
-                return number
-            raise Refusal("wrong_type", f"'{name}' is out of range", 422)
-    raise Refusal("wrong_type", f"'{name}' must be a finite number, got {_json_type(value)}", 422)
+            value = float(value)
+        except OverflowError:           # an integer too large for a float
+            raise Refusal("wrong_type", f"'{name}' is out of range", 422) from None
+    if not isinstance(value, float) or not math.isfinite(value):
+        raise Refusal("wrong_type", f"'{name}' must be a finite number, got {_json_type(value)}", 422)
+    if value != 0 and not FLOAT_RANGE[0] <= abs(value) <= FLOAT_RANGE[1]:
+        raise Refusal("wrong_type", f"'{name}' is out of range", 422)
+    return value
 
 
-def _opaque(value) -> str | None:
+def _opaque(fields, name) -> str | None:
     """callbackData is kept exactly as given; a non-string is kept as its JSON text."""
+    value = fields.get(name)
     if value is None:
         return None
     if isinstance(value, str):
-        return _storable(value, "callbackData")
-    return _storable(json.dumps(value, ensure_ascii=False, separators=(",", ":")), "callbackData")
+        return _storable(value, name)
+    return _storable(json.dumps(value, ensure_ascii=False, separators=(",", ":")), name)
 
 
 def _json_type(value) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
+
+# ---- storing -------------------------------------------------------------------------------------
 
 IDENTITY = ("callback_data", "bulk_id", "group_id", "flow_id", "price", "part_count")
 EVENT_COLUMNS = ("message_id", "old_status", "new_status", "old_status_code", "new_status_code",
@@ -262,8 +445,9 @@ EVENT_INSERT = Prepared(_event_insert)
 MESSAGE_UPSERT = Prepared(_message_upsert)
 
 
-def store_callback(callback: Callback, raw: str) -> bool:
-    """Append the event and move the message forward, in one transaction. False for an exact repeat."""
+def store_callback(callback: Callback, sender: dict) -> bool:
+    """Append the event and move the message forward, in one transaction. False for an exact repeat.
+    `sender` holds the event's remote_addr and content_type."""
     now = utcnow()
     first_check_at, stale_check_at = check_times(now, current_app.config["SETTINGS"])
     values = {
@@ -272,8 +456,8 @@ def store_callback(callback: Callback, raw: str) -> bool:
         "old_status_code": callback.old_status_code, "new_status_code": callback.new_status_code,
         "callback_data": callback.callback_data, "bulk_id": callback.bulk_id, "group_id": callback.group_id,
         "flow_id": callback.flow_id, "price": callback.price, "part_count": callback.part_count,
-        "received_at": now, **_sender(Event),
-        "raw": raw, "first_check_at": first_check_at, "stale_check_at": stale_check_at,
+        "received_at": now, "remote_addr": sender.get("remote_addr"), "content_type": sender.get("content_type"),
+        "raw": callback.raw, "first_check_at": first_check_at, "stale_check_at": stale_check_at,
     }
     with write_transaction():
         if EVENT_INSERT.execute(values).rowcount == 0:
@@ -282,14 +466,17 @@ def store_callback(callback: Callback, raw: str) -> bool:
     return True
 
 
-def _sender(model) -> dict:
-    """The request's client address and Content-Type, cut to `model`'s columns: both come from headers
-    of any length, and PostgreSQL refuses (where SQLite keeps) a value longer than its column."""
-    return {name: value[:getattr(model, name).max_length] if value else None
-            for name, value in (("remote_addr", request.remote_addr), ("content_type", request.content_type))}
+def _cut_to(model, **values) -> dict:
+    """Values cut to `model`'s columns: the client address and Content-Type come from headers of any
+    length, and PostgreSQL refuses (where SQLite keeps) a value longer than its column."""
+    return {name: value[:getattr(model, name).max_length] if value else None for name, value in values.items()}
 
+
+# ---- keeping what was refused ----------------------------------------------------------------------
 
 def _body_to_keep(refusal: Refusal) -> bytes:
+    if refusal.body is not None:
+        return refusal.body
     if refusal.reason == "payload_too_large":
         return b""
     try:
@@ -300,18 +487,26 @@ def _body_to_keep(refusal: Refusal) -> bytes:
 
 def refuse(refusal: Refusal):
     """Answer a refusal and keep what was refused."""
-    settings = current_app.config["SETTINGS"]
-    body = _body_to_keep(refusal)
-    metrics.REJECTED.labels(reason=refusal.reason).inc()
+    keep_refused([refusal])
+    headers = {"Allow": "POST"} if refusal.http_status == 405 else {}
+    return jsonify(refusal.as_json()), refusal.http_status, headers
+
+
+def keep_refused(refusals: list[Refusal]) -> None:
+    """Keep refusals of this request in `rejected` (one INSERT), so that nothing is lost silently."""
+    if not refusals:
+        return
+    cap = current_app.config["SETTINGS"].rejected_body_cap
+    sender = _cut_to(Rejected, remote_addr=request.remote_addr, content_type=request.content_type)
+    rows = []
+    for refusal in refusals:
+        metrics.REJECTED.labels(reason=refusal.reason).inc()
+        body = _body_to_keep(refusal)
+        rows.append(dict(reason=refusal.reason, detail=refusal.detail, **sender, method=request.method,
+                         content_length=request.content_length, body=body[:cap], body_truncated=len(body) > cap,
+                         received_at=utcnow()))
     try:
         with db.atomic():
-            Rejected.create(
-                reason=refusal.reason, detail=refusal.detail, **_sender(Rejected),
-                method=request.method, content_length=request.content_length,
-                body=body[: settings.rejected_body_cap],
-                body_truncated=len(body) > settings.rejected_body_cap,
-            )
+            Rejected.insert_many(rows).execute()
     except (DatabaseError, InterfaceError) as error:
-        log.error("could not keep a refused callback (%s): %s", refusal.reason, error)
-    headers = {"Allow": "POST"} if refusal.http_status == 405 else {}
-    return jsonify(error=refusal.reason, detail=refusal.detail), refusal.http_status, headers
+        log.error("could not keep %d refused callbacks (%s): %s", len(rows), refusals[0].reason, error)

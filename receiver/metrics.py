@@ -13,6 +13,10 @@ CALLBACKS = Counter(
     "receiver_callbacks_total",
     "Status callbacks stored, by new status ('duplicate' for exact repeats, 'other' for unknown statuses).",
     ["status"])
+CALLBACK_FIELDS_DROPPED = Counter(
+    "receiver_callback_fields_dropped_total",
+    "Optional callback fields that could not be read and were stored as null (the raw body keeps them).",
+    ["field"])
 CALLBACKS_UNSTORED = Counter(
     "receiver_callbacks_unstored_total", "Callbacks answered 503 because the database could not store them.")
 REJECTED = Counter(

@@ -155,6 +155,9 @@ class Rejected(BaseModel):
     content_length = IntegerField(null=True)
     body = BlobField(null=True)                                # at most REJECTED_BODY_CAP bytes
     body_truncated = BooleanField(default=False)
+    # `python -m receiver rejected replay` (receiver/rejected.py): its last replay, and what came of it.
+    replayed_at = DateTimeField(null=True)
+    replay_outcome = CharField(null=True, max_length=255)
 
 
 class Meta(BaseModel):
@@ -496,15 +499,19 @@ class Send(BaseModel):
     callback_url = TextField(null=True)
     failure = TextField(null=True)                             # why the last run stopped, if it did
     failure_kind = CharField(null=True, max_length=16)         # rejected / not_taken / unknown
+    options = TextField(null=True)         # the message object's send options (sendAt, ...) as sent (JSON)
 
 
 class Outbox(BaseModel):
-    """One destination of a send: pending -> in_flight -> sent | rejected | not_taken | unknown."""
+    """One destination of a send: pending -> in_flight -> sent | refused | rejected | not_taken | unknown."""
     send = IntegerField(column_name="send_id", index=True)    # Send.id
     row_index = IntegerField()                                 # 0-based position in the input
     line = IntegerField()                                      # the input's line (or item number)
+    # The destination's identity in its send: the phone, or "muid:<messengerUserId>" for a destination
+    # addressed without one (destinations.destination_key), so (send, phone) stays its unique key.
     phone = CharField(max_length=32)
     messenger_user_id = CharField(null=True, max_length=128)
+    external_id = CharField(null=True, max_length=128)        # the destination's externalId, as sent
     variables = TextField(null=True)                           # JSON object
     state = CharField(max_length=16, default="pending")
     batch = IntegerField(null=True)                            # which request carried it

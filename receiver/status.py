@@ -3,7 +3,7 @@
 TWIN's callbacks arrive out of order and in duplicate, and the statistics may report a status
 whose callback never came. Whatever the source, a message's current status only moves forward
 by rank, so a late PENDING never overwrites DELIVERED. Statuses we have never seen are stored as
-they are, ranked after the in-flight ones and before the final ones.
+they are, ranked after the in-flight ones and before the final ones (FAILED_STATUSES, DELIVERED).
 """
 from __future__ import annotations
 
@@ -14,16 +14,28 @@ from peewee import Case, fn
 from .models import STAGE_CHAT_ID, STAGE_GIVEN_UP, STAGE_NONE, Message
 
 DELIVERED = "DELIVERED"
+IN_FLIGHT_STATUSES = ("PENDING", "DELAYED", "PAUSED")
+# Failed for good. EXPIRED: the message's validity period ran out before it was delivered.
+FAILED_STATUSES = ("UNDELIVERED", "ERROR", "EXPIRED")
 
+CREATED_RANK, IN_FLIGHT_RANK, UNKNOWN_RANK, FAILED_RANK, DELIVERED_RANK = 0, 1, 2, 3, 4
 RANKS = {
-    "CREATED": 0,
-    "PENDING": 1, "DELAYED": 1, "PAUSED": 1,   # still in flight
-    "UNDELIVERED": 3, "ERROR": 3,             # failed for good
-    DELIVERED: 4,                             # a delivered message cannot become undelivered
+    "CREATED": CREATED_RANK,
+    **dict.fromkeys(IN_FLIGHT_STATUSES, IN_FLIGHT_RANK),
+    **dict.fromkeys(FAILED_STATUSES, FAILED_RANK),
+    DELIVERED: DELIVERED_RANK,                # a delivered message cannot become undelivered
 }
-UNKNOWN_RANK = 2
 # Below this rank a status may move sideways (PENDING -> DELAYED -> PENDING); from it on, only up.
-FINAL_RANK = 3
+FINAL_RANK = FAILED_RANK
+
+# Where a message stands, from its stored status_rank (one GROUP BY on message, see api.py's /metrics).
+# A message TWIN created but has not yet tried is still under way, like one in flight.
+OUTCOMES = ("delivered", "failed", "in_flight", "other")
+OUTCOME_OF_RANK = {CREATED_RANK: "in_flight", IN_FLIGHT_RANK: "in_flight", UNKNOWN_RANK: "other",
+                   FAILED_RANK: "failed", DELIVERED_RANK: "delivered"}
+
+# The only status codes TWIN confirms; a callback without a status is read by these.
+STATUS_OF_CODE = {2: "PENDING", 6: DELIVERED}
 
 
 def rank_of(status: str) -> int:
@@ -32,6 +44,16 @@ def rank_of(status: str) -> int:
 
 def is_final(status: str) -> bool:
     return rank_of(status) >= FINAL_RANK
+
+
+def outcome_of_rank(rank: int) -> str:
+    """delivered / failed / in_flight / other, for a stored status_rank."""
+    return OUTCOME_OF_RANK.get(rank, "other")
+
+
+def outcome_of(status: str) -> str:
+    """delivered / failed / in_flight / other, for a status."""
+    return outcome_of_rank(rank_of(status))
 
 
 def variant(status: str) -> tuple[int, bool]:

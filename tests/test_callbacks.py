@@ -4,13 +4,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 import requests
 
+from receiver import callbacks
 from receiver.models import Event, Message, Meta, Rejected
 
 from .conftest import CALLBACK_TOKEN
+
+EXAMPLES = Path(__file__).with_name("examples")
 
 
 def callback(message_id="m-1", old="CREATED", new="PENDING", **extra):
@@ -123,30 +127,21 @@ def test_a_form_encoded_callback_is_accepted_when_its_fields_are_there(client, c
 
 
 BAD_INPUTS = [
-    # (name, request kwargs, expected status, expected reason)
+    # (name, request kwargs, expected status, expected reason): what names no message or no status.
     ("not json", dict(data="{nope", content_type="application/json"), 400, "unparsable_json"),
-    ("json array", dict(json=[callback()]), 400, "not_an_object"),
     ("json string", dict(json="DELIVERED"), 400, "not_an_object"),
+    ("empty array", dict(json=[]), 400, "empty_array"),
     ("NaN price", dict(data='{"id":"m-1","newStatus":"PENDING","price":NaN}', content_type="application/json"),
      400, "unparsable_json"),
     ("missing id", dict(json={"newStatus": "PENDING"}), 422, "missing_field"),
+    ("empty id", dict(json=callback(id="")), 422, "missing_field"),
     ("missing newStatus", dict(json={"id": "m-1", "oldStatus": "CREATED"}), 422, "missing_field"),
+    # Only codes 2 and 6 are confirmed: another code does not name a status.
+    ("missing newStatus, unconfirmed code", dict(json={"id": "m-1", "newStatusCode": 7}), 422, "missing_field"),
     ("id is an object", dict(json=callback(id={"x": 1})), 422, "wrong_type"),
-    ("newStatus is a number", dict(json=callback(newStatus=6)), 422, "wrong_type"),
-    ("code is text", dict(json=callback(newStatusCode="six")), 422, "wrong_type"),
-    ("code is huge", dict(json=callback(newStatusCode=10**30)), 422, "wrong_type"),
-    ("code is two minus signs", dict(json=callback(newStatusCode="--5")), 422, "wrong_type"),
-    # "²" is a digit to str.isdigit() but not to int().
-    ("code is a superscript digit", dict(data='{"id":"m-1","newStatus":"PENDING","newStatusCode":"²"}',
-                                         content_type="application/json"), 422, "wrong_type"),
-    ("code is a superscript digit in a form", dict(data="id=m-1&newStatus=PENDING&partCount=%C2%B2",
-                                                   content_type="application/x-www-form-urlencoded"),
-     422, "wrong_type"),
-    ("price has 400 digits", dict(json=callback(price=10**400)), 422, "wrong_type"),
-    # A price PostgreSQL's REAL column cannot hold (over- or underflow) would be a 503 on every retry.
-    ("price beyond a REAL", dict(json=callback(price=3.5e38)), 422, "wrong_type"),
-    ("price below a REAL", dict(json=callback(price=-1e-46)), 422, "wrong_type"),
-    ("price is a boolean", dict(json=callback(price=True)), 422, "wrong_type"),
+    ("id is an array", dict(json=callback(id=["m-1"])), 422, "wrong_type"),
+    ("id is a boolean", dict(json=callback(id=True)), 422, "wrong_type"),
+    ("newStatus is a number, no code", dict(json={"id": "m-1", "newStatus": 6}), 422, "wrong_type"),
     ("id too long", dict(json=callback(id="x" * 500)), 422, "field_too_long"),
     ("xml", dict(data="<id>m-1</id>", content_type="application/xml"), 415, "unsupported_content_type"),
     ("not utf-8", dict(data=b'{"id":"\xff\xfe"}', content_type="application/json"), 400, "bad_encoding"),
@@ -156,12 +151,9 @@ BAD_INPUTS = [
      422, "bad_character"),
     ("surrogate in id", dict(data=r'{"id":"m-\ud800","newStatus":"PENDING"}', content_type="application/json"),
      422, "bad_character"),
-    ("NUL in callbackData", dict(json=callback(callbackData="a\x00b")), 422, "bad_character"),
-    ("surrogate in object callbackData",
-     dict(data=r'{"id":"m-1","newStatus":"PENDING","callbackData":{"k":"\udc00"}}', content_type="application/json"),
+    ("NUL in a form's id", dict(data="id=m-1%00&newStatus=PENDING", content_type="application/x-www-form-urlencoded"),
      422, "bad_character"),
-    ("NUL in a form field", dict(data="id=m-1%00&newStatus=PENDING", content_type="application/x-www-form-urlencoded"),
-     422, "bad_character"),
+    # The raw copy is text: a form body holding a NUL byte cannot be kept on PostgreSQL.
     ("NUL byte in a form", dict(data=b"id=m-1&newStatus=PENDING&note=\x00",
                                 content_type="application/x-www-form-urlencoded"), 422, "bad_character"),
     ("too large", dict(data=json.dumps(callback(padding="x" * 70_000)), content_type="application/json"),
@@ -193,6 +185,155 @@ def _as_bytes(data):
     return data if isinstance(data, bytes) else data.encode()
 
 
+TOLERATED = [
+    # (name, the callback's body as sent, the message column that must be null, the field named unreadable)
+    ("price is a word", json.dumps(callback(price="два")), "price", "price"),
+    ("price is a boolean", json.dumps(callback(price=True)), "price", "price"),
+    ("price has 400 digits", json.dumps(callback(price=10**400)), "price", "price"),
+    # A price PostgreSQL's REAL column cannot hold (over- or underflow) would be a 503 on every retry.
+    ("price beyond a REAL", json.dumps(callback(price=3.5e38)), "price", "price"),
+    ("price below a REAL", json.dumps(callback(price=-1e-46)), "price", "price"),
+    ("price is an object", json.dumps(callback(price={"value": 2.5})), "price", "price"),
+    ("partCount is a word", json.dumps(callback(partCount="x")), "part_count", "partCount"),
+    ("partCount is a superscript digit", json.dumps(callback(partCount="²")), "part_count", "partCount"),
+    ("partCount is huge", json.dumps(callback(partCount=10**30)), "part_count", "partCount"),
+    ("bulkId is an array", json.dumps(callback(bulkId=[1])), "bulk_id", "bulkId"),
+    ("flowId is too long", json.dumps(callback(flowId="f" * 500)), "flow_id", "flowId"),
+    ("groupId holds a NUL", r'{"id":"m-1","newStatus":"DELIVERED","groupId":"g\u0000"}', "group_id", "groupId"),
+    ("callbackData holds a NUL", r'{"id":"m-1","newStatus":"DELIVERED","callbackData":"a\u0000b"}',
+     "callback_data", "callbackData"),
+    ("callbackData holds a surrogate", r'{"id":"m-1","newStatus":"DELIVERED","callbackData":{"k":"\udc00"}}',
+     "callback_data", "callbackData"),
+]
+
+
+@pytest.mark.parametrize("name, body, column, field", TOLERATED, ids=[t[0] for t in TOLERATED])
+def test_an_unreadable_optional_field_is_stored_as_null_and_the_status_kept(
+        client, callback_path, name, body, column, field):
+    answer = client.post(callback_path, data=body, content_type="application/json")
+
+    assert answer.status_code == 200, answer.json
+    assert answer.json == {"stored": True, "duplicate": False, "unreadable": [field]}
+    message = Message.get_by_id("m-1")
+    assert message.status == json.loads(body)["newStatus"]
+    assert getattr(message, column) is None
+    assert Event.get().raw == body, "the raw copy keeps what came"
+    assert Rejected.select().count() == 0
+
+
+@pytest.mark.parametrize("price, stored", [("2,5", 2.5), ("0,35", 0.35), (" 1.75 ", 1.75), ("3", 3.0)])
+def test_a_price_written_with_a_decimal_comma_is_read(client, callback_path, price, stored):
+    answer = client.post(callback_path, json=callback(old="PENDING", new="DELIVERED", price=price))
+
+    assert answer.status_code == 200 and answer.json == {"stored": True, "duplicate": False}
+    assert Message.get_by_id("m-1").price == pytest.approx(stored)
+    assert Event.get().price == pytest.approx(stored)
+
+
+def test_a_form_with_unreadable_numbers_keeps_its_status(client, callback_path):
+    answer = client.post(callback_path, data={"id": "m-9", "newStatus": "DELIVERED", "newStatusCode": "--5",
+                                              "partCount": "²", "price": "2,5"})
+
+    assert answer.status_code == 200 and answer.json["unreadable"] == ["newStatusCode", "partCount"]
+    message = Message.get_by_id("m-9")
+    assert (message.status, message.status_code, message.part_count, message.price) == ("DELIVERED", None, None, 2.5)
+
+
+@pytest.mark.parametrize("sent, stored", [(12345, "12345"), (0, "0"), (-7, "-7")])
+def test_a_numeric_id_is_kept_as_its_text(client, callback_path, sent, stored):
+    answer = client.post(callback_path, json=callback(id=sent))
+
+    assert answer.status_code == 200
+    assert Message.get_by_id(stored).status == "PENDING"
+    assert Event.get().message_id == stored
+
+
+@pytest.mark.parametrize("code, status, stage", [(6, "DELIVERED", "chat_id"), (2, "PENDING", "none")])
+def test_a_status_is_read_from_a_confirmed_code_when_absent(client, callback_path, code, status, stage):
+    body = {"id": "m-1", "oldStatusCode": 2, "newStatusCode": code, "callbackData": "коды"}
+    if code == 2:
+        body["oldStatusCode"] = None
+
+    answer = client.post(callback_path, json=body)
+
+    assert answer.status_code == 200 and answer.json == {"stored": True, "duplicate": False}
+    message = Message.get_by_id("m-1")
+    assert (message.status, message.status_code, message.stage) == (status, code, stage)
+    event = Event.get()
+    assert (event.old_status, event.new_status) == ("PENDING" if code == 6 else None, status)
+
+
+def test_a_status_given_wins_over_its_code(client, callback_path):
+    """Codes other than 2 and 6 are not confirmed: the status as given is kept, with the code as received."""
+    client.post(callback_path, json={"id": "m-1", "newStatus": "UNDELIVERED", "newStatusCode": 6})
+
+    assert (Message.get_by_id("m-1").status, Message.get_by_id("m-1").status_code) == ("UNDELIVERED", 6)
+
+
+def test_an_unreadable_status_with_a_confirmed_code_is_read_from_the_code(client, callback_path):
+    answer = client.post(callback_path, json={"id": "m-1", "newStatus": {"x": 1}, "newStatusCode": 6})
+
+    assert answer.status_code == 200 and answer.json["unreadable"] == ["newStatus"]
+    assert Message.get_by_id("m-1").status == "DELIVERED"
+
+
+def test_an_array_of_callbacks_is_stored_item_by_item(client, callback_path):
+    items = [callback("m-1", old="PENDING", new="DELIVERED"), callback("m-2", old="CREATED", new="PENDING")]
+
+    answer = client.post(callback_path, json=items)
+
+    assert answer.status_code == 200
+    assert answer.json == {"counts": {"stored": 2, "duplicate": 0, "refused": 0},
+                           "items": [{"stored": True, "duplicate": False}, {"stored": True, "duplicate": False}]}
+    assert {m.id: m.status for m in Message.select()} == {"m-1": "DELIVERED", "m-2": "PENDING"}
+    assert [json.loads(e.raw) for e in Event.select().order_by(Event.id)] == items, "each event keeps its item"
+
+
+def test_an_array_item_that_names_no_message_is_kept_and_the_others_stored(client, callback_path):
+    good = callback("m-1", old="PENDING", new="DELIVERED")
+    nameless = {"newStatus": "DELIVERED", "callbackData": "без id"}
+
+    answer = client.post(callback_path, json=[good, nameless, good, "DELIVERED"])
+
+    assert answer.status_code == 200
+    assert answer.json["counts"] == {"stored": 1, "duplicate": 1, "refused": 2}
+    assert answer.json["items"][1] == {"error": "missing_field", "detail": "item 1: 'id' is required"}
+    assert answer.json["items"][3]["error"] == "not_an_object"
+    kept = list(Rejected.select().order_by(Rejected.id))
+    assert [(k.reason, json.loads(bytes(k.body))) for k in kept] == [("missing_field", nameless),
+                                                                      ("not_an_object", "DELIVERED")]
+    assert Message.get_by_id("m-1").status == "DELIVERED" and Event.select().count() == 1
+
+
+def test_an_array_of_nothing_storable_is_refused_and_each_item_kept(client, callback_path):
+    answer = client.post(callback_path, json=[{"newStatus": "PENDING"}, {"id": "m-1"}])
+
+    assert answer.status_code == 422
+    assert answer.json["error"] == "missing_field" and answer.json["detail"].startswith("none of the 2")
+    assert answer.json["counts"] == {"stored": 0, "duplicate": 0, "refused": 2}
+    assert [k.reason for k in Rejected.select()] == ["missing_field", "missing_field"]
+    assert Message.select().count() == 0 and Event.select().count() == 0
+
+
+def test_an_array_longer_than_the_limit_is_refused_whole(client, callback_path):
+    items = [{"id": f"m{n}", "newStatusCode": 6} for n in range(callbacks.MAX_ITEMS + 1)]
+
+    answer = client.post(callback_path, json=items)
+
+    assert answer.status_code == 413 and answer.json["error"] == "too_many_items"
+    assert Message.select().count() == 0 and Rejected.get().reason == "too_many_items"
+
+
+def test_twin_example_callback_is_stored_as_its_own_array_too(client, callback_path):
+    example = json.loads(EXAMPLES.joinpath("status-callback.json").read_text(encoding="utf-8"))
+
+    answer = client.post(callback_path, json=[example])
+
+    assert answer.status_code == 200 and answer.json["counts"]["stored"] == 1
+    message = Message.get_by_id(example["id"])
+    assert (message.status, message.price, message.callback_data) == ("DELIVERED", 2.5, "123")
+
+
 def test_a_refused_body_is_capped_but_its_size_kept(app, client, callback_path):
     cap = app.config["SETTINGS"].rejected_body_cap
     body = "[" + "1," * 20_000 + "1]"
@@ -200,7 +341,7 @@ def test_a_refused_body_is_capped_but_its_size_kept(app, client, callback_path):
     client.post(callback_path, data=body, content_type="application/json")
 
     kept = Rejected.get()
-    assert kept.reason == "not_an_object"
+    assert kept.reason == "too_many_items"
     assert len(bytes(kept.body)) == cap and kept.body_truncated
     assert kept.content_length == len(body)
 

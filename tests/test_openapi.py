@@ -89,6 +89,8 @@ def test_answers_match_the_description(client, spec):
         ("POST", CALLBACK_PATH, dict(json={"id": "new-1", "newStatus": "PENDING", "callbackData": "x",
                                            "price": 1.5, "partCount": 1}), 200),
         ("POST", CALLBACK_PATH, dict(data={"id": "new-2", "newStatus": "DELIVERED"}), 200),
+        ("POST", CALLBACK_PATH, dict(json=[{"id": "new-3", "newStatusCode": 6}, {"id": "new-2", "newStatus": "DELIVERED"}]),
+         200),
         ("POST", "/api/sends", dict(json={**SEND, "dryRun": True}, headers=AUTH), 200),
     ]
     for method, path, kwargs, status in cases:
@@ -116,6 +118,11 @@ def test_refusals_match_the_description(client, spec):
         ("POST", CALLBACK_PATH, dict(json={"newStatus": "PENDING"}), 422),
         ("POST", CALLBACK_PATH, dict(data="<x/>", content_type="application/xml"), 415),
         ("POST", CALLBACK_PATH, dict(json={"id": "1", "newStatus": "PENDING", "pad": "x" * 70000}), 413),
+        # Outside the description, yet stored: unreadable optional fields, an array with a nameless item.
+        ("POST", CALLBACK_PATH, dict(json={"id": "t-1", "newStatus": "PENDING", "price": "два", "partCount": {}}), 200),
+        ("POST", CALLBACK_PATH, dict(json=[{"id": "t-2", "newStatusCode": 2}, {"newStatus": "PENDING"}]), 200),
+        ("POST", CALLBACK_PATH, dict(json=[{"newStatus": "PENDING"}]), 422),
+        ("POST", CALLBACK_PATH, dict(json=[]), 400),
         ("POST", "/api/sends", dict(json=SEND), 401),
         ("POST", "/api/sends", dict(json={**SEND, "destinations": [{"phone": "12"}]}, headers=AUTH), 422),
         ("POST", "/api/sends", dict(json=SEND, headers=AUTH), 503),      # no TWIN credentials here
