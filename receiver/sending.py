@@ -6,7 +6,7 @@ with one item per destination, in the order of `destinations`, and the callbacks
 The input (destinations from CSV or JSON, chat settings) is read and checked, all before anything is
 sent, by receiver/destinations.py. This module has three parts:
 
-* the durable record of a send: `Send` (one mailing) and `Outbox` (one row per phone), written
+* the durable record of a send: `Send` (one mailing) and `Outbox` (one row per destination), written
   BEFORE each TWIN call (rows `in_flight`) and AFTER it: first TWIN's answer as it came (`answer`, a
   small write of its own), then rows `sent` with their message ids and the `message` rows with phone,
   variables and index, so the first callback finds them;
@@ -20,6 +20,9 @@ The state of an outbox row (docs/sending.md says the same for users):
 
     pending ──▶ in_flight ──▶ sent          TWIN answered with the message id (stored by the next
                           │                 run if the one that sent it died after the answer)
+                          ├─▶ refused       TWIN answered the request, but this destination's item has
+                          │                 no id and an error: never sent again (the others of the
+                          │                 request keep their ids, and the run goes on)
                           ├─▶ rejected      TWIN answered 4xx: not taken; a rerun sends it again
                           ├─▶ not_taken     provably never reached TWIN; a rerun sends it again
                           └─▶ unknown       timeout / 5xx / dropped answer / crash while out:
@@ -27,10 +30,12 @@ The state of an outbox row (docs/sending.md says the same for users):
                                             send it again unless told to (resend_unknown)
 
 Which mailing a run belongs to: the `key` of a send is a hash of the chat settings and the
-callbackData (not of the destination list), and rows are identified by phone within the send. So a
-rerun continues where the last run stopped even when the file was edited in between (a row fixed,
-rows added): a phone already sent (or unknown) in this mailing is never sent again by a rerun.
-To send the same text to the same people again on purpose, use another callbackData.
+callbackData (not of the destination list, nor of when it is delivered: sendAt and the other delivery
+options), and rows are identified within the send by phone (`muid:<messengerUserId>` for a destination
+without one: destinations.destination_key). So a rerun continues where the last run stopped even when
+the file was edited in between (a row fixed, rows added): a destination already sent (or unknown, or
+refused) in this mailing is never sent again by a rerun. To send the same text to the same people
+again on purpose, use another callbackData.
 
 Who may send: whoever holds the send's lease (`Send.lease_*`, renewed before each batch). Only the holder
 moves rows into `in_flight`; it first cleans up after a holder that died (`Sender._recover`). A request
@@ -48,7 +53,7 @@ from dataclasses import dataclass, field
 
 from peewee import Case, fn
 
-from .destinations import ChatSettings, Destination, chat_settings, destination_item
+from .destinations import ChatSettings, Destination, chat_settings, destination_item, phone_of_key
 from .models import Message, Outbox, Send, db, utcnow, write_transaction
 from .status import forward_update, new_message_fields
 
@@ -58,11 +63,13 @@ log = logging.getLogger(__name__)
 PENDING = "pending"
 IN_FLIGHT = "in_flight"
 SENT = "sent"
+REFUSED = "refused"
 REJECTED = "rejected"
 NOT_TAKEN = "not_taken"
 UNKNOWN = "unknown"
-STATES = (PENDING, IN_FLIGHT, SENT, REJECTED, NOT_TAKEN, UNKNOWN)
+STATES = (PENDING, IN_FLIGHT, SENT, REFUSED, REJECTED, NOT_TAKEN, UNKNOWN)
 SENDABLE = (PENDING, NOT_TAKEN, REJECTED)      # provably not taken by TWIN: safe to send (again)
+MAX_REFUSALS_SHOWN = 10                         # in the CLI summary; the API lists every row
 # Where a send stands for GET /api/sends/<id>: waiting for a worker, being sent, or nothing more will go
 # out without a new request (`failure` says why a run stopped).
 QUEUED, SENDING, DONE = "queued", "sending", "done"
@@ -81,15 +88,34 @@ class SendInProgress(RuntimeError):
 class RowOutcome:
     index: int
     line: int
-    phone: str
+    phone: str | None             # None: addressed by messengerUserId alone
     state: str
     message_id: str | None = None
     error: str | None = None
     batch: int | None = None
     earlier: bool | None = False  # its state comes from an earlier run (not this one); None: no run
+    messenger_user_id: str | None = None
+    external_id: str | None = None
+
+    @classmethod
+    def of(cls, index: int, line: int, row: Outbox | None, destination: Destination | None = None,
+           state: str | None = None, earlier: bool | None = False) -> RowOutcome:
+        """A destination's outcome from its outbox row (None: not recorded yet) and/or its input."""
+        source = destination if destination is not None else row
+        phone = destination.phone if destination is not None else phone_of_key(row.phone)
+        return cls(index, line, phone, state or row.state, row.message_id if row else None,
+                   row.error if row else None, row.batch if row else None, earlier=earlier,
+                   messenger_user_id=source.messenger_user_id, external_id=source.external_id)
+
+    @property
+    def who(self) -> str:
+        """How the summary names the destination: its phone, else its messengerUserId; and externalId."""
+        name = self.phone or f"messengerUserId {self.messenger_user_id}"
+        return f"{name} (externalId {self.external_id})" if self.external_id else name
 
     def as_json(self) -> dict:
-        row = {"index": self.index, "line": self.line, "phone": self.phone, "state": self.state,
+        row = {"index": self.index, "line": self.line, "phone": self.phone,
+               "messengerUserId": self.messenger_user_id, "externalId": self.external_id, "state": self.state,
                "messageId": self.message_id, "error": self.error, "batch": self.batch}
         if self.earlier is not None:
             row["fromEarlierRun"] = self.earlier
@@ -107,7 +133,7 @@ class SendReport:
     resend_unknown: bool = False
     batches_sent: int = 0
     elsewhere: dict[str, int] = field(default_factory=dict)   # rows of the send not in this input
-    overlap: dict[int, int] = field(default_factory=dict)     # other send id -> phones it already sent
+    overlap: dict[int, int] = field(default_factory=dict)     # other send id -> its rows of this input
     status: str | None = None                    # QUEUED / SENDING / DONE (a report of a stored send)
 
     def by_state(self, state: str, *, earlier: bool | None = None) -> list[RowOutcome]:
@@ -158,7 +184,9 @@ class Sender:
     @classmethod
     def for_send(cls, settings, send: Send, client=None) -> Sender:
         """The sender of a send queued by POST /api/sends, with the settings that request gave."""
-        chat = chat_settings({**json.loads(send.chat), "callbackData": send.callback_data})
+        options = json.loads(send.options) if send.options else {}
+        chat = chat_settings({**json.loads(send.chat), **options, "callbackData": send.callback_data},
+                             past_ok=True)
         return cls(settings, chat, callback_url=send.callback_url, client=client, batch_size=send.batch_size,
                    source=send.source)
 
@@ -180,29 +208,28 @@ class Sender:
         existing = {} if send is None else {r.phone: r for r in Outbox.select().where(Outbox.send == send.id)}
         rows = []
         for d in destinations:
-            row = existing.get(d.phone)
+            row = existing.get(d.key)
             state = row.state if row is not None else PENDING
             if state == IN_FLIGHT:
                 state = UNKNOWN
-            rows.append(RowOutcome(d.index, d.line, d.phone, state, row.message_id if row else None,
-                                   row.error if row else None, row.batch if row else None,
-                                   earlier=row is not None and state not in SENDABLE))
+            rows.append(RowOutcome.of(d.index, d.line, row, d, state,
+                                      earlier=row is not None and state not in SENDABLE))
         return SendReport(send.id if send else None, self.chat.key, rows, dry_run=True,
                           resend_unknown=self.resend_unknown,
                           overlap=self.overlap(send.id if send else None, destinations))
 
     def overlap(self, send_id: int | None, destinations: list[Destination]) -> dict[int, int]:
-        """Phones of this input that OTHER sends with the same callbackData already sent (or may have):
-        usually the same mailing with its text or chat settings changed half-way. A warning, not a stop."""
+        """Destinations of this input that OTHER sends with the same callbackData already sent (or may
+        have): usually the same mailing with its text or chat settings changed half-way. A warning."""
         if self.chat.callback_data is None:
             return {}
-        phones = [d.phone for d in destinations]
+        keys = [d.key for d in destinations]
         found: Counter = Counter()
-        for start in range(0, len(phones), 500):
+        for start in range(0, len(keys), 500):
             query = (Outbox.select(Outbox.send).join(Send, on=(Outbox.send == Send.id))
                      .where((Send.callback_data == self.chat.callback_data)
                             & (Outbox.state.in_((SENT, UNKNOWN, IN_FLIGHT)))
-                            & (Outbox.phone.in_(phones[start:start + 500]))))
+                            & (Outbox.phone.in_(keys[start:start + 500]))))
             if send_id is not None:
                 query = query.where(Send.id != send_id)
             found.update(send for (send,) in query.tuples())
@@ -237,7 +264,7 @@ class Sender:
         resend_unknown): the worker sends every pending row of the send. No lease is needed, so a
         request may add to a send the worker is busy with."""
         send = self._send_row()
-        again = (NOT_TAKEN, REJECTED) + ((UNKNOWN,) if self.resend_unknown else ())
+        again = (NOT_TAKEN, REJECTED) + ((UNKNOWN,) if self.resend_unknown else ())   # never REFUSED
         with write_transaction():
             rows = self._record(send, destinations)
             # Only from those states, checked again by the UPDATE itself: a row that a run took in
@@ -266,12 +293,16 @@ class Sender:
         return len(work)
 
     def _send_row(self) -> Send:
+        """The mailing's row. Its channels.chat and message options are this run's: the delivery options
+        (sendAt, ...) are not part of the key, and the latest request's apply to what is still to send."""
         now = utcnow()
+        options = self.chat.message_options()
+        given = {Send.chat: json.dumps(self.chat.chat_json(), ensure_ascii=False),
+                 Send.options: json.dumps(options, ensure_ascii=False) if options else None}
         with db.atomic():
-            Send.insert(key=self.chat.key, created_at=now, updated_at=now, source=self.source,
-                        chat=json.dumps(self.chat.chat_json(), ensure_ascii=False),
-                        callback_data=self.chat.callback_data, total=0,
-                        ).on_conflict_ignore().execute()
+            Send.insert({Send.key: self.chat.key, Send.created_at: now, Send.updated_at: now,
+                         Send.source: self.source, Send.callback_data: self.chat.callback_data, Send.total: 0,
+                         **given}).on_conflict(conflict_target=[Send.key], update=given).execute()
         return Send.get(Send.key == self.chat.key)
 
     def _claim(self, send: Send) -> None:
@@ -311,29 +342,30 @@ class Sender:
                        error="the run sending it stopped while the request was out: TWIN may have taken it")
 
     def _record(self, send: Send, destinations: list[Destination]) -> list[Outbox]:
-        """Record this input's rows (new phones added; unsent rows refreshed from the input).
+        """Record this input's rows (new destinations added; unsent rows refreshed from the input).
         Returns this input's rows in input order."""
         now = utcnow()
         with write_transaction():
             existing = {row.phone: row for row in Outbox.select().where(Outbox.send == send.id)}
             new = []
             for d in destinations:
-                row = existing.get(d.phone)
+                row = existing.get(d.key)
                 fields = dict(row_index=d.index, line=d.line, messenger_user_id=d.messenger_user_id,
+                              external_id=d.external_id,
                               variables=json.dumps(d.variables, ensure_ascii=False) if d.variables else None)
                 if row is None:
-                    new.append(dict(send=send.id, phone=d.phone, state=PENDING, updated_at=now, **fields))
+                    # outbox.phone is the destination's key: its phone, or muid:<messengerUserId>.
+                    new.append(dict(send=send.id, phone=d.key, state=PENDING, updated_at=now, **fields))
                 elif row.state in SENDABLE + (UNKNOWN,) and any(getattr(row, k) != v for k, v in fields.items()):
                     Outbox.update(updated_at=now, **fields).where(Outbox.id == row.id).execute()
             for start in range(0, len(new), 200):
-                # Ignored if there: two requests for one mailing may record the same new phone at once.
+                # Ignored if there: two requests for one mailing may record the same new row at once.
                 Outbox.insert_many(new[start:start + 200]).on_conflict_ignore().execute()
             total = Outbox.select().where(Outbox.send == send.id).count()
             Send.update(total=total, updated_at=now, source=self.source or Send.source).where(
                 Send.id == send.id).execute()
-        phones = [d.phone for d in destinations]
-        by_phone = {row.phone: row for row in Outbox.select().where(Outbox.send == send.id)}
-        return [by_phone[p] for p in phones]
+        by_key = {row.phone: row for row in Outbox.select().where(Outbox.send == send.id)}
+        return [by_key[d.key] for d in destinations]
 
     def _send_rows(self, send: Send, work: list[Outbox], report: SendReport) -> None:
         """The send loop: `work` in batches, stopping at the first batch that fails. Why it stopped (or
@@ -361,6 +393,7 @@ class Sender:
             "channels": {"chat": self.chat.chat_json()},
             "callbackUrl": self.callback_url,
             **({"callbackData": self.chat.callback_data} if self.chat.callback_data is not None else {}),
+            **self.chat.message_options(),
             "destinations": [_destination_payload(row) for row in batch],
         }]}
         try:
@@ -393,7 +426,13 @@ class Sender:
                         send.id, number, pairs)
             raise
         report.batches_sent += 1
-        return any(not isinstance(item.get("id"), str) or not item.get("id") for item in answer)
+        # A refused destination is its own outcome; an item with neither id nor error means TWIN answers
+        # in a way we do not understand: stop before sending more into it.
+        unknown = sum(answer_outcome(item)[0] == UNKNOWN for item in answer)
+        if unknown:
+            report.failure, report.failure_kind = (f"TWIN's answer has neither an id nor an error for {unknown} "
+                                                   "destinations: TWIN may have taken them", UNKNOWN)
+        return bool(unknown)
 
     def _fail(self, report: SendReport, ids: list[int], state: str, reason: str) -> None:
         report.failure, report.failure_kind = reason, state
@@ -425,27 +464,22 @@ class Sender:
                     Outbox.id.in_([row_id for row_id, _ in chunk])).execute()
 
     def _store_answer(self, send: Send, batch: list[Outbox], answer: list[dict]) -> None:
-        """Rows sent with their ids (by position: TWIN answers in destination order), and the message rows."""
+        """Rows sent with their ids, or refused (by position: TWIN answers in destination order), and
+        the message rows of those sent."""
         now = utcnow()
         with db.atomic():
             for row, item in zip(batch, answer, strict=True):
-                message_id = item.get("id")
-                error = item.get("error")
-                error = None if error in (None, "") else (error if isinstance(error, str)
-                                                          else json.dumps(error, ensure_ascii=False))
-                if not isinstance(message_id, str) or not message_id:
-                    state = REJECTED if error else UNKNOWN
-                    Outbox.update(state=state, updated_at=now, error=error or "TWIN's answer has no id for "
-                                  "this destination").where(Outbox.id == row.id).execute()
-                    continue
-                Outbox.update(state=SENT, message_id=message_id, updated_at=now, error=error).where(
+                state, message_id, error = answer_outcome(item)
+                Outbox.update(state=state, message_id=message_id, updated_at=now, error=error).where(
                     Outbox.id == row.id).execute()
-                self._upsert_message(send, row, item, message_id, now)
+                if state == SENT:
+                    self._upsert_message(send, row, item, message_id, now)
 
     def _upsert_message(self, send, row: Outbox, item: dict, message_id: str, now) -> None:
         status = item.get("status") if isinstance(item.get("status"), str) and item.get("status") else "CREATED"
         status = status.upper()[:64]
-        ours = {"phone": row.phone, "messenger_user_id": row.messenger_user_id, "variables": row.variables,
+        ours = {"phone": phone_of_key(row.phone), "messenger_user_id": row.messenger_user_id,
+                "variables": row.variables,
                 "destination_index": row.row_index, "send_id": send.id, "sent_at": now}
         identity = {"callback_data": self.chat.callback_data, "bulk_id": _id_text(item.get("bulkId")),
                     "group_id": _id_text(item.get("groupId")), "flow_id": _id_text(item.get("flowId"))}
@@ -459,20 +493,16 @@ class Sender:
                        ).on_conflict(conflict_target=[Message.id], update=update).execute()
 
     def _outcomes(self, send: Send, destinations: list[Destination], touched: set[int]) -> list[RowOutcome]:
-        by_phone = {row.phone: row for row in Outbox.select().where(Outbox.send == send.id)}
-        outcomes = []
-        for d in destinations:
-            row = by_phone[d.phone]
-            outcomes.append(RowOutcome(d.index, d.line, d.phone, row.state, row.message_id, row.error,
-                                       row.batch, earlier=row.id not in touched))
-        return outcomes
+        by_key = {row.phone: row for row in Outbox.select().where(Outbox.send == send.id)}
+        return [RowOutcome.of(d.index, d.line, by_key[d.key], d, earlier=by_key[d.key].id not in touched)
+                for d in destinations]
 
     def _elsewhere(self, send: Send, destinations: list[Destination]) -> dict[str, int]:
-        """Rows of this mailing recorded by earlier runs whose phone is not in this input, by state."""
-        phones = {d.phone for d in destinations}
+        """Rows of this mailing recorded by earlier runs that are not in this input, by state."""
+        keys = {d.key for d in destinations}
         counts: dict[str, int] = {}
-        for phone, state in Outbox.select(Outbox.phone, Outbox.state).where(Outbox.send == send.id).tuples():
-            if phone not in phones:
+        for key, state in Outbox.select(Outbox.phone, Outbox.state).where(Outbox.send == send.id).tuples():
+            if key not in keys:
                 counts[state] = counts.get(state, 0) + 1
         return counts
 
@@ -505,7 +535,7 @@ def progress(send_id: int) -> SendReport | None:
     send = Send.get_or_none(Send.id == send_id)
     if send is None:
         return None
-    rows = [RowOutcome(r.row_index, r.line, r.phone, r.state, r.message_id, r.error, r.batch, earlier=None)
+    rows = [RowOutcome.of(r.row_index, r.line, r, earlier=None)
             for r in Outbox.select().where(Outbox.send == send.id).order_by(Outbox.id)]
     if send.lease_until is not None and send.lease_until > utcnow():
         status = SENDING
@@ -517,7 +547,34 @@ def progress(send_id: int) -> SendReport | None:
 
 def _destination_payload(row: Outbox) -> dict:
     """The destination as recorded in the outbox, so a rerun sends exactly what was checked."""
-    return destination_item(row.phone, row.messenger_user_id, json.loads(row.variables) if row.variables else None)
+    return destination_item(phone_of_key(row.phone), row.messenger_user_id,
+                            json.loads(row.variables) if row.variables else None, row.external_id)
+
+
+def answer_outcome(item: dict) -> tuple[str, str | None, str | None]:
+    """(state, message id, error) of one destination from its item of TWIN's send answer: `sent` with
+    an id; `refused` with no id and an error; `unknown` with neither (we cannot tell)."""
+    message_id = item.get("id")
+    error = refusal_text(item.get("error"))
+    if isinstance(message_id, str) and message_id:
+        return SENT, message_id, error
+    if error:
+        return REFUSED, None, error
+    return UNKNOWN, None, "TWIN's answer has no id and no error for this destination"
+
+
+def refusal_text(error) -> str | None:
+    """TWIN's reason in a send answer item: the text, or the `message` of an error object (its file,
+    line and trace are TWIN's internals: they stay in outbox.answer only)."""
+    if error in (None, "", {}, []):
+        return None
+    if isinstance(error, dict):
+        message = error.get("message")
+        if isinstance(message, str) and message.strip():
+            return message.strip()[:2000]
+        error = {k: v for k, v in error.items() if k not in ("file", "line", "trace")} or "no message"
+    text = error if isinstance(error, str) else json.dumps(error, ensure_ascii=False)
+    return text[:2000]
 
 
 def _id_text(value) -> str | None:
@@ -549,8 +606,8 @@ def summary_lines(report: SendReport, noun: str = "lines") -> list[str]:
     title = "dry run" if report.dry_run else f"send #{report.send_id}"
     out.append(f"{title}: {len(report.rows)} destinations, mailing key {report.key[:12]}")
     for other, count in sorted(report.overlap.items()):
-        out.append(f"  warning: {count} of these phones were already sent by send #{other}, which has the "
-                   "same callbackData but other chat settings (text?)")
+        out.append(f"  warning: {count} of these destinations were already sent by send #{other}, which has "
+                   "the same callbackData but other chat settings (text?)")
 
     def group(label: str, rows: list[RowOutcome], note: str = "") -> None:
         if rows:
@@ -560,11 +617,19 @@ def summary_lines(report: SendReport, noun: str = "lines") -> list[str]:
         sendable = [r for r in report.rows if r.state in SENDABLE]
         group("would be sent:", sendable)
         group("already sent:", report.by_state(SENT))
+        group("refused by TWIN:", report.by_state(REFUSED), "  not resent")
         group("unknown outcome:", report.by_state(UNKNOWN),
               "  would be resent (--resend-unknown)" if report.resend_unknown else "  not resent")
         return out
     group("sent now:", report.by_state(SENT, earlier=False))
     group("sent earlier:", report.by_state(SENT, earlier=True), "  not sent again")
+    refused = report.by_state(REFUSED)
+    group("refused by TWIN:", refused, "  this destination only; never resent")
+    for row in refused[:MAX_REFUSALS_SHOWN]:
+        out.append(f"      {noun[:-1]} {row.line}, {row.who}: {row.error}")
+    if len(refused) > MAX_REFUSALS_SHOWN:
+        out.append(f"      ... and {len(refused) - MAX_REFUSALS_SHOWN} more: the `outbox` rows of send "
+                   f"#{report.send_id} in state '{REFUSED}'")
     rejected = report.by_state(REJECTED)
     group("rejected by TWIN:", rejected, "  safe to fix and rerun")
     for reason in sorted({r.error or "" for r in rejected})[:5]:

@@ -1,10 +1,13 @@
 """POST /api/sends: send a mailing through the receiver over HTTP (behind the API token).
 
     {"chat": {"chatId": ..., "botId": ..., "messengerType": "WHATSAPP", "chatSessionName": ...,
-              "text": ..., "provider": "TWIN"},
-     "callbackData": "campaign-42",
-     "destinations": [{"phone": "79990000001", "messengerUserId": "...", "variables": {"name": "Ivan"}}],
+              "text": ..., "provider": "TWIN", "validityPeriod": 60},
+     "callbackData": "campaign-42", "sendAt": "2025-03-01T10:00:00+03:00",
+     "destinations": [{"phone": "79990000001", "messengerUserId": "...", "externalId": "crm-1",
+                       "variables": {"name": "Ivan"}}],
      "batchSize": 500, "resendUnknown": false, "dryRun": false}
+
+The send options (destinations.OPTIONS) may be in `chat` or beside it, as callbackData may.
 
 The request never calls TWIN: one TWIN call may take a minute, longer than gunicorn lets a request
 live, and a killed request would leave its rows `unknown`. It checks the input (422 with every row/field
@@ -36,15 +39,14 @@ def create_send():
     if not isinstance(body, dict):
         return _invalid([destinations.Problem("body", None, "must be a JSON object with chat and destinations")])
     problems: list[destinations.Problem] = []
-    unknown = sorted(set(body) - {"chat", "callbackData", "destinations", "batchSize", "resendUnknown",
-                                  "dryRun"})
+    beside_chat = ("callbackData",) + destinations.OPTIONS
+    unknown = sorted(set(body) - {"chat", "destinations", "batchSize", "resendUnknown", "dryRun", *beside_chat})
     problems += [destinations.Problem("body", name, "is not a known field") for name in unknown]
     chat_values = body.get("chat")
     if not isinstance(chat_values, dict):
         problems.append(destinations.Problem("body", "chat", "must be an object of chat settings"))
         chat_values = {}
-    if "callbackData" in body:
-        chat_values = {**chat_values, "callbackData": body["callbackData"]}
+    chat_values = {**chat_values, **{name: body[name] for name in beside_chat if name in body}}
     batch_size = body.get("batchSize")
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                    or batch_size < 1):
@@ -73,13 +75,14 @@ def create_send():
             problems += [destinations.Problem(p.where if p.where != "file" else "body",
                                               p.field if p.where != "file" else "destinations", p.message)
                          for p in error.problems]
+    settings = current_app.config["SETTINGS"]
+    url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
+    problems += destinations.callback_url_problems(url)
     if problems:
         return _invalid(problems)
 
-    settings = current_app.config["SETTINGS"]
     sender = sending.Sender(settings, chat, batch_size=batch_size, resend_unknown=flags["resendUnknown"],
-                            callback_url=callback_url(settings, current_app.config["CALLBACK_TOKEN"]),
-                            source="api")
+                            callback_url=url, source="api")
     if flags["dryRun"]:
         return jsonify(sender.plan(rows).as_json()), 200
     if not settings.has_twin24_credentials:

@@ -92,105 +92,9 @@ def outbox_states() -> Counter:
     return Counter(state for (state,) in Outbox.select(Outbox.state).tuples())
 
 
-# ------------------------------------------------------------------------------------ input checks
-class TestInput:
-    def test_phone_normalisation(self):
-        assert destinations.normalize_phone("+7 (999) 123-45-67") == "79991234567"
-        assert destinations.normalize_phone(79991234567) == "79991234567"
-        assert destinations.normalize_phone("7999.123.45.67") == "79991234567"
-        for bad in ("12ab", "123456789", "1234567890123456", "", "++79991234567", True, 7.9e10, None, "٧٩٩٩١٢٣٤٥٦٧"):
-            assert destinations.normalize_phone(bad) is None, bad
-
-    def test_csv_reads_variables_in_order_with_line_numbers(self):
-        text = "\ufeffPhone;messengerUserId;name\n\n+7 999 000-00-01;u1;Ivan\n79990000002;;\"Petrov; Ivan\"\n"
-        rows = destinations.read_csv(text)
-        assert [(d.index, d.line, d.phone, d.messenger_user_id, d.variables) for d in rows] == [
-            (0, 3, "79990000001", "u1", {"name": "Ivan"}),
-            (1, 4, "79990000002", None, {"name": "Petrov; Ivan"}),
-        ]
-
-    @pytest.mark.parametrize("text, declared, expected", [
-        ("phone,name\n79990000001,a\n12ab,b\n", None, "line 3, phone: '12ab' is not a phone number"),
-        ("phone,name\n79990000001,a\n,b\n", None, "line 3, phone: is empty"),
-        ("", None, "file: is empty"),
-        ("\n  \n", None, "file: is empty"),
-        ("phone,name\n", None, "file: has a header but no destinations"),
-        ("tel,name\n79990000001,a\n", None, "line 1, phone: the header has no 'phone' column"),
-        ("phone,,name\n79990000001,x,a\n", None, "line 1, column 2: has no name in the header"),
-        ("phone,name,name\n79990000001,a,b\n", None, "line 1, column 3: 'name' appears twice"),
-        ("phone,name,age\n79990000001,a,3\n", ("name",), "line 1, column 3: 'age' is an unknown column"),
-        ("phone,name\n79990000001,a\n+7 999 000 00 01,b\n", None,
-         "line 3, phone: 79990000001 is a duplicate of line 2"),
-        ("phone,name\n79990000001,a,extra\n", None, "line 2: has 3 fields, the header has 2"),
-        ("phone,messengerUserId\n79990000001," + "x" * 200 + "\n", None,
-         "line 2, messengerUserId: is longer than 128"),
-    ])
-    def test_bad_csv(self, text, declared, expected):
-        with pytest.raises(destinations.InputError) as caught:
-            destinations.read_csv(text, declared)
-        assert expected in str(caught.value)
-
-    def test_every_problem_is_reported_at_once(self):
-        with pytest.raises(destinations.InputError) as caught:
-            destinations.read_csv("phone\n1\n79990000001\n2\n79990000001\n")
-        assert [str(p).split(":")[0] for p in caught.value.problems] == [
-            "line 2, phone", "line 4, phone", "line 5, phone"]
-
-    def test_json_shapes_and_line_numbers(self):
-        text = json.dumps([{"phone": "79990000001", "variables": {"name": "Ivan"}, "age": 30},
-                           {"phone": 79990000002, "messengerUserId": "u2"}], indent=2)
-        rows = destinations.read_json(text)
-        assert [(d.line, d.phone, d.messenger_user_id, d.variables) for d in rows] == [
-            (2, "79990000001", None, {"name": "Ivan", "age": "30"}),
-            (9, "79990000002", "u2", {}),
-        ]
-        assert len(destinations.read_json(json.dumps({"destinations": [{"phone": "79990000001"}]}))) == 1
-
-    @pytest.mark.parametrize("document, expected", [
-        ("", "file: is empty"),
-        ("[]", "file: has no destinations"),
-        ("{\"phone\": 1}", "must be a JSON list of destinations"),
-        ("[1, 2", "line 1: is not valid JSON"),
-        ('[\n{"phone": "79990000001"},\n"x"]', "line 3 (item 2): must be an object"),
-        ('[{"phone": "79990000001", "variables": [1]}]', "item 1), variables: must be an object"),
-        ('[{"phone": "79990000001", "name": {"a": 1}}]', "item 1), name: a variable must be a string"),
-        ('[{"phone": "79990000001", "name": "a", "variables": {"name": "b"}}]',
-         "variables.name: is also given as the key 'name'"),
-        ('[{"phone": "79990000001"},\n {"phone": "+79990000001"}]',
-         "line 2 (item 2), phone: 79990000001 is a duplicate of line 1 (item 1)"),
-        ('[{"phone": "79990000001", "x": "1"}]', "x: is not a declared variable"),
-    ])
-    def test_bad_json(self, document, expected):
-        declared = ("name",) if '"x"' in document else None
-        with pytest.raises(destinations.InputError) as caught:
-            destinations.read_json(document, declared)
-        assert expected in str(caught.value)
-
-    def test_chat_settings(self, tmp_path):
-        chat = destinations.chat_settings({"chatId": "c", "botId": "b", "text": "t"})
-        assert chat.chat_json() == {"chatId": "c", "botId": "b", "messengerType": "WHATSAPP", "text": "t",
-                                    "provider": "TWIN"}
-        with pytest.raises(destinations.InputError) as caught:
-            destinations.chat_settings({"chatId": "c", "text": " ", "chatID": "x"})
-        message = str(caught.value)
-        assert "botId: is missing (give --bot-id" in message and "text: is missing" in message
-        assert "chatID: is not a chat setting" in message
-        toml = write(tmp_path, 'chatId = "c"\nbotId = "b"\ntext = "t"\nvariables = ["name"]\n', "chat.toml")
-        assert destinations.chat_settings(destinations.load_config(toml)).variables == ("name",)
-        ini = write(tmp_path, "[chat]\nchatId = c\nbotId = b\ntext = t\ncallbackData = 7\n", "chat.ini")
-        assert destinations.chat_settings(destinations.load_config(ini)).callback_data == "7"
-        bad = write(tmp_path, '{"chatId": "c", "bot": "b"}', "chat.json")
-        with pytest.raises(destinations.InputError, match="bot: is not a chat setting"):
-            destinations.load_config(bad)
-
-    def test_the_mailing_key_ignores_the_list_but_not_the_text_or_callback_data(self):
-        base = dict(chatId="c", botId="b", text="t", callbackData="1")
-        assert destinations.chat_settings(base).key == destinations.chat_settings(dict(base)).key
-        assert destinations.chat_settings(base).key != destinations.chat_settings({**base, "text": "u"}).key
-        assert destinations.chat_settings(base).key != destinations.chat_settings({**base, "callbackData": "2"}).key
-
-    def test_line_ranges(self):
-        assert sending.line_ranges([5, 2, 3, 4, 9, 11, 12]) == "2-5, 9, 11-12"
+# ------------------------------------------------------------------------------------ reports
+def test_line_ranges():
+    assert sending.line_ranges([5, 2, 3, 4, 9, 11, 12]) == "2-5, 9, 11-12"
 
 
 # ------------------------------------------------------------------------------------ the CLI
@@ -378,7 +282,7 @@ def test_changing_the_text_half_way_is_a_new_mailing_with_a_warning(sim, sim_app
     assert run_cli(sim_app, path, *CHAT).exit_code == 0
     changed = [*CHAT[:4], "--text", "Hello again", *CHAT[6:]]
     dry = run_cli(sim_app, path, *changed, "--dry-run")
-    assert "warning: 3 of these phones were already sent by send #1" in dry.output
+    assert "warning: 3 of these destinations were already sent by send #1" in dry.output
     assert send_requests(sim) == 1
 
 
@@ -587,6 +491,166 @@ def test_api_takes_large_lists_and_dry_runs_them(sim, sim_app, api_headers):
     response = sim_app.test_client().post("/api/sends", headers=api_headers, json=body)
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["counts"]["pending"] == 3000
+    assert send_requests(sim) == 0 and Send.select().count() == 0
+
+
+# ------------------------------------------------------------------------------------ refused destinations
+REFUSAL = "Recipient 79990000001 cannot receive messages on this channel"     # the simulator's message
+
+
+def test_a_refused_destination_is_recorded_alone_and_the_run_goes_on(make_sim, make_sim_app, tmp_path):
+    sim = make_sim(refuse_phones=["79990000001"])
+    app = make_sim_app(sim)
+    path = write(tmp_path, csv_text(5))                 # phones 79990000000-4 on lines 2-6
+    first = run_cli(app, path, *CHAT, "--batch-size", "3")
+    assert first.exit_code == 1, first.output           # not every row went out
+    assert send_requests(sim) == 2 and "stopped" not in first.output
+    rows = {row.phone: row for row in Outbox.select()}
+    refused = rows.pop("79990000001")
+    assert (refused.state, refused.message_id, refused.error) == ("refused", None, REFUSAL)
+    kept = json.loads(refused.answer)                   # TWIN's whole item, its internals included
+    assert kept["id"] is None and set(kept["error"]) == {"message", "file", "line", "trace"}
+    # The others of the same request keep their ids, matched by position.
+    truth = {t["phone"]: t["id"] for t in sim.truth()}
+    assert {phone: row.message_id for phone, row in rows.items()} == truth and len(truth) == 4
+    assert {row.state for row in rows.values()} == {"sent"}
+    assert Message.select().where(Message.phone == "79990000001").count() == 0
+    assert "refused by TWIN:" in first.output and "(lines 3)  this destination only; never resent" in first.output
+    assert f"line 3, 79990000001: {REFUSAL}" in first.output
+    assert "file" not in refused.error and "trace" not in first.output
+
+    # Neither a rerun nor --resend-unknown sends it again.
+    for extra in ((), ("--resend-unknown",)):
+        again = run_cli(app, path, *CHAT, "--batch-size", "3", *extra)
+        assert again.exit_code == 1 and "refused by TWIN:" in again.output
+    assert send_requests(sim) == 2 and outbox_states() == {"sent": 4, "refused": 1}
+    dry = run_cli(app, path, *CHAT, "--dry-run")
+    assert "refused by TWIN:" in dry.output and "would be sent" not in dry.output
+
+
+def test_an_answer_item_with_neither_id_nor_error_is_unknown_and_stops_the_run(sim, sim_app):
+    settings = sim_app.config["SETTINGS"]
+    chat = destinations.chat_settings({**CHAT_JSON, "callbackData": "blank"})
+
+    class BlankedId:
+        real = TwinClient(settings)
+
+        def send(self, payload):
+            answer = self.real.send(payload)
+            return [answer[0], {**answer[1], "id": None}, *answer[2:]]
+
+    rows = destinations.read_csv(csv_text(4))
+    report = sending.Sender(settings, chat, callback_url="http://x/y", client=BlankedId(), batch_size=2).run(rows)
+    assert [r.state for r in report.rows] == ["sent", "unknown", "pending", "pending"]
+    assert report.failure_kind == "unknown" and "neither an id nor an error" in report.failure
+    assert report.rows[1].error == "TWIN's answer has no id and no error for this destination"
+    assert send_requests(sim) == 1
+
+
+def test_api_refused_destination_options_and_destinations_without_a_phone(make_sim, make_sim_app, api_headers):
+    sim = make_sim(refuse_phones=["79990000001"])
+    app = make_sim_app(sim)
+    client = app.test_client()
+    send_at = (dt.datetime.now(dt.UTC) + dt.timedelta(days=2)).replace(microsecond=0).isoformat()
+    body = {"chat": {**CHAT_JSON, "validityPeriod": 60}, "callbackData": "api-r", "sendAt": send_at,
+            "allowedTimeRanges": [["09:00:00", "18:00:00"]],
+            "destinations": [{"phone": "79990000000", "externalId": "e0"}, {"phone": "79990000001", "externalId": "e1"},
+                             {"messengerUserId": "wa-2", "externalId": "e2", "variables": {"name": "B"}}]}
+    accepted = client.post("/api/sends", headers=api_headers, json=body)
+    assert accepted.status_code == 202, accepted.get_json()
+    url = accepted.get_json()["url"]
+    assert worker_pass(app) == 3
+    report = client.get(url, headers=api_headers).get_json()
+    assert [(r["phone"], r["messengerUserId"], r["externalId"], r["state"]) for r in report["rows"]] == [
+        ("79990000000", None, "e0", "sent"), ("79990000001", None, "e1", "refused"), (None, "wa-2", "e2", "sent")]
+    assert report["rows"][1]["error"] == REFUSAL and report["rows"][1]["messageId"] is None
+    assert report["counts"]["refused"] == 1 and report["counts"]["sent"] == 2 and report["failure"] is None
+    # What TWIN got: the options where they belong, and the destination without a phone as given.
+    received = sim.world.messages
+    assert received[0].options == {"sendAt": send_at, "allowedTimeRanges": [["09:00:00", "18:00:00"]]}
+    assert received[0].chat["validityPeriod"] == 60
+    assert received[1].destination == {"messengerUserId": "wa-2", "externalId": "e2", "variables": {"name": "B"}}
+    stored = Message.get_by_id(report["rows"][2]["messageId"])
+    assert (stored.phone, stored.messenger_user_id, stored.destination_index) == (None, "wa-2", 2)
+
+    # The same request again, even with resendUnknown: the refused destination stays refused.
+    again = client.post("/api/sends", headers=api_headers, json={**body, "resendUnknown": True})
+    assert again.status_code == 202 and again.get_json()["counts"]["refused"] == 1
+    assert worker_pass(app) == 0 and send_requests(sim) == 1
+
+
+# ------------------------------------------------------------------------------------ options, limits
+def test_options_reach_twin_and_a_new_send_at_continues_the_mailing(sim, sim_app, tmp_path):
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).replace(microsecond=0)
+    config = write(tmp_path, json.dumps({
+        **CHAT_JSON, "callbackData": "opts", "validityPeriod": 120, "continueLastOrStartNewSession": True,
+        "templateId": "tpl-9", "useShortLinks": True, "sendAt": soon.isoformat(),
+        "allowedTimeRanges": [["09:00:00", "18:00:00"]]}), "chat.json")
+    path = write(tmp_path, "phone,messengerUserId,externalId,name\n79990000001,,crm-1,A\n,wa-2,crm-2,B\n")
+    first = run_cli(sim_app, path, "--config", config)
+    assert first.exit_code == 0, first.output
+    one, two = sim.world.messages
+    assert one.options == {"templateId": "tpl-9", "useShortLinks": True, "sendAt": soon.isoformat(),
+                           "allowedTimeRanges": [["09:00:00", "18:00:00"]]}
+    assert (one.chat["validityPeriod"], one.chat["continueLastOrStartNewSession"]) == (120, True)
+    assert one.destination == {"phone": "79990000001", "externalId": "crm-1", "variables": {"name": "A"}}
+    assert two.destination == {"messengerUserId": "wa-2", "externalId": "crm-2", "variables": {"name": "B"}}
+    rows = list(Outbox.select().order_by(Outbox.row_index))
+    assert [(r.phone, r.messenger_user_id, r.external_id, r.state) for r in rows] == [
+        ("79990000001", None, "crm-1", "sent"), ("muid:wa-2", "wa-2", "crm-2", "sent")]
+
+    # Later, one more destination and another time: only the new one goes out, with this run's options.
+    later = (soon + dt.timedelta(days=1)).isoformat()
+    longer = write(tmp_path, open(path, encoding="utf-8").read() + ",wa-3,,C\n", "more.csv")
+    second = run_cli(sim_app, longer, "--config", config, "--send-at", later, "--validity-period", "30",
+                     "--no-use-short-links", "--allowed-time-ranges", "10:00:00-12:00:00, 13:00:00-17:00:00")
+    assert second.exit_code == 0, second.output
+    assert "sent earlier:" in second.output and send_requests(sim) == 2 and Send.select().count() == 1
+    three = sim.world.messages[2]
+    assert three.destination == {"messengerUserId": "wa-3", "variables": {"name": "C"}}
+    assert three.options == {"templateId": "tpl-9", "useShortLinks": False, "sendAt": later,
+                             "allowedTimeRanges": [["10:00:00", "12:00:00"], ["13:00:00", "17:00:00"]]}
+    assert three.chat["validityPeriod"] == 30
+    assert json.loads(Send.get().options)["sendAt"] == later
+
+
+def test_a_bad_option_is_refused_before_anything_is_stored(sim, sim_app, tmp_path, api_headers):
+    path = write(tmp_path, csv_text(2))
+    result = run_cli(sim_app, path, *CHAT, "--validity-period", "0", "--send-at", "2020-01-01T00:00:00Z")
+    assert result.exit_code == 2
+    assert "chat settings, validityPeriod: must be a whole number of minutes from 1 to 2880" in result.output
+    assert "chat settings, sendAt: 2020-01-01T00:00:00Z is in the past" in result.output
+    response = sim_app.test_client().post("/api/sends", headers=api_headers, json={
+        **api_body(2), "chat": {**CHAT_JSON, "continueLastOrStartNewSession": "yes"},
+        "allowedTimeRanges": [["18:00:00", "09:00:00"]], "destinations": [{"messengerUserId": "u"}] * 2})
+    assert response.status_code == 422
+    problems = {(p["where"], p["field"]) for p in response.get_json()["problems"]}
+    assert problems == {("chat", "continueLastOrStartNewSession"), ("chat", "allowedTimeRanges"),
+                        ("item 2", "messengerUserId")}
+    assert send_requests(sim) == 0 and Send.select().count() == 0
+
+
+def test_twins_size_limits_are_checked_before_any_call(sim, make_sim_app, tmp_path, api_headers):
+    path = write(tmp_path, csv_text(2))
+    public_url = "http://127.0.0.1:1/" + "p" * 3970
+    long_url = make_sim_app(sim, public_url=public_url)
+    size = len(f"{public_url}/callbacks/{CALLBACK_TOKEN}")
+    result = run_cli(long_url, path, *CHAT)
+    assert result.exit_code == 2 and "nothing was sent" in result.output
+    assert f"settings, callbackUrl: is {size} bytes; TWIN takes at most 4000" in result.output
+    assert "shorten PUBLIC_URL" in result.output
+    response = long_url.test_client().post("/api/sends", headers=api_headers, json=api_body(2))
+    assert response.status_code == 422
+    assert [(p["where"], p["field"]) for p in response.get_json()["problems"]] == [("settings", "callbackUrl")]
+
+    app = make_sim_app(sim)
+    big = "я" * 5121                                        # 10,242 bytes of UTF-8
+    result = run_cli(app, path, *CHAT[:-2], "--callback-data", big)
+    assert result.exit_code == 2
+    assert "chat settings, callbackData: is 10242 bytes (UTF-8); TWIN takes at most 10240" in result.output
+    response = app.test_client().post("/api/sends", headers=api_headers, json={**api_body(2), "callbackData": big})
+    assert response.status_code == 422
+    assert [(p["where"], p["field"]) for p in response.get_json()["problems"]] == [("chat", "callbackData")]
     assert send_requests(sim) == 0 and Send.select().count() == 0
 
 

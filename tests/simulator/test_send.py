@@ -1,4 +1,6 @@
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -28,6 +30,21 @@ def broken(mutate):
     (lambda b: b["messages"][0]["destinations"][0].pop("phone"), "messages[0].destinations[0].phone"),
     (lambda b: b["messages"][0]["destinations"][0].update(phone="12ab"), "messages[0].destinations[0].phone"),
     (lambda b: b["messages"].append(message(["79990000000", "123"])), "messages[1].destinations[1].phone"),
+    (lambda b: b["messages"][0]["destinations"][0].update(phone=None, messengerUserId=""),
+     "messages[0].destinations[0].messengerUserId"),
+    (lambda b: b["messages"][0]["destinations"][0].update(externalId=7), "messages[0].destinations[0].externalId"),
+    (lambda b: b["messages"][0]["channels"]["chat"].update(validityPeriod=0),
+     "messages[0].channels.chat.validityPeriod"),
+    (lambda b: b["messages"][0]["channels"]["chat"].update(validityPeriod=2881),
+     "messages[0].channels.chat.validityPeriod"),
+    (lambda b: b["messages"][0]["channels"]["chat"].update(continueLastOrStartNewSession="yes"),
+     "messages[0].channels.chat.continueLastOrStartNewSession"),
+    (lambda b: b["messages"][0].update(sendAt="next week"), "messages[0].sendAt"),
+    (lambda b: b["messages"][0].update(allowedTimeRanges=[["9:00", "18:00:00"]]), "messages[0].allowedTimeRanges"),
+    (lambda b: b["messages"][0].update(allowedTimeRanges=["09:00:00-18:00:00"]), "messages[0].allowedTimeRanges"),
+    (lambda b: b["messages"][0].update(templateId=12), "messages[0].templateId"),
+    (lambda b: b["messages"][0].update(callbackData="x" * 10241), "messages[0].callbackData"),
+    (lambda b: b["messages"][0].update(callbackUrl="https://r.example/" + "a" * 3983), "messages[0].callbackUrl"),
 ])
 def test_invalid_send_is_422_naming_the_field(sim, mutate, field):
     answer = requests.post(sim.notify_url + "/messages", json=broken(mutate), headers=auth(sim), timeout=5)
@@ -35,6 +52,49 @@ def test_invalid_send_is_422_naming_the_field(sim, mutate, field):
     assert field in answer.json()["details"]
     assert answer.json()["error"].startswith("Validation failed")
     assert sim.truth() == []
+
+
+def test_options_and_destinations_without_a_phone_are_taken(sim):
+    body = message(["79991234567"], sendAt="2099-03-01T10:00:00+03:00", templateId="tpl", useShortLinks=True,
+                   allowedTimeRanges=[["09:00:00", "18:00:00"]])
+    body["channels"]["chat"].update(validityPeriod=2880, continueLastOrStartNewSession=False)
+    body["destinations"].append({"messengerUserId": "wa-1", "externalId": "crm-1"})
+    assert send(sim, body).status_code == 200
+    first, second = sim.world.messages
+    assert first.options == {"sendAt": "2099-03-01T10:00:00+03:00", "templateId": "tpl", "useShortLinks": True,
+                             "allowedTimeRanges": [["09:00:00", "18:00:00"]]}
+    assert first.chat["validityPeriod"] == 2880 and first.chat["continueLastOrStartNewSession"] is False
+    assert (second.phone, second.destination) == (None, {"messengerUserId": "wa-1", "externalId": "crm-1"})
+
+
+REFUSED_EXAMPLE = json.loads(Path("tests/examples/send-answer-with-refused-destination.json").read_text())[0]
+
+
+def test_a_refused_destination_is_answered_like_twin_and_gets_no_message(make_sim, receiver):
+    sim = make_sim(refuse_phones=["79990000001", "wa-9"], pending_after=(0.01, 0.02), final_after=(0.01, 0.02))
+    body = message(phones(3), callback_url=receiver.url, callback_data="r")
+    body["destinations"].append({"messengerUserId": "wa-9"})
+    items = send(sim, body).json()
+    assert [item["id"] is None for item in items] == [False, True, False, True]
+    for refused in (items[1], items[3]):
+        assert set(refused) == set(REFUSED_EXAMPLE) and set(refused["error"]) == set(REFUSED_EXAMPLE["error"])
+        assert refused["status"] is None and refused["flowId"] is None and refused["channel"] == "CHAT"
+        assert isinstance(refused["error"]["message"], str) and isinstance(refused["error"]["line"], int)
+    assert "79990000001" in items[1]["error"]["message"]
+    truth = sim.truth()
+    assert [(t["phone"], t["id"]) for t in truth] == [("79990000000", items[0]["id"]), ("79990000002", items[2]["id"])]
+    assert sim.wait_idle(5)
+    assert {b["id"] for b in receiver.bodies} == {items[0]["id"], items[2]["id"]}   # no callback for a refusal
+
+
+def test_refuse_rate_refuses_a_share_the_same_way_each_time(make_sim):
+    def refused_positions(sim) -> list[int]:
+        return [n for n, item in enumerate(send(sim, message(phones(60))).json()) if item["id"] is None]
+
+    first, second = make_sim(refuse_rate=0.3, seed=4), make_sim(refuse_rate=0.3, seed=4)
+    positions = refused_positions(first)
+    assert 5 < len(positions) < 35 and refused_positions(second) == positions
+    assert len(first.truth()) == 60 - len(positions)
 
 
 def test_non_json_is_400_and_unauthenticated_is_401(sim):
