@@ -33,7 +33,6 @@ bp = Blueprint("pages", __name__)
 COOKIE = "receiver_session"
 SESSION_HOURS = 12
 PAGE_ROWS = 100
-ANSWER_VALUES = 12                  # bars per answer chart; the rest are summed as "(other)"
 PUBLIC_ENDPOINTS = {"pages.login"}
 
 
@@ -152,12 +151,12 @@ def results_page():
     selected = (f"c:{filters.callback_data}" if filters.callback_data is not None
                 else f"b:{filters.bulk_id}" if filters.bulk_id is not None else "")
     funnel = _chart([(key, label, count) for key, label, count in summary.funnel], summary.sent)
-    answers = {key: _chart([(value, value, count) for value, count in values[:ANSWER_VALUES]],
-                           summary.answered, rest=sum(count for _, count in values[ANSWER_VALUES:]))
+    answers = {key: _chart([(value, value, count) for value, count in values], summary.answered,
+                           rest=summary.other.get(key))
                for key, values in summary.answers.items()}
     return _page(
         "results.html", filters=filters, summary=summary, keys=keys, rows=rows,
-        funnel=funnel, answers=answers,
+        funnel=funnel, answers=answers, lists=summary.lists,
         mailings=results.mailings(), selected=selected, stages=results.STAGES,
         statuses=sorted(summary.statuses),
         next_url=url_for("pages.results_page", **args, cursor=found.next_cursor) if found.next_cursor else None,
@@ -167,10 +166,12 @@ def results_page():
     )
 
 
-def _chart(items, total: int, rest: int = 0) -> list[dict]:
-    """Bars for a chart: each with its count, its share of `total`, and its length (of the longest)."""
+def _chart(items, total: int, rest: tuple[int, int] | None = None) -> list[dict]:
+    """Bars for a chart: each with its count, its share of `total`, and its length (of the longest);
+    `rest` (distinct values, count) not shown one by one becomes a last "(other)" bar."""
     if rest:
-        items = [*items, ("(other)", "(other values)", rest)]
+        values, count = rest
+        items = [*items, ("(other)", f"({values} other values)", count)]
     longest = max((count for _, _, count in items), default=0)
     return [{"key": key, "label": label, "count": count,
              "percent": round(100 * count / total) if total else 0,

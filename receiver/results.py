@@ -10,10 +10,12 @@ column means the same thing everywhere.
 - Streams (CSV, JSON, JSON lines) walk the same keyset pages one chunk at a time, each chunk read with
   `.iterator()`: memory is one chunk (CHUNK rows), however many rows match, and no cursor or read
   transaction is held open while the client reads.
-- CSV columns: the fixed columns, `result` (the JSON text as stored, lossless), then one
-  `result.<key>` column per key of the bot's result. The keys come from a first pass that groups the
-  matching rows by their result text (`SELECT result, COUNT(*) ... GROUP BY result`): the database
-  does the work and Python parses each distinct result once.
+- The bot's result as fields (`result_fields`): nested objects flattened to `key.sub` at any depth,
+  empty values (null, "", {}, []) left out. CSV columns are the fixed columns, `result` (the JSON text
+  as stored, lossless), then one `result.<field>` column per field. The fields come from a first pass
+  that groups the matching rows by their result text (`SELECT result, COUNT(*) ... GROUP BY result`):
+  the database does the work and Python parses each distinct result once. The summary's charts count
+  the same fields.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import csv
 import datetime as dt
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from peewee import Tuple, fn
 
 from .models import STAGES, Message
+from .status import FAILED_STATUSES
 
 # Output columns, in order, and the Message field each comes from.
 COLUMNS = (
@@ -60,6 +64,9 @@ CSV_ROWS_PER_WRITE = 200           # rows per yielded piece of CSV text
 EXCEL_BOM = "\ufeff"
 # Parameter names of the HTTP API (the same names as TWIN's callback fields where there is one).
 PARAMS = ("callbackData", "bulkId", "status", "stage", "since", "until")
+ANSWER_VALUES = 12                 # values shown per answer chart; the rest are summed as "other"
+# An answer that reads as a number, e.g. the recipe's "nps": "7": such answers are charted in numeric order.
+NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
 
 
 class FilterError(ValueError):
@@ -233,15 +240,40 @@ def parse_result(text: str | None):
         return text
 
 
+def empty(value) -> bool:
+    """null, "", {} and []: a value that says nothing (false and 0 do say something)."""
+    return value is None or (isinstance(value, (str, dict, list)) and not value)
+
+
+def result_fields(value) -> dict:
+    """The bot's result as flat fields: nested objects become `key.sub` (at any depth); a result that is
+    not an object is the one field `result`; empty values are left out. Where a key written with a dot
+    meets the same path through nesting, the first one met is kept."""
+    fields: dict = {}
+    _flatten(value if isinstance(value, dict) else {"result": value}, "", fields)
+    return fields
+
+
+def _flatten(value: dict, prefix: str, out: dict) -> None:
+    for key, item in value.items():
+        path = prefix + str(key)
+        if isinstance(item, dict):
+            _flatten(item, path + ".", out)
+        elif not empty(item):
+            out.setdefault(path, item)
+
+
 def result_keys(filters: Filters) -> list[str]:
-    """The keys of the bot's results among the matching rows, most common first (ties by name)."""
+    """The fields of the bot's results among the matching rows, most common first (ties by name)."""
     seen: Counter = Counter()
     for text, count in result_counts(filters):
-        value = parse_result(text)
-        if isinstance(value, dict):
-            for key in value:
-                seen[str(key)] += count
-    return sorted(seen, key=lambda key: (-seen[key], key))
+        for key in result_fields(parse_result(text)):
+            seen[key] += count
+    return _by_frequency(seen)
+
+
+def _by_frequency(counts: Counter) -> list[str]:
+    return sorted(counts, key=lambda key: (-counts[key], key))
 
 
 # ---- shaping rows -------------------------------------------------------------------------------
@@ -262,7 +294,8 @@ def row_json(row: Mapping) -> dict:
 
 
 def cell(value) -> str:
-    """A value as CSV text: strings as they are, null empty, anything else as JSON text."""
+    """A value as CSV or chart text: strings as they are, null empty, anything else as JSON text
+    (so booleans are `true`/`false` everywhere, and 7 and "7" read the same)."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -271,14 +304,13 @@ def cell(value) -> str:
 
 
 def flat_row(row: Mapping, keys: Iterable[str]) -> dict:
-    """A row for CSV: the columns, `result` as stored, and `result.<key>` for each key asked for.
-    Nested values are JSON text."""
+    """A row for CSV: the columns, `result` as stored, and `result.<field>` for each field asked for
+    (see result_fields). Lists are JSON text."""
     out = _base(row)
     out["result"] = row["result"]
-    value = parse_result(row["result"])
-    value = value if isinstance(value, dict) else {}
+    fields = result_fields(parse_result(row["result"]))
     for key in keys:
-        out[RESULT_PREFIX + key] = value.get(key)
+        out[RESULT_PREFIX + key] = fields.get(key)
     return {k: cell(v) for k, v in out.items()}
 
 
@@ -358,34 +390,36 @@ class Summary:
     delivered: int = 0
     session_started: int = 0
     answered: int = 0
+    failed: int = 0                  # ended UNDELIVERED, ERROR or EXPIRED
     statuses: dict[str, int] = field(default_factory=dict)
     stages: dict[str, int] = field(default_factory=dict)
-    # key -> [(value as text, count)]: numbers in numeric order, other answers most common first.
-    # Only keys with plain values (text, numbers, booleans); nested objects are in `keys` and the rows.
+    # field -> [(value as text, number of messages)], the ANSWER_VALUES most common: in numeric order
+    # when every value of the field reads as a number, else most common first. A list counts each of
+    # its elements (a multiple-choice answer).
     answers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
-    keys: list[str] = field(default_factory=list)   # every key of the results, most common first
+    # field -> (distinct values not in `answers`, how many times they were given), for cut fields only.
+    other: dict[str, tuple[int, int]] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)   # every field of the results, most common first
+    lists: list[str] = field(default_factory=list)  # the fields that held a list (shares may sum past 100%)
 
     @property
     def funnel(self) -> list[tuple[str, str, int]]:
         return [("sent", "Sent", self.sent), ("delivered", "Delivered", self.delivered),
                 ("session_started", "Session started", self.session_started),
-                ("answered", "Answered", self.answered)]
+                ("answered", "Answered", self.answered), ("failed", "Failed", self.failed)]
 
     def as_json(self) -> dict:
         return {"funnel": {key: count for key, _, count in self.funnel},
                 "statuses": self.statuses, "stages": self.stages, "keys": self.keys,
                 "answers": {key: [{"value": v, "count": c} for v, c in values]
-                            for key, values in self.answers.items()}}
-
-
-def answered(value) -> bool:
-    """A result counts as an answer when it says something: not null, not {} or []."""
-    return value not in (None, "", {}, [])
+                            for key, values in self.answers.items()},
+                "other": {key: {"values": n, "count": c} for key, (n, c) in self.other.items()},
+                "lists": self.lists}
 
 
 def summarize(filters: Filters) -> Summary:
-    """The funnel (sent -> delivered -> session started -> answered), statuses, stages, and how the
-    bot's answers are distributed, for the matching messages. Four GROUP BY/COUNT queries."""
+    """The funnel (sent -> delivered -> session started -> answered, and failed), statuses, stages,
+    and how the bot's answers are distributed, for the matching messages. Four GROUP BY/COUNT queries."""
     summary = Summary()
     counts = filters.where(Message.select(
         fn.COUNT(Message.id), fn.COUNT(Message.delivered_at), fn.COUNT(Message.chat_id))).tuples()
@@ -394,34 +428,46 @@ def summarize(filters: Filters) -> Summary:
         query = filters.where(Message.select(column, fn.COUNT(Message.id))).group_by(column)
         for name, count in sorted(query.tuples(), key=lambda item: (-item[1], str(item[0]))):
             target[name] = count
+    summary.failed = sum(summary.statuses.get(name, 0) for name in FAILED_STATUSES)
     distribution: dict[str, Counter] = {}
     keys: Counter = Counter()
-    nested: set[str] = set()
-    numeric: dict[str, bool] = {}
+    lists: set[str] = set()
     for text, count in result_counts(filters):
-        value = parse_result(text)
-        if not answered(value):
+        fields = result_fields(parse_result(text))
+        if not fields:          # null, {}, [] or only empty fields: the bot said nothing
             continue
         summary.answered += count
-        if not isinstance(value, dict):
-            value = {"result": value}
-        for key, answer in value.items():
-            key = str(key)
+        for key, value in fields.items():
             keys[key] += count
-            if isinstance(answer, (dict, list)):
-                nested.add(key)
-                continue
-            is_number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
-            numeric[key] = numeric.get(key, True) and is_number
-            distribution.setdefault(key, Counter())[cell(answer)] += count
-    summary.keys = sorted(keys, key=lambda k: (-keys[k], k))
+            if isinstance(value, list):
+                lists.add(key)
+            values = distribution.setdefault(key, Counter())
+            for answer in answer_values(value):
+                values[answer] += count
+    summary.keys = _by_frequency(keys)
+    summary.lists = [key for key in summary.keys if key in lists]
     for key in summary.keys:
-        if key in nested or key not in distribution:
-            continue
-        values = distribution[key]
-        order = (lambda item: float(item[0])) if numeric[key] else (lambda item: (-item[1], item[0]))
-        summary.answers[key] = sorted(values.items(), key=order)
+        if distribution[key]:
+            summary.answers[key], rest = chart_values(distribution[key])
+            if rest:
+                summary.other[key] = (len(rest), sum(count for _, count in rest))
     return summary
+
+
+def answer_values(value) -> list[str]:
+    """The chart values one answer gives: a scalar itself, a list each distinct non-empty element."""
+    items = value if isinstance(value, list) else [value]
+    return list(dict.fromkeys(cell(item) for item in items if not empty(item)))
+
+
+def chart_values(counts: Counter) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(values shown, values left for "other"): the ANSWER_VALUES most common shown, in numeric order
+    when every value of the field reads as a number (the recipe's nps is the string "7")."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    shown, rest = ranked[:ANSWER_VALUES], ranked[ANSWER_VALUES:]
+    if all(NUMBER.fullmatch(value) for value in counts):
+        shown.sort(key=lambda item: (float(item[0]), item[0]))
+    return shown, rest
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from .conftest import API_TOKEN
 from .results_helpers import answer, seed
 
 ENDPOINTS = ("/api/results", "/api/results.csv", "/api/results/summary")
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
@@ -110,11 +112,11 @@ def test_csv_quotes_cyrillic_commas_quotes_and_newlines(client, api_headers):
     assert first["result.confirmation"] == "Отказ, но вежливо"
     assert first["result.comment"] == 'сказал "нет"\r\nи ушёл'
     assert first["result.nps"] == "7"
-    assert json.loads(first["result.nested"]) == {"a": [1, "б"]}
+    assert json.loads(first["result.nested.a"]) == [1, "б"]          # nested objects flattened, lists as JSON
     assert json.loads(first["result"])["comment"] == 'сказал "нет"\r\nи ушёл'
     assert rows[1]["result.confirmation"] == "Да" and rows[1]["result.comment"] == ""
     assert rows[2]["result"] == "" and rows[2]["stage"] == "chat_id"
-    assert list(rows[0])[-5:] == ["result", "result.confirmation", "result.comment", "result.nested",
+    assert list(rows[0])[-5:] == ["result", "result.confirmation", "result.comment", "result.nested.a",
                                   "result.nps"]
 
 
@@ -146,11 +148,47 @@ def test_csv_refuses_bad_filters(client, api_headers):
 def test_summary(client, api_headers):
     ids = seed(client, 4, callback_data="s")
     seed(client, 1, prefix="u", callback_data="s", status="ERROR")
-    answer(ids[0], {"confirmation": "Да", "nps": 10})
-    answer(ids[1], {"confirmation": "Нет", "nps": 3})
+    seed(client, 1, prefix="e", callback_data="s", status="EXPIRED", old_status="PENDING")
+    answer(ids[0], {"confirmation": "Да", "nps": "10", "choice": ["a", "b"]})
+    answer(ids[1], {"confirmation": "Нет", "nps": 3, "choice": ["b"]})
     answer(ids[2], {})
     body = client.get("/api/results/summary?callbackData=s", headers=api_headers).get_json()
-    assert body["funnel"] == {"sent": 5, "delivered": 4, "session_started": 3, "answered": 2}
-    assert body["statuses"] == {"DELIVERED": 4, "ERROR": 1}
+    assert body["funnel"] == {"sent": 6, "delivered": 4, "session_started": 3, "answered": 2, "failed": 2}
+    assert body["statuses"] == {"DELIVERED": 4, "ERROR": 1, "EXPIRED": 1}
     assert body["answers"]["nps"] == [{"value": "3", "count": 1}, {"value": "10", "count": 1}]
-    assert body["keys"] == ["confirmation", "nps"]
+    assert body["answers"]["choice"] == [{"value": "b", "count": 2}, {"value": "a", "count": 1}]
+    assert body["keys"] == ["choice", "confirmation", "nps"]
+    assert body["lists"] == ["choice"] and body["other"] == {}
+
+
+def test_summary_cuts_free_text_to_the_most_common(client, api_headers):
+    ids = seed(client, 15, callback_data="free")
+    for n, message_id in enumerate(ids):
+        answer(message_id, {"comment": "same" if n < 3 else f"text {n}"})
+    body = client.get("/api/results/summary?callbackData=free", headers=api_headers).get_json()
+    shown = body["answers"]["comment"]
+    assert len(shown) == 12 and shown[0] == {"value": "same", "count": 3}
+    assert body["other"] == {"comment": {"values": 1, "count": 1}}
+
+
+def test_the_recipes_result_reads_well_everywhere(client, api_headers):
+    recipe = json.loads((EXAMPLES / "sessions-statistics-answer.json").read_text())["items"][0]
+    stored = recipe["dialogResultsFromBotJson"]                 # {"nps": "Тест", ..., "initialVariables": []}
+    ids = seed(client, 2, callback_data="recipe")
+    answer(ids[0], stored)
+    answer(ids[1], {**stored, "nps": "7", "initialVariables": {"name": "Ivan"}})
+
+    text = client.get("/api/results.csv?callbackData=recipe", headers=api_headers).get_data(as_text=True)
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [name for name in rows[0] if name.startswith("result.")] == [
+        "result.confirmation", "result.nps", "result.initialVariables.name"]
+    assert (rows[0]["result.nps"], rows[0]["result.confirmation"]) == ("Тест", "Отказ")
+    assert json.loads(rows[0]["result"])["initialVariables"] == []
+    assert rows[1]["result.initialVariables.name"] == "Ivan" and rows[0]["result.initialVariables.name"] == ""
+
+    page = client.get("/api/results?callbackData=recipe", headers=api_headers).get_json()
+    assert page["results"][0]["result"] == stored
+    summary = client.get("/api/results/summary?callbackData=recipe", headers=api_headers).get_json()
+    assert summary["funnel"]["answered"] == 2
+    assert summary["answers"]["nps"] == [{"value": "7", "count": 1}, {"value": "Тест", "count": 1}]
+    assert summary["answers"]["confirmation"] == [{"value": "Отказ", "count": 2}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import re
 
 import pytest
 
@@ -81,10 +82,42 @@ def test_the_page_shows_the_mailing(client):
     assert '<dd id="count-delivered">4</dd>' in html
     assert '<dd id="count-session_started">2</dd>' in html
     assert '<dd id="count-answered">2</dd>' in html
+    assert '<dd id="count-failed">1</dd>' in html
     assert "Опрос &lt;весна&gt;" in html and "Опрос <весна>" not in html      # escaped
     assert html.count('class="result-row"') == 5
     assert 'data-key="Отказ" data-count="1"' in html
     assert "callbackData=%D0%9E%D0%BF%D1%80%D0%BE%D1%81+%3C%D0%B2%D0%B5%D1%81%D0%BD%D0%B0%3E" in html
+
+
+def chart(html: str, key: str) -> dict[str, int]:
+    """The bars of the answer chart of `key`: {value: count}, in the page's order."""
+    figure = html.split(f'data-answer="{key}"', 1)[1].split("</figure>", 1)[0]
+    return {value: int(count) for value, count in re.findall(r'data-key="([^"]*)" data-count="(\d+)"', figure)}
+
+
+def test_the_page_charts_every_kind_of_answer_and_counts_failures(client):
+    ids = seed(client, 20, callback_data="kinds")
+    seed(client, 1, prefix="x", callback_data="kinds", status="EXPIRED", old_status="PENDING")
+    seed(client, 1, prefix="u", callback_data="kinds", status="UNDELIVERED")
+    answer(ids[0], {"nps": "10", "choice": ["a", "b"], "ok": True, "profile": {"city": "Тверь"}, "initialVariables": []})
+    answer(ids[1], {"nps": "7", "choice": ["b"], "ok": False, "initialVariables": {"name": "Ivan"}})
+    answer(ids[2], {"nps": "9", "choice": [], "ok": True})
+    for n, message_id in enumerate(ids[3:18]):
+        answer(message_id, {"comment": f"мнение {n:02d}"})
+    html = client.get("/results", query_string={"mailing": "c:kinds"}, headers=basic(API_TOKEN)).get_data(as_text=True)
+
+    assert '<dd id="count-sent">22</dd>' in html and '<dd id="count-failed">2</dd>' in html
+    assert '<dd id="count-answered">18</dd>' in html
+    assert chart(html, "nps") == {"7": 1, "9": 1, "10": 1} and list(chart(html, "nps")) == ["7", "9", "10"]
+    assert chart(html, "choice") == {"b": 2, "a": 1}
+    assert "(a list: each choice counted)" in html
+    assert chart(html, "ok") == {"true": 2, "false": 1}
+    assert chart(html, "profile.city") == {"Тверь": 1}
+    assert chart(html, "initialVariables.name") == {"Ivan": 1}
+    assert 'data-answer="initialVariables"' not in html and 'data-answer="profile"' not in html
+    comments = chart(html, "comment")
+    assert len(comments) == 13 and comments["(other)"] == 3 and "(3 other values)" in html
+    assert "<th>profile.city</th>" in html and "<td>Тверь</td>" in html
 
 
 def test_the_page_pages_and_filters(client):

@@ -116,29 +116,32 @@ def test_bad_cursor(app):
 
 def test_rows_flattened_for_csv_and_kept_whole_for_json(client):
     ids = seed(client, 4)
-    answer(ids[0], {"confirmation": "Отказ", "nps": 7, "tags": ["a", "б"], "extra": {"x": None}, "ok": True})
-    answer(ids[1], {"confirmation": "Да"})
+    answer(ids[0], {"confirmation": "Отказ", "nps": 7, "tags": ["a", "б"], "extra": {"x": None, "y": {"z": 1}},
+                    "ok": True, "initialVariables": []})
+    answer(ids[1], {"confirmation": "Да", "initialVariables": {}})
     answer(ids[2], "not json at all")
     keys = results.result_keys(Filters())
-    assert keys == ["confirmation", "extra", "nps", "ok", "tags"]
+    # Nested objects are flattened at any depth; fields that are only ever empty get no column.
+    assert keys == ["confirmation", "extra.y.z", "nps", "ok", "result", "tags"]
 
     rows = {row["id"]: row for row in results.iterate(Filters())}
     flat = results.flat_row(rows[ids[0]], keys)
     assert flat["result.confirmation"] == "Отказ"
     assert flat["result.nps"] == "7"
     assert flat["result.tags"] == '["a","б"]'
-    assert flat["result.extra"] == '{"x":null}'
+    assert flat["result.extra.y.z"] == "1"
     assert flat["result.ok"] == "true"
-    assert json.loads(flat["result"])["nps"] == 7
+    assert json.loads(flat["result"])["initialVariables"] == []       # the stored text, as it was
     assert results.flat_row(rows[ids[1]], keys)["result.nps"] == ""
     odd = results.flat_row(rows[ids[2]], keys)
     assert odd["result"] == "not json at all" and odd["result.confirmation"] == ""
+    assert odd["result.result"] == "not json at all"                  # a result that is not an object
     empty = results.flat_row(rows[ids[3]], keys)
     assert empty["result"] == "" and empty["chat_id"] == "" and empty["status"] == "DELIVERED"
 
     document = results.row_json(rows[ids[0]])
     assert list(document)[:3] == ["message_id", "callback_data", "bulk_id"]
-    assert document["result"]["tags"] == ["a", "б"]
+    assert document["result"]["tags"] == ["a", "б"] and document["result"]["initialVariables"] == []
     assert document["first_seen_at"].endswith("Z")
     assert results.row_json(rows[ids[3]])["result"] is None
 
@@ -154,11 +157,56 @@ def test_summary_funnel_and_answers(client):
     Message.update(chat_id="chat-only").where(Message.id == sent[4]).execute()
 
     summary = results.summarize(Filters(callback_data="survey"))
-    assert summary.as_json()["funnel"] == {"sent": 8, "delivered": 6, "session_started": 5, "answered": 3}
+    assert summary.as_json()["funnel"] == {"sent": 8, "delivered": 6, "session_started": 5, "answered": 3,
+                                           "failed": 2}
     assert summary.statuses == {"DELIVERED": 6, "UNDELIVERED": 2}
     assert summary.stages == {"chat_id": 2, "done": 4, "none": 2}
-    assert summary.answers == {"confirmation": [("Да", 2), ("Отказ", 1)], "nps": [("9", 1), ("10", 2)]}
-    assert summary.keys == ["confirmation", "nps", "meta"]
+    assert summary.answers == {"confirmation": [("Да", 2), ("Отказ", 1)], "nps": [("9", 1), ("10", 2)],
+                               "meta.a": [("1", 1)]}
+    assert summary.keys == ["confirmation", "nps", "meta.a"]
+
+
+def test_answers_of_every_type_are_charted_sensibly(client):
+    ids = seed(client, 28, callback_data="types")
+    answer(ids[0], {"nps": "7", "choice": ["a", "b", "a"], "agreed": True, "profile": {"age": 30, "city": "Тверь"},
+                    "initialVariables": [], "comment": "first"})
+    answer(ids[1], {"nps": "10", "choice": ["b"], "agreed": False, "profile": {"age": 41.5},
+                    "initialVariables": {}, "comment": ""})
+    answer(ids[2], {"nps": 9, "choice": [], "agreed": True, "profile": {}, "comment": None})
+    answer(ids[3], {"initialVariables": [], "profile": {}})      # only empty fields: not an answer
+    answer(ids[4], [])
+    for n, message_id in enumerate(ids[5:25]):                   # free text: every answer different
+        answer(message_id, {"comment": f"text {n:02d}", "nps": "Тест" if n == 0 else "8"})
+
+    summary = results.summarize(Filters(callback_data="types"))
+
+    assert summary.answered == 23
+    assert "initialVariables" not in summary.keys and "profile" not in summary.keys
+    answers = summary.answers
+    assert answers["choice"] == [("b", 2), ("a", 1)]                   # each choice once per message
+    assert answers["agreed"] == [("true", 2), ("false", 1)]
+    assert answers["profile.age"] == [("30", 1), ("41.5", 1)]          # numbers in numeric order
+    assert answers["profile.city"] == [("Тверь", 1)]
+    assert answers["nps"] == [("8", 19), ("10", 1), ("7", 1), ("9", 1), ("Тест", 1)]   # not all numbers
+    assert answers["comment"] == [("first", 1)] + [(f"text {n:02d}", 1) for n in range(11)]
+    assert summary.other == {"comment": (9, 9)}        # 21 different texts: 12 shown
+    assert summary.lists == ["choice"]
+
+
+def test_numeric_strings_sort_as_numbers(client):
+    ids = seed(client, 4, callback_data="nps")
+    for message_id, nps in zip(ids, ["10", "7", 9, "7"], strict=True):
+        answer(message_id, {"nps": nps})
+    assert results.summarize(Filters(callback_data="nps")).answers["nps"] == [("7", 2), ("9", 1), ("10", 1)]
+
+
+def test_failed_counts_every_failed_status(client):
+    seed(client, 2, prefix="d", callback_data="f")
+    for status in ("UNDELIVERED", "ERROR", "EXPIRED", "PENDING"):
+        seed(client, 1, prefix=status.lower(), callback_data="f", status=status)
+    summary = results.summarize(Filters(callback_data="f"))
+    assert (summary.sent, summary.delivered, summary.failed) == (6, 2, 3)
+    assert summary.statuses["EXPIRED"] == 1
 
 
 def test_mailings_newest_first(client):

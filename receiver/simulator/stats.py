@@ -6,6 +6,7 @@ providerMessageId appear `stats_lag` after delivery; a result appears at the bot
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from datetime import UTC, datetime
@@ -126,21 +127,27 @@ def sessions_stats(args, world: World) -> dict:
         if not truthy(args.get("withoutCount")):
             answer["count"] = len(hits)
         if not truthy(args.get("withoutItems")):
-            empty = None if config.empty_result_null else {}
-            answer["items"] = [_project(_session_item(s, now, empty), wanted, SESSION_ALWAYS)
+            answer["items"] = [_project(_session_item(s, now, config.empty_result), wanted, SESSION_ALWAYS)
                                for s in hits[page * limit:(page + 1) * limit]]
     return answer
 
 
-def _session_item(s: Session, now: float, empty) -> dict:
+def _session_item(s: Session, now: float, empty: str) -> dict:
     answered = s.answered_at is not None and s.answered_at <= now
     status = "CLOSED" if s.closed_at <= now else "ACTIVE"
-    return {"id": s.id, "name": s.name, "clientId": s.client_id, "messengerType": s.messenger_type,
+    item = {"id": s.id, "name": s.name, "clientId": s.client_id, "messengerType": s.messenger_type,
             "chatId": s.chat_id, "channel": "CHAT", "status": status, "botStatus": status,
             "startedAt": iso(s.started_at),
             "lastMessageCreatedAt": iso(s.answered_at if answered else s.started_at),
-            "dialogResultsFromBotJson": dict(s.result) if answered else empty,
+            "dialogResultsFromBotJson": dict(s.result) if answered else None,
             "tags": [], "markedAsSpam": False}
+    if not answered:
+        # SimConfig.empty_result is "{}", "[]" or "null" as JSON, or "missing": no key at all.
+        if empty == "missing":
+            del item["dialogResultsFromBotJson"]
+        else:
+            item["dialogResultsFromBotJson"] = json.loads(empty)
+    return item
 
 
 def truth(world: World) -> list[dict]:

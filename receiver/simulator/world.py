@@ -18,7 +18,8 @@ from .config import SimConfig
 from .scheduler import Scheduler
 
 # PENDING=2 and DELIVERED=6 are documented; the other codes are guesses (see docs/simulator.md).
-STATUS_CODES = {"CREATED": 1, "PENDING": 2, "DELIVERED": 6, "UNDELIVERED": 7, "ERROR": 8}
+STATUS_CODES = {"CREATED": 1, "PENDING": 2, "DELIVERED": 6, "UNDELIVERED": 7, "ERROR": 8,
+                "EXPIRED": 9}   # EXPIRED's code is a guess too: TWIN publishes none
 
 
 def now_ms() -> float:
@@ -28,6 +29,29 @@ def now_ms() -> float:
 
 def seeded_uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+# The message object's keys kept elsewhere on a Message; the rest (sendAt, templateId, ...) in `options`.
+OWN_KEYS = ("channels", "destinations", "callbackUrl", "callbackData")
+
+
+def refused_item(destination: dict, bulk_id: str, group_id: str) -> dict:
+    """The answer item of a refused destination, shaped like TWIN's (id and status null, an error object)."""
+    who = destination.get("phone") or destination.get("messengerUserId")
+    return {"id": None, "bulkId": bulk_id, "groupId": group_id, "flowId": None, "status": None,
+            "channel": "CHAT", "error": {"message": f"Recipient {who} cannot receive messages on this channel",
+                                         "file": "/app/src/Notify/Service/MessageService.php", "line": 214,
+                                         "trace": "#0 /app/src/Notify/Controller/MessageController.php(87)"}}
+
+
+def final_status(config: SimConfig, roll: float) -> str:
+    """Where a message ends, from one draw in [0, 1): the failure shares first, DELIVERED the rest."""
+    for status, share in (("UNDELIVERED", config.undelivered_rate), ("ERROR", config.error_rate_status),
+                          ("EXPIRED", config.expired_rate)):
+        if roll < share:
+            return status
+        roll -= share
+    return "DELIVERED"
 
 
 @dataclass
@@ -54,7 +78,7 @@ class Message:
     message_index: int
     destination_index: int
     position: int                     # index in the send answer
-    phone: str
+    phone: str | None                 # None: addressed by messengerUserId alone
     variables: dict
     callback_url: str | None
     callback_data: str | None
@@ -69,6 +93,8 @@ class Message:
     held: list = field(default_factory=list)   # callbacks kept back to be sent shuffled
     delivered_at: float | None = None
     session: Session | None = None
+    destination: dict = field(default_factory=dict)   # the destination as received (externalId, ...)
+    options: dict = field(default_factory=dict)       # the message object's other keys (sendAt, ...)
 
 
 class World:
@@ -123,6 +149,9 @@ class World:
                 chat = spec["channels"]["chat"]
                 self.channel_ids.add(chat["chatId"])
                 for j, destination in enumerate(spec["destinations"]):
+                    if self._refused(config, destination, send_index, i, j):
+                        answer.append(refused_item(destination, bulk_id, group_id))
+                        continue
                     message = self._new_message(config, spec, chat, destination, bulk_id, group_id,
                                                 flow_id, send_index, i, j, len(answer))
                     self.messages.append(message)
@@ -133,24 +162,28 @@ class World:
                     self.scheduler.at(message.created_at + delay, lambda m=message: self._to_pending(m))
         return answer
 
+    @staticmethod
+    def _refused(config: SimConfig, destination: dict, send_index: int, i: int, j: int) -> bool:
+        """Refused by name (refuse_phones) or by a draw of its own, so other fates stay as they were."""
+        who = destination.get("phone") or destination.get("messengerUserId")
+        if who in config.refuse_phones:
+            return True
+        return config.refuse_rate > 0 and \
+            random.Random(f"{config.seed}:refuse:{send_index}:{i}:{j}").random() < config.refuse_rate
+
     def _new_message(self, config, spec, chat, destination, bulk_id, group_id, flow_id,
                      send_index, i, j, position) -> Message:
         rng = random.Random(self._fates.getrandbits(64))
-        roll = rng.random()
-        if roll < config.undelivered_rate:
-            final = "UNDELIVERED"
-        elif roll < config.undelivered_rate + config.error_rate_status:
-            final = "ERROR"
-        else:
-            final = "DELIVERED"
+        final = final_status(config, rng.random())
         created = now_ms()
         message = Message(
             id=seeded_uuid(self._ids), bulk_id=bulk_id, group_id=group_id, flow_id=flow_id,
             send_index=send_index, message_index=i, destination_index=j, position=position,
-            phone=destination["phone"], variables=dict(destination.get("variables") or {}),
+            phone=destination.get("phone"), variables=dict(destination.get("variables") or {}),
             callback_url=spec.get("callbackUrl"), callback_data=spec.get("callbackData"),
             has_callback_data="callbackData" in spec, chat=dict(chat), created_at=created,
-            rng=rng, final_status=final, reorder=rng.random() < config.reorder_callbacks)
+            rng=rng, final_status=final, reorder=rng.random() < config.reorder_callbacks,
+            destination=dict(destination), options={k: v for k, v in spec.items() if k not in OWN_KEYS})
         message.history.append(("CREATED", STATUS_CODES["CREATED"], created))
         return message
 
@@ -231,8 +264,11 @@ class World:
                 session.closed_at = now_ms()
 
     def _bot_result(self, rng: random.Random, variables: dict) -> dict:
-        return {"confirmation": rng.choice(self.config.result_confirmations),
-                "nps": rng.randint(1, 10), "initialVariables": dict(variables)}
+        """Shaped like the recipe's example: every value a string, and no variables written `[]`
+        (TWIN's PHP side encodes an empty map as a JSON array)."""
+        confirmation = rng.choice(self.config.result_confirmations)
+        nps = str(rng.randint(1, 10))
+        return {"nps": nps, "confirmation": confirmation, "initialVariables": dict(variables) or []}
 
     def _padding_session(self, rng: random.Random, real: Session) -> Session:
         """Someone else's chat in the same window; half on the same channel, half elsewhere."""

@@ -44,15 +44,23 @@ def bars(browser, chart_id: str) -> dict[str, int]:
             for bar in browser.find_elements(By.CSS_SELECTOR, f"#{chart_id} g.bar")}
 
 
+def answer_bars(browser, key: str) -> dict[str, int]:
+    """The bars of the answer chart of result field `key`, in the order the page draws them."""
+    return {bar.get_attribute("data-key"): int(bar.get_attribute("data-count"))
+            for bar in browser.find_elements(By.CSS_SELECTOR, f'figure[data-answer="{key}"] g.bar')}
+
+
 def test_results_page_shows_a_mailing_from_the_simulator(twin, app, live_app, browser, screenshot):
-    twin.configure(undelivered_rate=0.3, no_reply_rate=0.25)
+    twin.configure(undelivered_rate=0.2, expired_rate=0.15, no_reply_rate=0.25)
     ids = send_mailing(twin, live_app.url, phones(16), callback_data=MAILING)
     send_mailing(twin, live_app.url, phones(3, start=100), callback_data="another mailing")
     assert twin.wait_idle(timeout=20)
     truth = [t for t in twin.truth() if t["id"] in ids]
     delivered = [t for t in truth if t["finalStatus"] == "DELIVERED"]
     answered = [t for t in delivered if t["result"]]
+    failed = [t for t in truth if t["finalStatus"] in ("UNDELIVERED", "EXPIRED")]
     assert 0 < len(delivered) < 16 and answered, "seed 11 should give a funnel with every step"
+    assert {t["finalStatus"] for t in failed} == {"UNDELIVERED", "EXPIRED"}, "seed 11 should fail both ways"
 
     enricher = Enricher.from_app(app)
     looking = Message.stage.in_(list(ACTIVE_STAGES))
@@ -69,10 +77,17 @@ def test_results_page_shows_a_mailing_from_the_simulator(twin, app, live_app, br
     assert number(browser, "count-delivered") == len(delivered)
     assert number(browser, "count-session_started") == len(delivered)
     assert number(browser, "count-answered") == len(answered)
-    assert bars(browser, "funnel") == {"sent": 16, "delivered": len(delivered),
-                                       "session_started": len(delivered), "answered": len(answered)}
+    assert number(browser, "count-failed") == len(failed)
+    assert bars(browser, "funnel") == {"sent": 16, "delivered": len(delivered), "session_started": len(delivered),
+                                       "answered": len(answered), "failed": len(failed)}
     confirmations = Counter(t["result"]["confirmation"] for t in answered)
-    assert bars(browser, "answers-1") == dict(confirmations)
+    assert answer_bars(browser, "confirmation") == dict(confirmations)
+    # The simulator writes nps as the recipe does, a string: the chart still runs 1, 2, ... 10.
+    nps = answer_bars(browser, "nps")
+    assert nps == dict(Counter(t["result"]["nps"] for t in answered))
+    assert list(nps) == sorted(nps, key=int)
+    # Each destination's variables are nested under initialVariables: flattened to a chart of their own.
+    assert sum(answer_bars(browser, "initialVariables.n").values()) == len(answered)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results-table tr.result-row")) == 16
     screenshot(browser, "mailing")
 

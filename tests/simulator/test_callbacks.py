@@ -3,7 +3,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from .helpers import Receiver, free_port, message, phones, send
+from .helpers import Receiver, free_port, message, phones, send, stats
 
 FIELDS = {"id", "bulkId", "groupId", "flowId", "oldStatus", "newStatus", "oldStatusCode", "newStatusCode",
           "price", "partCount", "callbackData"}
@@ -46,6 +46,31 @@ def test_failed_deliveries_end_undelivered_or_error(make_sim, receiver):
     finals = Counter(b["newStatus"] for b in receiver.bodies if b["oldStatus"] == "PENDING")
     assert set(finals) == {"UNDELIVERED", "ERROR"} and sum(finals.values()) == 20
     assert all(t["sessionId"] is None and t["result"] is None for t in sim.truth())
+
+
+def test_expired_is_final_without_a_session_and_is_called_back(make_sim, receiver):
+    sim = make_sim(expired_rate=1.0)
+    ids = [i["id"] for i in send(sim, message(phones(4), callback_url=receiver.url, callback_data="e")).json()]
+    assert sim.wait_idle(5)
+    for bodies in by_message(receiver.bodies).values():
+        assert [(b["oldStatus"], b["newStatus"]) for b in bodies] == [("CREATED", "PENDING"), ("PENDING", "EXPIRED")]
+        assert bodies[-1]["oldStatusCode"] == 2 and isinstance(bodies[-1]["newStatusCode"], int)
+        assert bodies[-1]["price"] == 0 and bodies[-1]["callbackData"] == "e"
+    assert set(by_message(receiver.bodies)) == set(ids)
+    truth = sim.truth()
+    assert {(t["status"], t["finished"], t["sessionId"], t["result"]) for t in truth} == {("EXPIRED", True, None, None)}
+    assert stats(sim, "sessions").json()["count"] == 0
+    items = stats(sim, "messages", fields="id,providerMessageId,status").json()["items"]
+    assert {(i["status"], i["providerMessageId"]) for i in items} == {("EXPIRED", None)}
+
+
+def test_failure_shares_split_the_messages(make_sim):
+    sim = make_sim(undelivered_rate=0.25, error_rate_status=0.25, expired_rate=0.25)
+    send(sim, message(phones(200)))
+    assert sim.wait_idle(5)
+    finals = Counter(t["finalStatus"] for t in sim.truth())
+    assert set(finals) == {"UNDELIVERED", "ERROR", "EXPIRED", "DELIVERED"}
+    assert all(25 <= count <= 75 for count in finals.values()), finals
 
 
 def test_truth_matches_callbacks(make_sim, receiver):

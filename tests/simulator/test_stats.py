@@ -1,11 +1,16 @@
+import json
 import time
 from collections import Counter
+from pathlib import Path
 
+import pytest
 import requests
 
 from .helpers import auth, message, phones, send, stats
 
 MSG_FIELDS = "id,providerMessageId,status"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ABSENT = object()
 
 
 def test_provider_message_id_is_null_until_the_lag_has_passed(make_sim):
@@ -112,14 +117,61 @@ def test_without_count_and_without_items_and_fields(sim):
     assert item["messengerType"] == "WHATSAPP"
 
 
-def test_empty_result_can_be_null(make_sim):
-    sim = make_sim(no_reply_rate=1.0, empty_result_null=True, session_close_after=0.2)
+@pytest.mark.parametrize("form, shown", [("{}", {}), ("[]", []), ("null", None), ("missing", ABSENT)])
+def test_an_empty_result_is_written_as_configured(make_sim, form, shown):
+    sim = make_sim(no_reply_rate=1.0, empty_result=form, session_close_after=0.2)
     send(sim, message(phones(1)))
     assert sim.wait_idle(5)
     time.sleep(0.25)
-    item = stats(sim, "sessions").json()["items"][0]
-    assert item["dialogResultsFromBotJson"] is None and item["status"] == "CLOSED"
+    for fields in (None, "id,status,dialogResultsFromBotJson"):
+        item = stats(sim, "sessions", **({"fields": fields} if fields else {})).json()["items"][0]
+        assert item.get("dialogResultsFromBotJson", ABSENT) == shown and item["status"] == "CLOSED"
     assert sim.truth()[0]["result"] is None
+
+
+def test_empty_result_null_is_still_understood(make_sim):
+    sim = make_sim(no_reply_rate=1.0, empty_result_null=True)
+    assert sim.config.empty_result == "null"
+    send(sim, message(phones(1)))
+    assert sim.wait_idle(5)
+    assert stats(sim, "sessions").json()["items"][0]["dialogResultsFromBotJson"] is None
+
+
+def test_an_unknown_empty_result_form_is_refused_naming_the_key(sim):
+    answer = requests.post(sim.url + "/_sim/config", json={"empty_result": "none"}, timeout=5)
+    assert answer.status_code == 422 and "empty_result" in answer.json()["error"]
+    assert sim.config.empty_result == "{}"
+
+
+def test_results_are_written_like_the_recipes_example(make_sim):
+    sim = make_sim()
+    bare = message(phones(3))
+    for destination in bare["destinations"]:
+        del destination["variables"]
+    send(sim, message(phones(3, start=10)), bare)
+    assert sim.wait_idle(5)
+    time.sleep(0.15)
+    recipe = json.loads((EXAMPLES / "sessions-statistics-answer.json").read_text())["items"][0]
+    items = stats(sim, "sessions").json()["items"]
+    assert len(items) == 6
+    for item in items:
+        result = item["dialogResultsFromBotJson"]
+        assert list(result) == list(recipe["dialogResultsFromBotJson"])      # nps, confirmation, initialVariables
+        assert isinstance(result["nps"], str) and 1 <= int(result["nps"]) <= 10
+        assert result["confirmation"] in ("Да", "Нет", "Отказ")
+    variables = sorted(json.dumps(i["dialogResultsFromBotJson"]["initialVariables"]) for i in items)
+    assert variables == ["[]", "[]", "[]", '{"n": "0"}', '{"n": "1"}', '{"n": "2"}']
+
+
+def test_results_are_the_same_for_the_same_seed(make_sim):
+    seen = []
+    for _ in range(2):
+        sim = make_sim(seed=5, undelivered_rate=0.2, expired_rate=0.2, no_reply_rate=0.2)
+        send(sim, message(phones(30)))
+        assert sim.wait_idle(5)
+        seen.append([(t["finalStatus"], t["sessionId"], t["result"]) for t in sim.truth()])
+    assert seen[0] == seen[1]
+    assert {status for status, _, _ in seen[0]} == {"DELIVERED", "UNDELIVERED", "EXPIRED"}
 
 
 def test_calls_are_counted_per_endpoint_and_status(sim):
