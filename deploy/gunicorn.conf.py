@@ -22,6 +22,8 @@ import glob
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
 
 from gunicorn.glogging import Logger
@@ -181,6 +183,38 @@ def _alive(pid):
 
 
 def on_starting(server):
+    _stop_on_a_bad_setting()
+    _forget_dead_processes_metrics(server)
+
+
+def _stop_on_a_bad_setting():
+    """Read the settings once before any worker starts, and stop with their one-line error.
+
+    Each worker would find the same error and exit with "failed to boot" (wsgi.py), but several
+    workers failing at once can make gunicorn's own shutdown fail with a traceback. The check runs in
+    a child process, so that this master never imports the application (see preload_app).
+    """
+    found = subprocess.run([sys.executable, "-c", _SETTINGS_CHECK], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))})
+    if found.returncode == _BAD_SETTING:
+        print(found.stderr.strip(), file=sys.stderr, flush=True)
+        sys.exit(_BAD_SETTING)
+    # Anything else (the code cannot be imported from here): the workers will say what it is.
+
+
+_BAD_SETTING = 3        # gunicorn's own status for "worker failed to boot"; the systemd unit expects it
+_SETTINGS_CHECK = """
+import sys
+from receiver.settings import Settings, SettingsError
+try:
+    Settings.from_env()
+except SettingsError as error:
+    print(f"twin24-receiver: {error}", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def _forget_dead_processes_metrics(server):
     """Start the counts afresh: remove the files of processes that are gone.
 
     Files of live processes stay: the enrichment worker shares the directory and keeps running when

@@ -25,6 +25,7 @@ from pathlib import Path
 import requests
 
 from .simulator import SimConfig, Simulator
+from .status import FAILED_STATUSES
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
@@ -35,7 +36,7 @@ NAMES = ["Иван", "Мария", "Пётр", "Анна", "Олег", "Елен
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="twin24-demo-"))
     twin = Simulator(SimConfig(
-        seed=42, pending_after=(0.2, 1.0), final_after=(0.5, 2.5), undelivered_rate=0.1,
+        seed=42, pending_after=(0.2, 1.0), final_after=(0.5, 2.5), undelivered_rate=0.1, expired_rate=0.1,
         stats_lag=1.0, result_after=(2.0, 8.0), no_reply_rate=0.2, session_close_after=12.0,
         duplicate_callbacks=0.3, reorder_callbacks=0.3, padding_sessions=2, shuffle=True,
     )).start()
@@ -48,6 +49,8 @@ def main() -> int:
                                        workdir / "web.log"))
         wait_healthy(f"http://127.0.0.1:{port}/healthz")
         processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))
+        say("checking the TWIN account first, as a new user would: python -m receiver check-twin")
+        subprocess.run([sys.executable, "-m", "receiver", "check-twin"], cwd=workdir, env=with_code(env), check=True)
 
         csv_path = workdir / "mailing.csv"
         csv_path.write_text("phone,name\n" + "".join(
@@ -104,8 +107,8 @@ def watch(database: Path, count: int, timeout: float) -> bool:
                        sum(status = 'DELIVERED'),
                        sum(chat_id is not null),
                        sum(result is not null),
-                       sum(stage in ('done', 'given_up') or status in ('UNDELIVERED', 'ERROR'))
-                from results""").fetchone()
+                       sum(stage in ('done', 'given_up') or status in ({failed}))
+                from results""".format(failed=", ".join(f"'{status}'" for status in FAILED_STATUSES))).fetchone()
         total, delivered, chats, answered, settled = (value or 0 for value in row)
         line = f"  messages {total:>2}  delivered {delivered:>2}  chat ids {chats:>2}  results {answered:>2}"
         if line != last:

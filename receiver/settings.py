@@ -22,6 +22,12 @@ PRODUCTION_ANALYSE_URL = "https://analyse.twin24.ai/api/v1"
 
 SQLITE_SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
+# Exit statuses of a process stopped by a bad setting, so that supervisors do not restart it into the
+# same error: sysexits' EX_CONFIG for the commands, and gunicorn's "worker failed to boot" for a web
+# worker (the master then stops instead of booting new workers). The systemd units name both.
+EXIT_BAD_SETTING = 78
+EXIT_BAD_SETTING_GUNICORN = 3
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; str(error) is one line naming it."""
@@ -70,7 +76,7 @@ class Settings:
     twin24_retries: int = _env("TWIN24_RETRIES", kind="int", default=5, minimum=0)
     twin24_max_retry_wait: float = _env("TWIN24_MAX_RETRY_WAIT", kind="float", default=60.0, minimum=0)
     twin24_page_size: int = _env("TWIN24_PAGE_SIZE", kind="int", default=1000, minimum=1)
-    twin24_token_ttl: int = _env("TWIN24_TOKEN_TTL", kind="int", default=3600, minimum=60)
+    twin24_token_ttl: int = _env("TWIN24_TOKEN_TTL", kind="int", default=86400, minimum=60)
 
     # The callback endpoint.
     max_body_bytes: int = _env("MAX_BODY_BYTES", kind="int", default=64 * 1024, minimum=1024)

@@ -225,3 +225,17 @@ def test_app_log_lines_are_redacted_in_workers(monkeypatch, tmp_path):
                                (f"/callbacks/{CALLBACK_TOKEN}", "POST"), None)
     assert default_handler.filter(record)
     assert record.getMessage() == "Exception on /callbacks/*** [POST]"
+
+
+def test_a_bad_setting_stops_gunicorn_at_once_instead_of_booting_workers_forever(tmp_path):
+    server = Gunicorn(f"sqlite:///{tmp_path}/receiver.db", tmp_path, API_TOKEN="13-characters")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="gunicorn exited with 3"):
+        server.start(timeout=30)
+    took = time.monotonic() - started
+
+    assert took < 20
+    lines = [line for line in server.logs().splitlines() if "API_TOKEN: must be at least 16 characters" in line]
+    assert len(lines) == 1, server.logs()          # the master stops before it boots a worker
+    assert "Booting worker" not in server.logs()
+    assert "Traceback" not in server.logs()

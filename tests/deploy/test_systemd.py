@@ -1,7 +1,7 @@
 """deploy/systemd units: `systemd-analyze verify` accepts them, and their hardening scores well.
 
 verify insists that ExecStart's program exists, so the test checks copies whose
-/opt/twin24-receiver/.venv/bin/ points at this virtualenv's bin/ (which has gunicorn and flask);
+/opt/twin24-receiver/.venv/bin/ points at this virtualenv's bin/ (which has gunicorn and python);
 everything else is the unit as shipped. Any warning verify prints about a unit fails the test too
 (a misspelt setting is only a warning to systemd, and is then silently ignored).
 """
@@ -35,7 +35,7 @@ def units(tmp_path) -> list[Path]:
         copy = tmp_path / name
         copy.write_text(text.replace("/opt/twin24-receiver/.venv/bin/", f"{venv_bin}/"))
         copies.append(copy)
-    for program in ("gunicorn", "flask"):
+    for program in ("gunicorn", "python"):
         assert (venv_bin / program).exists(), f"{program} is not in {venv_bin}"
     return copies
 
@@ -71,6 +71,8 @@ def test_units_restart_on_failure_and_read_the_environment_file(unit):
             key, _, value = line.partition("=")
             settings.setdefault(key, []).append(value)
     assert settings["Restart"] == ["on-failure"]
+    # A bad setting exits with this status (receiver/settings.py): restarting would repeat it forever.
+    assert settings["RestartPreventExitStatus"] == (["3"] if unit.endswith("web.service") else ["78"])
     assert settings["EnvironmentFile"] == ["/etc/twin24-receiver/env"]
     assert settings["WorkingDirectory"] == ["/opt/twin24-receiver"]
     assert settings["User"] == ["twin24-receiver"]
