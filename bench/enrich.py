@@ -34,6 +34,7 @@ import requests
 from receiver.demo import GUNICORN_CONF, free_port, start_process, stop_processes, wait_healthy
 from receiver.settings import Settings
 from receiver.simulator import SimConfig, Simulator
+from receiver.status import FAILED_STATUSES
 
 CALLBACK_TOKEN = "bench-callback-token-0123456789"
 API_TOKEN = "bench-api-token-0123456789abcdef"
@@ -158,9 +159,10 @@ def stage_counts(db_path: Path) -> dict:
 
 
 def undelivered(db_path: Path) -> int:
+    marks = ", ".join("?" * len(FAILED_STATUSES))
     with sqlite3.connect(db_path, timeout=30) as connection:
         return connection.execute(
-            "select count(*) from message where stage = 'none' and status in ('UNDELIVERED', 'ERROR')"
+            f"select count(*) from message where stage = 'none' and status in ({marks})", FAILED_STATUSES
         ).fetchone()[0]
 
 
