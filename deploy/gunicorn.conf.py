@@ -19,7 +19,7 @@ Nothing here imports the application: the master process stays free of it, so th
 (systemctl reload) makes new workers load the new code (see preload_app).
 """
 import glob
-import logging
+import importlib.util
 import os
 import re
 import subprocess
@@ -95,35 +95,31 @@ if not control_socket_disable:
 
 # --- Logs without secrets -------------------------------------------------------------------------
 # The callback token is part of the URL (/callbacks/<CALLBACK_TOKEN>): a plain access log would write
-# it to disk on every callback, and gunicorn's "Error handling request <uri>" would too.
+# it to disk on every callback, and gunicorn's "Error handling request <uri>" would too. The redaction
+# is the app's own (receiver/redaction.py), loaded here from its file: importing it as
+# receiver.redaction would import the whole application into this master (see preload_app).
 
-REDACTED = "***"
-_CALLBACK_PATH = re.compile(r"(/callbacks/)[^/?#\s\"']+", re.IGNORECASE)
-_SECRET_QUERY = re.compile(
-    r"(?i)(?<![a-z0-9_])((?:api_?)?token|access_token|api_?key|password|secret)=[^&#\s\"']*")
+
+def _load_redaction():
+    spec = importlib.util.find_spec("receiver")     # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("gunicorn.conf.py: the receiver package is not importable from here")
+    path = os.path.join(spec.submodule_search_locations[0], "redaction.py")
+    module_spec = importlib.util.spec_from_file_location("_twin24_receiver_redaction", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+_redaction = _load_redaction()
+REDACTED = _redaction.REDACTED
+RedactFilter = _redaction.RedactFilter
 SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key")
 
 
 def redact(text):
     """`text` with callback tokens and secret query values replaced by ***."""
-    if not isinstance(text, str) or not text:
-        return text
-    text = _CALLBACK_PATH.sub(lambda m: m.group(1) + REDACTED, text)
-    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
-
-
-class RedactFilter(logging.Filter):
-    """Redacts a record's final message, whatever format and arguments produced it."""
-
-    def filter(self, record):
-        try:
-            message = record.getMessage()
-        except Exception:       # a broken format string: let logging report it as usual
-            return True
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
+    return _redaction.redact(text)
 
 
 _FILTER = RedactFilter()
@@ -233,16 +229,27 @@ def _forget_dead_processes_metrics(server):
 
 
 def post_worker_init(worker):
+    _give_the_app_the_heartbeat(worker)
     # The app's own loggers (Flask's "Exception on /callbacks/<token>" names the path) get the
-    # same redaction as gunicorn's.
+    # same redaction as gunicorn's; create_app gave its filter the token values too. The app is
+    # loaded in this worker already, so importing from it costs nothing here.
     from flask.logging import default_handler
 
-    _add_filter(default_handler)
-    for name in ("receiver", "werkzeug", ""):
-        log = logging.getLogger(name)
-        _add_filter(log)
-        for handler in log.handlers:
-            _add_filter(handler)
+    from receiver import redaction
+    redaction.install(loggers=("receiver", "werkzeug", ""), handlers=[default_handler])
+
+
+def _give_the_app_the_heartbeat(worker):
+    """Let a long CSV export tell the master it is alive.
+
+    A sync worker proves it is alive by touching its heartbeat file (worker.notify) between requests;
+    the master kills one whose file is older than `timeout` ("WORKER TIMEOUT"), which would cut an
+    export mid-file. The app calls HEARTBEAT while the export makes progress, so only a worker that
+    stops making progress (a database that stopped answering) is killed.
+    """
+    config = getattr(worker.wsgi, "config", None)      # worker.wsgi is wsgi:app, the Flask app
+    if config is not None:
+        config["HEARTBEAT"] = worker.notify
 
 
 def child_exit(server, worker):

@@ -8,14 +8,19 @@ from __future__ import annotations
 import sys
 
 from flask import Flask, jsonify, request
+from flask.logging import default_handler
 from peewee import SqliteDatabase
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, callbacks, cli, models, pages, sending_api
+from . import api, callbacks, cli, models, pages, redaction, sending_api
 from .settings import Settings, SettingsError
 
-__all__ = ["create_app", "callback_url", "Settings", "SettingsError"]
+__all__ = ["create_app", "callback_url", "current_callback_url", "Settings", "SettingsError"]
+
+# The pages use no JavaScript, no inline style and nothing from elsewhere; the charts are inline SVG.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+                           "frame-ancestors 'none'; base-uri 'none'")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -28,7 +33,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     models.bind(settings)
     models.create_schema()
     app.config["CALLBACK_TOKEN"] = _token(settings, "callback_token", settings.callback_token)
+    app.config["CALLBACK_TOKEN_PREVIOUS"] = settings.callback_token_previous
     app.config["API_TOKEN"] = _token(settings, "api_token", settings.api_token)
+    app.config["SEND_TOKEN"] = settings.send_token
+    redaction.install(secrets_of(app), handlers=[default_handler])
 
     if settings.trusted_proxies:
         # Client addresses come from X-Forwarded-* only as far as the proxies we trust wrote them.
@@ -36,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)
 
     app.before_request(_connect)
+    app.after_request(_security_headers)
     app.teardown_appcontext(_release)
     for module in (callbacks, api, sending_api, pages):
         app.register_blueprint(module.bp)
@@ -49,17 +58,56 @@ def callback_url(settings: Settings, token: str) -> str:
     return f"{settings.public_url}/callbacks/{token}"
 
 
+def current_callback_url(settings: Settings) -> str:
+    """The callback URL as of now, for a send going out now: CALLBACK_TOKEN, else the token generated
+    and kept in the database (create_app made it). Read at send time, so that sends queued before a
+    rotation go out with the new token."""
+    token = settings.callback_token or models.Meta.get_by_id("callback_token").value
+    return callback_url(settings, token)
+
+
+def secrets_of(app: Flask) -> list[str]:
+    """Every secret value the app knows, for the log redaction."""
+    settings = app.config["SETTINGS"]
+    return [value for value in (app.config["CALLBACK_TOKEN"], settings.callback_token_previous,
+                                app.config["API_TOKEN"], settings.send_token, settings.twin24_token,
+                                settings.twin24_password) if value]
+
+
 def _token(settings: Settings, key: str, configured: str | None) -> str:
     token, generated = models.ensure_token(key, configured)
     if generated:
-        # Printed once, to the console of the process that made it; never logged.
-        print(f"twin24-receiver: generated {key.upper()} and kept it in the database.", file=sys.stderr)
-        if key == "callback_token":
-            print(f"twin24-receiver: set callbackUrl in your TWIN sends to {callback_url(settings, token)}",
-                  file=sys.stderr)
-        else:
-            print(f"twin24-receiver: API token (Authorization: Bearer ...): {token}", file=sys.stderr)
+        _announce(settings, key, token)
     return token
+
+
+def _announce(settings: Settings, key: str, token: str) -> None:
+    """Say once, in the process that generated it, that a token was made. The token itself only goes
+    to a terminal: a service's stderr is a log (journald, docker logs) that others may read."""
+    name = key.upper()
+    if not _stderr_is_a_terminal():
+        print(f"twin24-receiver: generated {name} and kept it in the database; "
+              "see it with `python -m receiver show-token` in a terminal", file=sys.stderr)
+        return
+    print(f"twin24-receiver: generated {name} and kept it in the database.", file=sys.stderr)
+    if key == "callback_token":
+        print(f"twin24-receiver: set callbackUrl in your TWIN sends to {callback_url(settings, token)}",
+              file=sys.stderr)
+    else:
+        print(f"twin24-receiver: API token (Authorization: Bearer ...): {token}", file=sys.stderr)
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):        # replaced by something without isatty, or closed
+        return False
+
+
+def _security_headers(response):
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    return response
 
 
 def _routing_error(error: HTTPException):

@@ -6,6 +6,8 @@ import datetime as dt
 import functools
 import hmac
 import os
+import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -13,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from peewee import DatabaseError, InterfaceError, fn
 
 from . import results
-from .models import Event, Message, Meta
+from .models import ESTIMATE_ABOVE, Event, Message, Meta, callback_data_is
 from .status import OUTCOMES, outcome_of_rank
 
 bp = Blueprint("api", __name__)
@@ -21,9 +23,14 @@ bp = Blueprint("api", __name__)
 SECRET_QUERY_NAMES = ("token", "api_token", "access_token", "apikey", "api_key")
 
 
+def token_ok(presented: str | None, name: str = "API_TOKEN") -> bool:
+    """Whether `presented` is the token app.config[name] (API_TOKEN, SEND_TOKEN); never when it is unset."""
+    expected = current_app.config.get(name)
+    return bool(presented and expected) and hmac.compare_digest(presented.encode(), expected.encode())
+
+
 def api_token_ok(presented: str | None) -> bool:
-    expected = current_app.config["API_TOKEN"]
-    return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+    return token_ok(presented, "API_TOKEN")
 
 
 def bearer_token() -> str | None:
@@ -31,18 +38,38 @@ def bearer_token() -> str | None:
     return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
 
 
-def require_api_token(view):
-    """Let a request through only with `Authorization: Bearer <API_TOKEN>`."""
+def require_token(*names: str):
+    """Let a request through only with `Authorization: Bearer <token>`, one of the tokens `names`."""
+    def decorate(view):
+        @functools.wraps(view)
+        def guarded(*args, **kwargs):
+            if any(name in request.args for name in SECRET_QUERY_NAMES):
+                # A token in a URL ends up in logs and browser history: refuse it even when right.
+                return jsonify(error="token_in_query",
+                               detail="send the token in the Authorization header, never in the URL"), 400
+            presented = bearer_token()
+            if not any(token_ok(presented, name) for name in names):
+                wanted = " or ".join(f"<{name}>" for name in names)
+                return (jsonify(error="unauthorized", detail=f"send Authorization: Bearer {wanted}"), 401,
+                        {"WWW-Authenticate": 'Bearer realm="twin24-receiver"'})
+            return view(*args, **kwargs)
+        return guarded
+    return decorate
+
+
+require_api_token = require_token("API_TOKEN")
+
+
+def require_send_token(view):
+    """Sending (paid mailings) takes SEND_TOKEN, never the reading API_TOKEN; without a SEND_TOKEN
+    set, sending over HTTP is off (403)."""
+    checked = require_token("SEND_TOKEN")(view)
+
     @functools.wraps(view)
     def guarded(*args, **kwargs):
-        if any(name in request.args for name in SECRET_QUERY_NAMES):
-            # A token in a URL ends up in logs and browser history: refuse it even when right.
-            return jsonify(error="token_in_query",
-                           detail="send the token in the Authorization header, never in the URL"), 400
-        if not api_token_ok(bearer_token()):
-            return (jsonify(error="unauthorized", detail="send Authorization: Bearer <API_TOKEN>"), 401,
-                    {"WWW-Authenticate": 'Bearer realm="twin24-receiver"'})
-        return view(*args, **kwargs)
+        if not current_app.config.get("SEND_TOKEN"):
+            return jsonify(error="sending_off", detail="sending over HTTP is off: set SEND_TOKEN"), 403
+        return checked(*args, **kwargs)
     return guarded
 
 
@@ -56,20 +83,33 @@ def healthz():
     return jsonify(status="ok", database="ok")
 
 
+def bad_parameter(name: str, detail: str):
+    return jsonify(error="bad_parameter", parameter=name, detail=detail), 400
+
+
 MESSAGE_LIMIT = 1000
+MESSAGE_PARAMS = ("callbackData", "id")
 
 
 @bp.get("/api/messages")
 @require_api_token
 def messages():
-    """The messages of one callbackData (or one message id), each with its status history."""
+    """The messages of one callbackData or one message id (both: the message, if it has that
+    callbackData), each with its status history."""
+    for name in request.args:
+        if name not in MESSAGE_PARAMS:
+            return bad_parameter(name, "unknown parameter; known: callbackData, id")
+        if "\x00" in request.args[name]:     # nothing stored holds one, and PostgreSQL cannot compare it
+            return bad_parameter(name, "contains a NUL character")
     callback_data = request.args.get("callbackData")
     message_id = request.args.get("id")
     if callback_data is None and message_id is None:
         return jsonify(error="missing_parameter", detail="give callbackData=... or id=..."), 400
     query = Message.select().order_by(Message.first_seen_at, Message.id).limit(MESSAGE_LIMIT)
-    query = query.where(Message.callback_data == callback_data) if callback_data is not None \
-        else query.where(Message.id == message_id)
+    if callback_data is not None:
+        query = query.where(callback_data_is(callback_data))
+    if message_id is not None:
+        query = query.where(Message.id == message_id)
     found = list(query)
     history = _history([m.id for m in found])
     return jsonify(messages=[message_json(m, history.get(m.id, [])) for m in found],
@@ -154,20 +194,32 @@ def results_page():
 @bp.get("/api/results.csv")
 @require_api_token
 def results_csv():
-    """Every matching result as CSV, streamed (excel=1: with a BOM and formulas defused)."""
-    filters, refusal = _filters_or_400(allowed=("excel",))
+    """Every matching result as CSV, streamed, with formulas defused (raw=1: as stored; excel=1: with a BOM)."""
+    filters, refusal = _filters_or_400(allowed=("excel", "raw"))
     if refusal:
         return refusal
-    return csv_response(filters, excel=_truthy("excel"))
+    return csv_response(filters, excel=_truthy("excel"), raw=_truthy("raw"))
 
 
-def csv_response(filters: results.Filters, excel: bool = False, filename: str = "results") -> Response:
-    """A streamed CSV answer (also used by the results page's download link, named after the mailing)."""
-    body = stream_with_context(results.csv_stream(filters, excel=excel))
+def csv_response(filters: results.Filters, excel: bool = False, raw: bool = False,
+                 filename: str = "results") -> Response:
+    """A streamed CSV answer (also used by the results page's download link, named after the mailing).
+
+    Under gunicorn the stream calls the worker's heartbeat (HEARTBEAT, set by deploy/gunicorn.conf.py)
+    as it makes progress, so an export of any size outlives the worker timeout. An error midway
+    propagates: the server then drops the connection without the last chunk, so a client sees a broken
+    download, never a short file that looks complete.
+    """
+    keep_alive = current_app.config.get("HEARTBEAT") or _no_heartbeat
+    body = stream_with_context(results.csv_stream(filters, excel=excel, raw=raw, keep_alive=keep_alive))
     return Response(body, mimetype="text/csv", headers={
         "Content-Disposition": _attachment(filename[:100] + ".csv"),
         "Cache-Control": "private, no-store",
     })
+
+
+def _no_heartbeat() -> None:
+    """Outside gunicorn (flask run, tests) nothing watches the worker."""
 
 
 def _attachment(name: str) -> str:
@@ -212,14 +264,20 @@ def openapi_json():
 
 @bp.get("/metrics")
 def prometheus_metrics():
-    """Counters from every process, and the backlog read from the database now.
+    """Counters from every process, and gauges read from the database (at most every
+    METRICS_CACHE_SECONDS per process: each read counts whole tables).
 
-    Open without a token, as Prometheus expects: it reveals counts, never data. Put it behind the
-    reverse proxy's access rules if even counts are private (docs/results.md).
+    Open without a token, as Prometheus expects: it reveals counts, never data. With METRICS_TOKEN set
+    it takes `Authorization: Bearer <METRICS_TOKEN>` (Prometheus: `authorization: {credentials: ...}`),
+    whether it is reached through nginx or straight at gunicorn.
     """
     from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client.exposition import choose_encoder
 
+    settings = current_app.config["SETTINGS"]
+    if settings.metrics_token and not _presented(settings.metrics_token):
+        return (jsonify(error="unauthorized", detail="send Authorization: Bearer <METRICS_TOKEN>"), 401,
+                {"WWW-Authenticate": 'Bearer realm="twin24-receiver metrics"'})
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Under gunicorn every worker counts in its own files there; add them all up.
@@ -227,9 +285,47 @@ def prometheus_metrics():
         multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(_Forward(REGISTRY))
-    registry.register(DatabaseCollector())
+    registry.register(_database_collector(settings.metrics_cache_seconds))
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     return Response(encoder(registry), headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+def _presented(token: str) -> bool:
+    """Whether the request's bearer token is `token` (compared in constant time)."""
+    presented = bearer_token()
+    return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
+
+
+def _database_collector(seconds: float) -> CachedCollector:
+    """This app's cached DatabaseCollector (one per process: gunicorn's workers each keep their own)."""
+    cached = current_app.extensions.get("receiver_database_metrics")
+    if cached is None:
+        cached = current_app.extensions.setdefault("receiver_database_metrics",
+                                                   CachedCollector(DatabaseCollector(), seconds))
+    return cached
+
+
+class CachedCollector:
+    """A collector's metrics, collected at most once every `seconds` and given again until then.
+
+    Every scrape of every Prometheus server, through every worker, would otherwise count the tables
+    again. One scrape at a time collects (the others wait and take its result), so an expiry under a
+    burst of scrapes costs one read of the database.
+    """
+
+    def __init__(self, collector, seconds: float):
+        self.collector, self.seconds = collector, seconds
+        self._lock = threading.Lock()
+        self._families: list | None = None
+        self._collected_at = 0.0
+
+    def collect(self):
+        with self._lock:
+            now = time.monotonic()
+            if self._families is None or now - self._collected_at >= self.seconds:
+                self._families = list(self.collector.collect())
+                self._collected_at = now
+            return list(self._families)
 
 
 class _Forward:
@@ -243,20 +339,21 @@ class _Forward:
 
 
 class DatabaseCollector:
-    """Gauges read from the database at scrape time: right whichever process or host is asked."""
+    """Gauges read from the database (not counted in this process): right whichever process or host
+    is asked."""
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
         from .enrich import backlog
-        from .models import STAGES, Rejected, TwinCall
+        from .models import STAGES, Rejected, TwinCall, row_count
 
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
             report = backlog()
             outcomes = messages_by_outcome()
-            events = Event.select().count()
-            rejected = Rejected.select().count()
+            events = row_count(Event)
+            rejected = row_count(Rejected)
             calls = list(TwinCall.select())
         except (DatabaseError, InterfaceError):
             up.add_metric([], 0)
@@ -281,9 +378,11 @@ class DatabaseCollector:
         yield GaugeMetricFamily("receiver_enrichment_oldest_due_seconds",
                                 "How overdue the oldest due message is (0 when none is due).",
                                 value=max(0.0, report["oldest_due_seconds"] or 0.0))
-        yield GaugeMetricFamily("receiver_events_stored", "Status callbacks stored in the event table.",
+        yield GaugeMetricFamily("receiver_events_stored", "Status callbacks stored in the event table "
+                                f"(on PostgreSQL its statistics' estimate, past {ESTIMATE_ABOVE:,} rows).",
                                 value=events)
-        yield GaugeMetricFamily("receiver_rejected_stored", "Refused callbacks kept in the rejected table.",
+        yield GaugeMetricFamily("receiver_rejected_stored", "Refused callbacks kept in the rejected table "
+                                f"(on PostgreSQL its statistics' estimate, past {ESTIMATE_ABOVE:,} rows).",
                                 value=rejected)
         last_error = GaugeMetricFamily("receiver_twin_last_error_timestamp_seconds",
                                        "When a TWIN endpoint last failed (Unix time).", labels=["endpoint"])

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 
 from flask import Blueprint, current_app, jsonify, request
@@ -25,7 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
-from . import metrics
+from . import jsonbody, metrics
 from .models import Event, Message, Prepared, Rejected, db, slot, utcnow, write_transaction
 from .status import STATUS_OF_CODE, check_times, forward_update_for, new_fields_for, variant
 
@@ -130,9 +131,12 @@ class Accepted:
 def receive(token: str):
     """Also answers a method the route does not list (TRACE, PROPFIND...): the app's 405 handler
     hands those here, so that every method gets the same answer."""
-    if not hmac.compare_digest(token.encode(), current_app.config["CALLBACK_TOKEN"].encode()):
+    which = token_kind(token)
+    if which is None:
         # Not ours: say nothing about the endpoint and keep nothing.
         return jsonify(error="not_found"), 404
+    if which == "previous":
+        note_previous_token()
     try:
         if request.method != "POST":
             raise Refusal("method_not_allowed", f"use POST, not {request.method}", 405)
@@ -149,6 +153,33 @@ def receive(token: str):
         outcome = accepted.outcomes[0]
         return refuse(outcome.refusal) if outcome.refusal else (jsonify(outcome.as_json()), 200)
     return answer_array(accepted)
+
+
+def token_kind(token: str) -> str | None:
+    """"current" for CALLBACK_TOKEN, "previous" for CALLBACK_TOKEN_PREVIOUS (callbacks of sends made
+    before a rotation), None for anything else; compared in constant time."""
+    config = current_app.config
+    for kind, expected in (("current", config["CALLBACK_TOKEN"]),
+                           ("previous", config.get("CALLBACK_TOKEN_PREVIOUS"))):
+        if expected and hmac.compare_digest(token.encode(), expected.encode()):
+            return kind
+    return None
+
+
+PREVIOUS_TOKEN_LOG_EVERY = 600.0        # seconds: one line per process, however many callbacks come
+
+
+def note_previous_token() -> None:
+    """Count a callback that came with the previous token, and say so in the log now and then: while
+    they come, CALLBACK_TOKEN_PREVIOUS must stay."""
+    metrics.CALLBACKS_PREVIOUS_TOKEN.inc()
+    now = time.monotonic()
+    last = current_app.extensions.get("receiver.previous_token_logged")
+    if last is None or now - last >= PREVIOUS_TOKEN_LOG_EVERY:
+        current_app.extensions["receiver.previous_token_logged"] = now
+        log.info("a callback came with CALLBACK_TOKEN_PREVIOUS: TWIN still sends to the callback URL from "
+                 "before the rotation; keep the previous token until these stop "
+                 "(receiver_callbacks_previous_token_total)")
 
 
 def answer_array(accepted: Accepted):
@@ -223,8 +254,10 @@ def parse_body(data: bytes, content_type: str | None) -> tuple[bool, list[Callba
     except UnicodeDecodeError as error:
         raise Refusal("bad_encoding", f"the body is not UTF-8 ({error.reason} at byte {error.start})") from None
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as error:
+        document = jsonbody.loads(text)
+    except jsonbody.TooDeep as error:
+        raise Refusal("unparsable_json", f"the body is {error}") from None
+    except ValueError as error:
         raise Refusal("unparsable_json", f"the body is not JSON: {str(error)[:200]}") from None
     if isinstance(document, dict):
         return False, [_parse_or_refusal(document, text)]
@@ -255,10 +288,6 @@ def _parse_form(data: bytes, mimetype: str, options: dict) -> Callback | Refusal
         # The raw copy is text, and PostgreSQL's text cannot hold NUL: a body it cannot keep is refused.
         raise Refusal("bad_character", "the body contains a NUL character", 422)
     return _parse_or_refusal(fields, raw)
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _parse_item(number: int, item) -> Callback | Refusal:

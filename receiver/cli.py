@@ -12,7 +12,7 @@ from .settings import masked_url
 
 
 def register(app: Flask) -> None:
-    for command in (init_db, show_urls, worker, status, send, export, backup, prune, check_twin, rejected):
+    for command in COMMANDS:
         app.cli.add_command(command)
 
 
@@ -30,6 +30,18 @@ def show_urls():
     click.echo(callback_url(current_app.config["SETTINGS"], current_app.config["CALLBACK_TOKEN"]))
 
 
+@click.command("show-token")
+def show_token():
+    """Print the API token and the callback URL (both secrets: for your own terminal only)."""
+    from . import callback_url
+    config = current_app.config
+    click.echo(f"API token (Authorization: Bearer ...): {config['API_TOKEN']}")
+    url = callback_url(config["SETTINGS"], config["CALLBACK_TOKEN"])
+    click.echo(f"callback URL (callbackUrl of TWIN sends): {url}")
+    click.echo("sending over HTTP (POST /api/sends): " + ("on, with SEND_TOKEN" if config["SEND_TOKEN"]
+                                                          else "off (set SEND_TOKEN to turn it on)"))
+
+
 @click.command("worker")
 @click.option("--once", is_flag=True, help="Run one pass over what is due, then exit.")
 def worker(once: bool):
@@ -38,23 +50,41 @@ def worker(once: bool):
     from .enrich import Enricher
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import redaction, secrets_of
+    redaction.install(secrets_of(current_app))        # the handler basicConfig just added redacts too
     if not current_app.config["SETTINGS"].has_twin24_credentials:
         # Stay up rather than exit: a supervisor would only restart us into the same state.
         click.echo("worker: no TWIN credentials (set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD); "
-                   "callbacks are still recorded, but nothing is sent or looked up until then", err=True)
-        if not once:
-            _sleep_until_stopped()
+                   "callbacks are still recorded (and old events pruned), but nothing is sent or looked up "
+                   "until then", err=True)
+        _prune_until_stopped(current_app.config["SETTINGS"], once)
         return
     Enricher.from_app(current_app).run(once=once)
 
 
-def _sleep_until_stopped() -> None:
+def _prune_until_stopped(settings, once: bool) -> None:
+    """The worker without TWIN: it still keeps the event retention (EVENT_RETENTION_DAYS), until stopped."""
     import signal
+    import time
+
+    from peewee import DatabaseError, InterfaceError
+
+    from .maintenance import PeriodicPrune
     stopped = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.append(True))
-    while not stopped:
-        signal.pause()
+    if not once:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stopped.append(True))
+    prune = PeriodicPrune(settings.event_retention_days)
+    while True:
+        try:
+            if prune.due:
+                with models.db.connection_context():
+                    prune.run_if_due()
+        except (DatabaseError, InterfaceError) as error:
+            logging.getLogger(__name__).warning("prune failed, tried again later: %s", error)
+        if once or stopped:
+            return
+        time.sleep(1.0)
 
 
 @click.command("check-twin")
@@ -183,9 +213,13 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
 @click.option("--stage", multiple=True, help="Only these enrichment stages (repeat, or a,b).")
 @click.option("--since", help="first_seen_at at or after this ISO 8601 date/time (UTC unless an offset is given).")
 @click.option("--until", help="first_seen_at before this ISO 8601 date/time.")
-@click.option("--excel", is_flag=True, help="CSV for Excel: a byte order mark, and formulas defused.")
-def export(fmt, output, callback_data, bulk_id, status, stage, since, until, excel):
-    """Write the results (the `results` view, result fields flattened for CSV), streamed."""
+@click.option("--excel", is_flag=True, help="CSV for Excel: start with a byte order mark.")
+@click.option("--raw", is_flag=True, help="CSV cells as stored: formulas not defused (for programs, not "
+                                          "spreadsheets).")
+def export(fmt, output, callback_data, bulk_id, status, stage, since, until, excel, raw):
+    """Write the results (the `results` view, result fields flattened for CSV), streamed.
+
+    CSV cells a spreadsheet would run as formulas (=, +, -, @ ...) get a leading ' unless --raw."""
     import os
     import sys
 
@@ -196,7 +230,7 @@ def export(fmt, output, callback_data, bulk_id, status, stage, since, until, exc
     except results.FilterError as error:
         raise click.BadParameter(error.detail, param_hint=f"--{error.param.replace('_', '-')}") from None
     if fmt == "csv":
-        pieces = results.csv_stream(filters, excel=excel)
+        pieces = results.csv_stream(filters, excel=excel, raw=raw)
     elif fmt == "json":
         pieces = results.json_stream(filters)
     else:
@@ -346,3 +380,7 @@ def _replay_lines(replay):
         else:
             callback = outcome.callback
             yield f"{where}: {outcome.kind}: message {callback.message_id} {callback.new_status}", outcome.kind
+
+
+# Every command, for app.cli and for `python -m receiver` (receiver/__main__.py).
+COMMANDS = (init_db, show_urls, show_token, worker, status, send, export, backup, prune, check_twin, rejected)

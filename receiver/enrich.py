@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from peewee import DatabaseError, InterfaceError, PostgresqlDatabase, fn
 
 from . import metrics
+from .maintenance import PeriodicPrune
 from .models import (
     ACTIVE_STAGES,
     STAGE_CHAT_ID,
@@ -92,6 +93,7 @@ class Enricher:
         self.last_sweep: dict[str, float] = {}    # endpoint -> time.monotonic() of its last sweep
         self.failures = 0                         # sweeps failed in a row (TWIN down, credentials wrong)
         self.twin_tried = False                   # a first sweep that fails points the operator at check-twin
+        self.prune = PeriodicPrune(settings.event_retention_days)   # EVENT_RETENTION_DAYS, once an hour
 
     @classmethod
     def from_app(cls, app) -> Enricher:
@@ -101,8 +103,8 @@ class Enricher:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, once: bool = False) -> None:
-        """Send what POST /api/sends queued and sweep whatever is due, until stopped (SIGTERM/SIGINT
-        finish the current pass first)."""
+        """Send what POST /api/sends queued, sweep whatever is due and prune old events, until stopped
+        (SIGTERM/SIGINT finish the current pass first)."""
         if not once:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._stop)
@@ -115,6 +117,7 @@ class Enricher:
                 try:
                     send_pending(self.settings, self.client)    # mailings queued by POST /api/sends
                     self.run_once(force=once)
+                    self.prune.run_if_due()
                 except (DatabaseError, InterfaceError):
                     # The database went away, is busy beyond the timeout, or chose this pass as a
                     # deadlock's victim: leases we hold expire by themselves, so nothing is lost by

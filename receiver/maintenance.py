@@ -4,6 +4,8 @@
     flask --app receiver prune                  # events older than EVENT_RETENTION_DAYS
     flask --app receiver prune --days 90 --dry-run
 
+The worker prunes by itself too (PeriodicPrune, once an hour), so no cron line is needed.
+
 Backups use SQLite's online backup API: one read transaction copies a snapshot of the database as
 it was when the copy began, while the web and worker processes go on writing (WAL mode lets the
 writer proceed beside a reader). The copy is written to a temporary file beside the destination,
@@ -13,19 +15,26 @@ destination never holds half a backup. PostgreSQL is backed up with its own tool
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from peewee import SqliteDatabase
 
 from . import models
-from .models import Event, Rejected, utcnow
+from .models import Event, Rejected, utcnow, write_transaction
+
+log = logging.getLogger(__name__)
 
 BACKUP_PREFIX = "receiver-"
 BACKUP_SUFFIX = ".db"
 PRUNE_BATCH = 1000
+PRUNE_INTERVAL = 3600.0         # seconds between the worker's prunes
+PRUNE_BATCHES_PER_PASS = 10     # the worker's share of one pass: 10,000 rows, then back to its other work
+PRUNE_RETRY = 60.0              # seconds before a prune that failed (the database busy or away) is tried again
 
 
 class MaintenanceError(RuntimeError):
@@ -105,38 +114,85 @@ class PruneResult:
     events: int
     rejected: int
     dry_run: bool
+    finished: bool = True       # False: max_batches ran out before the old rows did
 
 
 def prune(days: int, *, batch_size: int = PRUNE_BATCH, dry_run: bool = False,
-          now: dt.datetime | None = None) -> PruneResult:
+          now: dt.datetime | None = None, max_batches: int | None = None) -> PruneResult:
     """Delete events (and refused callbacks) received more than `days` days ago.
 
     Messages are never touched: a message's current status, chat id and result stay. The rows go
-    in batches of `batch_size`, each its own short transaction, so that callbacks keep being stored
-    while a large backlog is pruned. A batch is found by walking the table in id order, oldest first,
-    so a batch reads little more than the rows it deletes (events are appended as they come, and
-    event.received_at has no index: it would be one more write on every callback).
+    in batches of `batch_size`, each its own short write transaction, so that callbacks keep being
+    stored while a large backlog is pruned; `max_batches` bounds the batches of one call.
+
+    Rows are appended as they come, so the table in id order is in received order: each batch reads
+    the next `batch_size` rows by primary key and deletes those past the retention, and the walk
+    stops at the first row that is not. So event needs no index on received_at (it would be one more
+    write on every callback), and a prune with nothing to do reads one batch, not the table.
+    A row received out of order behind a younger one (clocks of several web hosts a little apart)
+    goes in a later prune.
     """
     if days < 1:
         raise MaintenanceError("prune: the retention must be at least 1 day (EVENT_RETENTION_DAYS or --days)")
     if batch_size < 1:
         raise MaintenanceError("prune: the batch size must be at least 1")
     cutoff = (now or utcnow()) - dt.timedelta(days=days)
-    counts = {}
+    counts, finished = {}, True
     for model in (Event, Rejected):
         if dry_run:
             counts[model] = model.select().where(model.received_at < cutoff).count()
-        else:
-            counts[model] = _delete_before(model, cutoff, batch_size)
-    return PruneResult(cutoff=cutoff, events=counts[Event], rejected=counts[Rejected], dry_run=dry_run)
+            continue
+        counts[model], done = _delete_before(model, cutoff, batch_size, max_batches)
+        finished = finished and done
+    return PruneResult(cutoff=cutoff, events=counts[Event], rejected=counts[Rejected], dry_run=dry_run,
+                       finished=finished)
 
 
-def _delete_before(model, cutoff: dt.datetime, batch_size: int) -> int:
-    deleted = 0
-    while True:
-        with models.db.atomic():
-            ids = [row.id for row in model.select(model.id).where(model.received_at < cutoff)
-                   .order_by(model.id).limit(batch_size)]
-            if not ids:
-                return deleted
-            deleted += model.delete().where(model.id.in_(ids)).execute()
+def _delete_before(model, cutoff: dt.datetime, batch_size: int, max_batches: int | None) -> tuple[int, bool]:
+    """(rows deleted, whether the walk reached the rows to keep)."""
+    deleted, batches, after = 0, 0, 0
+    while max_batches is None or batches < max_batches:
+        rows = list(model.select(model.id, model.received_at).where(model.id > after)
+                    .order_by(model.id).limit(batch_size).tuples())
+        old = [row_id for row_id, received_at in rows if received_at < cutoff]
+        if old:
+            # Read outside, delete inside: on SQLite a transaction that reads before it writes
+            # cannot wait for the write lock, and a callback may hold it.
+            with write_transaction():
+                deleted += model.delete().where(model.id.in_(old)).execute()
+        batches += 1
+        if len(old) < batch_size:
+            return deleted, True
+        after = rows[-1][0]
+    return deleted, False
+
+
+class PeriodicPrune:
+    """Event retention, run from the worker's loop: a prune every `interval` seconds, in passes of a
+    few batches so that the worker's other work is never held up for long; a pass that leaves old
+    rows behind (the first prune of a large table) is followed by the next one on the next turn of
+    the loop. EVENT_RETENTION_DAYS=0 turns it off."""
+
+    def __init__(self, days: int, *, interval: float = PRUNE_INTERVAL,
+                 batches_per_pass: int = PRUNE_BATCHES_PER_PASS, clock=time.monotonic):
+        self.days = days
+        self.interval = interval
+        self.batches_per_pass = batches_per_pass
+        self.clock = clock
+        self.next_at = clock()          # the first prune comes at start
+
+    @property
+    def due(self) -> bool:
+        return self.days >= 1 and self.clock() >= self.next_at
+
+    def run_if_due(self) -> PruneResult | None:
+        """Prune one pass if it is time; what it did, or None."""
+        if not self.due:
+            return None
+        self.next_at = self.clock() + PRUNE_RETRY      # stays if the prune raises
+        result = prune(self.days, max_batches=self.batches_per_pass)
+        self.next_at = self.clock() + (self.interval if result.finished else 0.0)
+        if result.events or result.rejected:
+            log.info("pruned %d events and %d refused callbacks received before %s UTC (EVENT_RETENTION_DAYS=%d)",
+                     result.events, result.rejected, f"{result.cutoff:%Y-%m-%d %H:%M:%S}", self.days)
+        return result

@@ -21,6 +21,9 @@ CALLBACKS_UNSTORED = Counter(
     "receiver_callbacks_unstored_total", "Callbacks answered 503 because the database could not store them.")
 REJECTED = Counter(
     "receiver_rejected_total", "Callbacks refused, by reason.", ["reason"])
+CALLBACKS_PREVIOUS_TOKEN = Counter(
+    "receiver_callbacks_previous_token_total",
+    "Callbacks that came with CALLBACK_TOKEN_PREVIOUS: TWIN still uses the callback URL from before a rotation.")
 TWIN_CALLS = Counter(
     "receiver_twin_calls_total", "HTTP attempts made to TWIN, by endpoint and outcome.", ["endpoint", "outcome"])
 

@@ -66,7 +66,7 @@ class BaseModel(Model):
 class Message(BaseModel):
     """One TWIN message (one destination of a send), with its current status and what enrichment found."""
     id = CharField(primary_key=True, max_length=128)          # TWIN's message id
-    callback_data = TextField(null=True)       # verbatim, opaque; indexed with first_seen_at (Meta)
+    callback_data = TextField(null=True)       # verbatim, opaque; indexed with first_seen_at (below)
     bulk_id = CharField(null=True, max_length=128)           # indexed with first_seen_at (Meta)
     group_id = CharField(null=True, max_length=128)
     flow_id = CharField(null=True, max_length=128)
@@ -109,9 +109,33 @@ class Message(BaseModel):
             (("stage", "next_check_at"), False),          # the queue: what is due, per stage
             # Results in a stable order (keyset pages, exports), whole or per mailing.
             (("first_seen_at", "id"), False),
-            (("callback_data", "first_seen_at", "id"), False),
             (("bulk_id", "first_seen_at", "id"), False),
         )
+
+
+# The index that finds a mailing's messages in order (results, exports, /api/messages). On SQLite it holds
+# the whole callback_data: SQLite has no limit on a key, and the results page's list of mailings groups by
+# it. A PostgreSQL btree key holds at most about 2,700 bytes and a callbackData may have TWIN's 10,240, so
+# there it holds the first CALLBACK_DATA_PREFIX characters (at most 1 KB of UTF-8): callback_data_is()
+# finds a mailing's rows by that prefix, then compares the whole value.
+CALLBACK_DATA_PREFIX = 256
+CALLBACK_DATA_INDEX = {
+    SqliteDatabase: ("message_callback_data_first_seen_at_id", '"callback_data"'),
+    PostgresqlDatabase: ("message_callback_data_prefix", f'left("callback_data", {CALLBACK_DATA_PREFIX})'),
+}
+
+
+def callback_data_index() -> tuple[str, str]:
+    """(name, leading expression) of the callback_data index on this database."""
+    return next(index for kind, index in CALLBACK_DATA_INDEX.items() if isinstance(db.obj, kind))
+
+
+def callback_data_is(value: str):
+    """WHERE message.callback_data = value, in the form this database's index answers."""
+    equal = Message.callback_data == value
+    if isinstance(db.obj, PostgresqlDatabase):
+        return (fn.LEFT(Message.callback_data, CALLBACK_DATA_PREFIX) == value[:CALLBACK_DATA_PREFIX]) & equal
+    return equal
 
 
 # Every index is written on every insert, and a callback is one insert: an index over a column that most
@@ -174,7 +198,15 @@ class TwinCall(BaseModel):
     last_ok_at = DateTimeField(null=True)
 
 
-MODELS = [Message, Event, Rejected, Meta, TwinCall]
+class PageSession(BaseModel):
+    """A signed-in session of the results page (receiver/pages.py). The cookie holds a random id and
+    this table only its hash; signing out deletes the row, so a copied cookie dies with it."""
+    id_hash = CharField(primary_key=True, max_length=64)       # sha256 hex of the cookie's id
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(index=True)
+
+
+MODELS = [Message, Event, Rejected, Meta, TwinCall, PageSession]
 
 RESULTS_VIEW = """
 CREATE VIEW results AS
@@ -198,7 +230,22 @@ SELECT m.id AS message_id,
        m.last_seen_at
 FROM message AS m
 """
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+
+
+# Above this many rows, row_count() takes PostgreSQL's estimate instead of counting.
+ESTIMATE_ABOVE = 100_000
+
+
+def row_count(model) -> int:
+    """How many rows the model's table holds. On PostgreSQL, once its statistics (kept by autovacuum)
+    put the table past ESTIMATE_ABOVE rows, their estimate: COUNT(*) there reads the whole table."""
+    if isinstance(db.obj, PostgresqlDatabase):
+        estimate = db.execute_sql("SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)",
+                                  (model._meta.table_name,)).fetchone()
+        if estimate and estimate[0] > ESTIMATE_ABOVE:
+            return int(estimate[0])
+    return model.select().count()
 
 
 def make_database(settings):
@@ -206,13 +253,25 @@ def make_database(settings):
     url = settings.database_url
     if settings.is_sqlite:
         path = settings.sqlite_path         # Settings.check() refused a sqlite URL without one
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(path))
         return QueuedSqliteDatabase(path, pragmas=sqlite_pragmas(settings), timeout=settings.sqlite_busy_timeout,
                                     check_same_thread=False)
     # A connection per thread, kept between requests (a pool): opening one (a server process,
     # authentication) takes longer than storing a callback. A connection is replaced after 5 minutes.
     pooled = url.replace("postgres://", "postgresql://", 1).replace("postgresql://", "postgresql+pool://", 1)
     return connect_url(pooled, stale_timeout=300)
+
+
+def _private_file(path: Path) -> None:
+    """Create the database's directory (0700) and file (0600) if missing: they hold the tokens, phone
+    numbers and results. SQLite gives its -wal and -shm files the database file's mode, and so does
+    the WriterQueue its lock file. What exists already is left as it is (the operator's choice)."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
 
 
 def sqlite_pragmas(settings) -> dict:
@@ -397,6 +456,7 @@ def create_schema() -> None:
             retire_replaced_indexes()
             db.create_tables(MODELS, safe=True)
             add_missing_columns()
+            create_callback_data_index()
             if "results" not in [view.name for view in db.get_views()]:
                 db.execute_sql(RESULTS_VIEW)
             Meta.insert(key="schema_version", value=SCHEMA_VERSION).on_conflict(
@@ -420,14 +480,22 @@ def add_missing_columns() -> None:
             migrate(migrator.add_column(table, field.column_name, field))
 
 
+def create_callback_data_index() -> None:
+    """The callback_data index of this database (CALLBACK_DATA_INDEX), if missing."""
+    name, leading = callback_data_index()
+    db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "message" ({leading}, "first_seen_at", "id")')
+
+
 def retire_replaced_indexes() -> None:
-    """Bring a schema-1 database towards schema 2 (create_tables() then builds what replaces these):
+    """Bring an older database towards this schema (create_tables() then builds what replaces these):
 
     - event.dedup_key (a unique column) and the event.message_id index give way to the unique
       transition key `event_transition`; the old key held the same three values, so every stored
       row satisfies the new one. The event.received_at index goes: events are pruned in id order;
     - the message.send_id and message.chat_id indexes over every row give way to indexes of the
-      same names over the rows that have a value.
+      same names over the rows that have a value;
+    - schema 3, on PostgreSQL: the index over the whole callback_data, which cannot hold a long one,
+      gives way to `message_callback_data_prefix` (create_callback_data_index).
     """
     event_indexes = {index.name for index in db.get_indexes("event")}
     for name in ("event_dedup_key", "event_message_id", "event_received_at"):
@@ -436,6 +504,9 @@ def retire_replaced_indexes() -> None:
     if "dedup_key" in {column.name for column in db.get_columns("event")}:
         migrate(SchemaMigrator.from_database(db.obj).drop_column("event", "dedup_key"))
     message_indexes = {index.name: index.sql or "" for index in db.get_indexes("message")}
+    whole = CALLBACK_DATA_INDEX[SqliteDatabase][0]
+    if callback_data_index()[0] != whole and whole in message_indexes:
+        db.execute_sql(f'DROP INDEX "{whole}"')
     for column in SPARSE_COLUMNS:
         sql = message_indexes.get(f"message_{column}")
         if sql is not None and " WHERE " not in sql.upper():

@@ -16,6 +16,8 @@ column means the same thing everywhere.
   that groups the matching rows by their result text (`SELECT result, COUNT(*) ... GROUP BY result`):
   the database does the work and Python parses each distinct result once. The summary's charts count
   the same fields.
+- CSV is safe to open in a spreadsheet by default: a cell that would run as a formula gets a leading
+  apostrophe (`defuse`); `raw` gives the values as stored, for programs.
 """
 from __future__ import annotations
 
@@ -27,12 +29,12 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from peewee import Tuple, fn
 
-from .models import STAGES, Message
+from .models import STAGES, Message, callback_data_is
 from .status import FAILED_STATUSES
 
 # Output columns, in order, and the Message field each comes from.
@@ -61,7 +63,11 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 CHUNK = 1000                       # rows per keyset chunk when streaming
 CSV_ROWS_PER_WRITE = 200           # rows per yielded piece of CSV text
+KEEP_ALIVE_RESULTS = 1000          # distinct results parsed between two keep_alive calls
 EXCEL_BOM = "\ufeff"
+# Well above the longest cursor encode_cursor gives out (about 2,100 characters: a 128-character id
+# of characters JSON escapes as surrogate pairs).
+MAX_CURSOR = 4096
 # Parameter names of the HTTP API (the same names as TWIN's callback fields where there is one).
 PARAMS = ("callbackData", "bulkId", "status", "stage", "since", "until")
 ANSWER_VALUES = 12                 # values shown per answer chart; the rest are summed as "other"
@@ -112,6 +118,9 @@ class Filters:
         for name in args.keys():
             if name not in known:
                 raise FilterError(name, f"unknown parameter; known: {', '.join(sorted(known))}")
+            if any("\x00" in value for value in args.getlist(name)):
+                # Nothing stored holds one, and PostgreSQL refuses to compare with one (a 500).
+                raise FilterError(name, "contains a NUL character")
         return cls.build(
             callback_data=args.get("callbackData"), bulk_id=args.get("bulkId"),
             status=args.getlist("status"), stage=args.getlist("stage"),
@@ -129,7 +138,7 @@ class Filters:
 
     def where(self, query):
         if self.callback_data is not None:
-            query = query.where(Message.callback_data == self.callback_data)
+            query = query.where(callback_data_is(self.callback_data))
         if self.bulk_id is not None:
             query = query.where(Message.bulk_id == self.bulk_id)
         if self.status:
@@ -176,12 +185,27 @@ def encode_cursor(row: Mapping) -> str:
 
 
 def decode_cursor(token: str) -> tuple[dt.datetime, str]:
+    """The key a cursor names; FilterError for anything encode_cursor could not have given out.
+
+    A cursor comes from outside: a crafted one (garbage, deeply nested JSON, a NUL that PostgreSQL
+    refuses, a time with an offset) must be a 400, never a 500.
+    """
+    if len(token) > MAX_CURSOR:
+        raise FilterError("cursor", f"longer than any cursor this API gives out ({MAX_CURSOR} characters)")
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        first_seen, message_id = json.loads(raw)
-        return dt.datetime.fromisoformat(first_seen), str(message_id)
-    except (ValueError, TypeError, binascii.Error):
+        key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
         raise FilterError("cursor", "not a cursor this API gave out") from None
+    if not (isinstance(key, list) and len(key) == 2 and all(isinstance(part, str) for part in key)):
+        raise FilterError("cursor", "not a cursor this API gave out")
+    first_seen, message_id = key
+    try:
+        at = dt.datetime.fromisoformat(first_seen)
+    except ValueError:
+        raise FilterError("cursor", "not a cursor this API gave out") from None
+    if at.tzinfo is not None or "\x00" in message_id or len(message_id) > Message.id.max_length:
+        raise FilterError("cursor", "not a cursor this API gave out")
+    return at, message_id
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -263,12 +287,15 @@ def _flatten(value: dict, prefix: str, out: dict) -> None:
             out.setdefault(path, item)
 
 
-def result_keys(filters: Filters) -> list[str]:
-    """The fields of the bot's results among the matching rows, most common first (ties by name)."""
+def result_keys(filters: Filters, keep_alive: Callable[[], None] = lambda: None) -> list[str]:
+    """The fields of the bot's results among the matching rows, most common first (ties by name).
+    `keep_alive` is called every KEEP_ALIVE_RESULTS distinct results (see csv_stream)."""
     seen: Counter = Counter()
-    for text, count in result_counts(filters):
+    for n, (text, count) in enumerate(result_counts(filters), 1):
         for key in result_fields(parse_result(text)):
             seen[key] += count
+        if n % KEEP_ALIVE_RESULTS == 0:
+            keep_alive()
     return _by_frequency(seen)
 
 
@@ -320,23 +347,32 @@ def csv_header(keys: Iterable[str]) -> list[str]:
     return [*COLUMN_NAMES, "result", *(RESULT_PREFIX + key for key in keys)]
 
 
-def _excel_safe(value):
-    """Cells that a spreadsheet would run as a formula get a leading apostrophe (numbers stay)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        try:
-            float(value)
-        except ValueError:
-            return "'" + value
-    return value
+# A cell starting with one of these is run as a formula by Excel, LibreOffice or Google Sheets
+# (=HYPERLINK(...) leaks data, =cmd|... starts programs): OWASP's list (= + - @ tab CR), and to be
+# safe line feed, NUL (ASVS lists it) and the full-width forms of the four, which IMEs type.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\0", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+# A cell that is only a number (-5, +79991234567, -2.5e3) is read as that number, never as a formula.
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
-def csv_stream(filters: Filters, excel: bool = False, chunk: int = CHUNK) -> Iterator[str]:
+def defuse(text: str) -> str:
+    """A cell a spreadsheet would run as a formula, with a leading apostrophe: the spreadsheet shows it
+    as text (OWASP's advice). Plain numbers stay as they are."""
+    if text.startswith(FORMULA_STARTS) and not PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def csv_stream(filters: Filters, excel: bool = False, raw: bool = False, chunk: int = CHUNK,
+               keep_alive: Callable[[], None] = lambda: None) -> Iterator[str]:
     """The matching rows as CSV text (RFC 4180 quoting, CRLF line ends), in pieces.
 
-    excel=True starts with a UTF-8 byte order mark (so Excel reads Cyrillic right) and defuses cells
-    that Excel would evaluate as formulas; leave it off for programs.
+    Cells a spreadsheet would run as formulas are defused (see `defuse`) unless raw=True: the values
+    as stored, for programs. excel=True starts with a UTF-8 byte order mark, so that Excel reads
+    Cyrillic right. `keep_alive` is called between pieces: under gunicorn it tells the master that
+    this worker is making progress, so a long export is not killed by the timeout (api.csv_response).
     """
-    keys = result_keys(filters)
+    keys = result_keys(filters, keep_alive)
     header = csv_header(keys)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
@@ -346,9 +382,10 @@ def csv_stream(filters: Filters, excel: bool = False, chunk: int = CHUNK) -> Ite
     for row in iterate(filters, chunk):
         values = flat_row(row, keys)
         cells = [values[name] for name in header]
-        writer.writerow([_excel_safe(c) for c in cells] if excel else cells)
+        writer.writerow(cells if raw else [defuse(c) for c in cells])
         pending += 1
         if pending >= CSV_ROWS_PER_WRITE:
+            keep_alive()
             yield _drain(buffer)
             pending = 0
     if pending:

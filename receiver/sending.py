@@ -135,6 +135,10 @@ class SendReport:
     elsewhere: dict[str, int] = field(default_factory=dict)   # rows of the send not in this input
     overlap: dict[int, int] = field(default_factory=dict)     # other send id -> its rows of this input
     status: str | None = None                    # QUEUED / SENDING / DONE (a report of a stored send)
+    # A stored send read a page at a time (`progress`): `rows` is one page, `totals` counts every row
+    # of the send, `next_cursor` names the page's last row (None on the last page).
+    totals: dict[str, int] | None = None
+    next_cursor: str | None = None
 
     def by_state(self, state: str, *, earlier: bool | None = None) -> list[RowOutcome]:
         return [r for r in self.rows if r.state == state and (earlier is None or r.earlier == earlier)]
@@ -142,21 +146,26 @@ class SendReport:
     @property
     def counts(self) -> dict[str, int]:
         counts = {state: 0 for state in STATES if state != IN_FLIGHT}
+        if self.totals is not None:
+            return {**counts, **self.totals}
         for row in self.rows:
             counts[row.state] = counts.get(row.state, 0) + 1
         return counts
 
     @property
     def complete(self) -> bool:
+        if self.totals is not None:
+            return all(count == 0 for state, count in self.totals.items() if state != SENT)
         return all(row.state == SENT for row in self.rows)
 
     def as_json(self) -> dict:
         status = {} if self.status is None else {"status": self.status}
+        page = {} if self.totals is None else {"nextCursor": self.next_cursor}
         return {"send": {"id": self.send_id, "key": self.key}, **status, "complete": self.complete,
                 "dryRun": self.dry_run, "counts": self.counts, "failure": self.failure,
                 "failureKind": self.failure_kind,
                 "alreadySentByOtherSends": {str(k): v for k, v in self.overlap.items()},
-                "rows": [r.as_json() for r in self.rows]}
+                "rows": [r.as_json() for r in self.rows], **page}
 
 
 class Sender:
@@ -183,12 +192,14 @@ class Sender:
 
     @classmethod
     def for_send(cls, settings, send: Send, client=None) -> Sender:
-        """The sender of a send queued by POST /api/sends, with the settings that request gave."""
+        """The sender of a send queued by POST /api/sends, with the chat settings that request gave and
+        the callback URL of now: a send queued before CALLBACK_TOKEN was rotated goes out with the new one."""
+        from . import current_callback_url
         options = json.loads(send.options) if send.options else {}
         chat = chat_settings({**json.loads(send.chat), **options, "callbackData": send.callback_data},
                              past_ok=True)
-        return cls(settings, chat, callback_url=send.callback_url, client=client, batch_size=send.batch_size,
-                   source=send.source)
+        return cls(settings, chat, callback_url=current_callback_url(settings), client=client,
+                   batch_size=send.batch_size, source=send.source)
 
     @property
     def client(self):
@@ -271,8 +282,9 @@ class Sender:
             # flight since we read it is never made sendable.
             self._mark([row.id for row in rows if row.state in again], PENDING, only_from=again)
             waiting = Outbox.select().where((Outbox.send == send.id) & (Outbox.state == PENDING)).exists()
+            # No callback URL is kept: the worker builds it when the rows go out (Sender.for_send).
             Send.update(queued=Send.queued + (1 if waiting else 0), batch_size=self.batch_size,
-                        callback_url=self.callback_url, updated_at=utcnow()).where(Send.id == send.id).execute()
+                        updated_at=utcnow()).where(Send.id == send.id).execute()
         return Send.get_by_id(send.id)
 
     # ---- the worker's turn (send_pending) ----------------------------------------------------------
@@ -416,14 +428,12 @@ class Sender:
                                              "destinations: ids cannot be matched to phones")
             return True
         try:
+            kept = False
             self._keep_answer(batch, answer)
+            kept = True
             self._store_answer(send, batch, answer)
         except BaseException:
-            # TWIN took the batch. Its ids are kept in outbox.answer if that small write worked (the next
-            # run stores them, see _recover); this line has them in case it did not (docs/sending.md).
-            pairs = " ".join(f"{row.phone}={item.get('id')}" for row, item in zip(batch, answer, strict=True))
-            log.warning("send #%s batch %s: TWIN took it but storing its answer failed; phone=messageId: %s",
-                        send.id, number, pairs)
+            self._log_unstored_answer(send, number, batch, answer, kept)
             raise
         report.batches_sent += 1
         # A refused destination is its own outcome; an item with neither id nor error means TWIN answers
@@ -433,6 +443,20 @@ class Sender:
             report.failure, report.failure_kind = (f"TWIN's answer has neither an id nor an error for {unknown} "
                                                    "destinations: TWIN may have taken them", UNKNOWN)
         return bool(unknown)
+
+    @staticmethod
+    def _log_unstored_answer(send: Send, number: int, batch: list[Outbox], answer: list[dict],
+                             kept: bool) -> None:
+        """TWIN took the batch but its answer was not stored. No phone number is logged: the ids are in
+        outbox.answer when that small write worked (the next run stores them, see _recover); when it did
+        not, this line is the copy of last resort, naming each row by its outbox id (docs/sending.md)."""
+        if kept:
+            log.warning("send #%s batch %s: TWIN took %d destinations but storing its answer failed; their "
+                        "message ids are kept in outbox.answer for the next run", send.id, number, len(batch))
+            return
+        pairs = " ".join(f"{row.id}={item.get('id')}" for row, item in zip(batch, answer, strict=True))
+        log.warning("send #%s batch %s: TWIN took %d destinations but storing its answer failed, even in "
+                    "outbox.answer; outbox id=messageId: %s", send.id, number, len(batch), pairs)
 
     def _fail(self, report: SendReport, ids: list[int], state: str, reason: str) -> None:
         report.failure, report.failure_kind = reason, state
@@ -530,19 +554,25 @@ def send_pending(settings, client=None) -> int:
     return 0
 
 
-def progress(send_id: int) -> SendReport | None:
-    """Where a stored send stands (GET /api/sends/<id>): every row of it, and whether it is being sent."""
+def progress(send_id: int, limit: int, after: int = 0) -> SendReport | None:
+    """Where a stored send stands (GET /api/sends/<id>): whether it is being sent, how many of its rows
+    are in each state, and one page of its rows in the order recorded: at most `limit` rows after the
+    outbox row `after` (a page's next_cursor)."""
     send = Send.get_or_none(Send.id == send_id)
     if send is None:
         return None
-    rows = [RowOutcome.of(r.row_index, r.line, r, earlier=None)
-            for r in Outbox.select().where(Outbox.send == send.id).order_by(Outbox.id)]
+    page = list(Outbox.select().where((Outbox.send == send.id) & (Outbox.id > after))
+                .order_by(Outbox.id).limit(limit + 1))
+    next_cursor = str(page[limit - 1].id) if len(page) > limit else None
+    rows = [RowOutcome.of(r.row_index, r.line, r, earlier=None) for r in page[:limit]]
+    totals = dict(Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).where(Outbox.send == send.id)
+                  .group_by(Outbox.state).tuples())
     if send.lease_until is not None and send.lease_until > utcnow():
         status = SENDING
     else:
         status = QUEUED if send.queued else DONE
     return SendReport(send.id, send.key, rows, failure=send.failure, failure_kind=send.failure_kind,
-                      status=status)
+                      status=status, totals=totals, next_cursor=next_cursor)
 
 
 def _destination_payload(row: Outbox) -> dict:

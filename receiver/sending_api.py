@@ -1,4 +1,4 @@
-"""POST /api/sends: send a mailing through the receiver over HTTP (behind the API token).
+"""POST /api/sends: send a mailing through the receiver over HTTP (behind SEND_TOKEN; off without it).
 
     {"chat": {"chatId": ..., "botId": ..., "messengerType": "WHATSAPP", "chatSessionName": ...,
               "text": ..., "provider": "TWIN", "validityPeriod": 60},
@@ -21,21 +21,26 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import destinations, sending
-from .api import require_api_token
+from . import destinations, jsonbody, sending
+from .api import bad_parameter, require_send_token, require_token
 
 bp = Blueprint("sending_api", __name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_DESTINATIONS = 20000          # larger lists: `flask send`, or several requests
+PAGE_ROWS = 1000                  # rows of a send per answer (GET /api/sends/<id>, the 202), at most
+# A send id is a 64-bit integer at most (SQLite cannot even compare a larger one): past it, no send.
+MAX_SEND_ID = 2**63 - 1
 
 
 @bp.post("/api/sends")
-@require_api_token
+@require_send_token
 def create_send():
     from . import callback_url
     request.max_content_length = MAX_BODY_BYTES          # this view only; callbacks keep their small cap
-    body = request.get_json(silent=True)
+    body, refusal = _json_body()
+    if refusal:
+        return refusal
     if not isinstance(body, dict):
         return _invalid([destinations.Problem("body", None, "must be a JSON object with chat and destinations")])
     problems: list[destinations.Problem] = []
@@ -46,7 +51,7 @@ def create_send():
     if not isinstance(chat_values, dict):
         problems.append(destinations.Problem("body", "chat", "must be an object of chat settings"))
         chat_values = {}
-    chat_values = {**chat_values, **{name: body[name] for name in beside_chat if name in body}}
+    beside = {name: body[name] for name in beside_chat if name in body}
     batch_size = body.get("batchSize")
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                    or batch_size < 1):
@@ -56,11 +61,11 @@ def create_send():
         flags[name] = body.get(name, False)
         if not isinstance(flags[name], bool):
             problems.append(destinations.Problem("body", name, "must be true or false"))
-    chat = None
-    try:
-        chat = destinations.chat_settings(chat_values, where="chat")
-    except destinations.InputError as error:
-        problems += error.problems
+    chat, chat_problems = _chat_settings({**chat_values, **beside})
+    if beside.keys() & chat_values.keys():
+        # A value beside chat wins over the one in it, but must not hide that that one is wrong.
+        chat_problems += [p for p in _chat_settings(chat_values)[1] if p not in chat_problems]
+    problems += chat_problems
     items = body.get("destinations")
     rows = []
     if isinstance(items, list) and len(items) > MAX_DESTINATIONS:
@@ -68,6 +73,8 @@ def create_send():
                                              f"{MAX_DESTINATIONS} per request (use several, or `flask send`)"))
     elif items is None:
         problems.append(destinations.Problem("body", "destinations", "is required"))
+    elif not isinstance(items, list):
+        problems.append(destinations.Problem("body", "destinations", "must be a list of destinations"))
     else:
         try:
             rows = destinations.destinations_from_items(items, chat.variables if chat else None)
@@ -89,24 +96,54 @@ def create_send():
         return jsonify(error="not_configured",
                        detail="set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD"), 503
     send = sender.accept(rows)
-    report = sending.progress(send.id)
+    report = sending.progress(send.id, PAGE_ROWS)
     report.overlap = sender.overlap(send.id, rows)
     answer = _progress_json(report)
     return jsonify(answer), 202, {"Location": answer["url"]}
 
 
 @bp.get("/api/sends/<int:send_id>")
-@require_api_token
+@require_token("API_TOKEN", "SEND_TOKEN")
 def send_progress(send_id: int):
-    """Where a send stands: `status` (queued, sending, done), counts per row state, and every row."""
-    report = sending.progress(send_id)
+    """Where a send stands: `status` (queued, sending, done), counts per row state (of every row),
+    and its rows a page at a time (`limit`, and `cursor` from the page before)."""
+    unknown = sorted(set(request.args) - {"limit", "cursor"})
+    if unknown:
+        return bad_parameter(unknown[0], "unknown parameter; known: cursor, limit")
+    limit = request.args.get("limit", str(PAGE_ROWS))
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= PAGE_ROWS):
+        return bad_parameter("limit", f"a whole number from 1 to {PAGE_ROWS}")
+    cursor = request.args.get("cursor", "0")
+    if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
+        return bad_parameter("cursor", "not a cursor this API gave out (the nextCursor of a page)")
+    report = sending.progress(send_id, int(limit), after=int(cursor)) if send_id <= MAX_SEND_ID else None
     if report is None:
         return jsonify(error="not_found", detail=f"there is no send #{send_id}"), 404
     return jsonify(_progress_json(report))
 
 
+def _chat_settings(values: dict) -> tuple[destinations.ChatSettings | None, list[destinations.Problem]]:
+    """(the checked chat settings, []) or (None, their problems)."""
+    try:
+        return destinations.chat_settings(values, where="chat"), []
+    except destinations.InputError as error:
+        return None, list(error.problems)
+
+
 def _progress_json(report: sending.SendReport) -> dict:
     return {**report.as_json(), "url": url_for("sending_api.send_progress", send_id=report.send_id)}
+
+
+def _json_body():
+    """(the parsed JSON body, None), or (None, the answer refusing it: 415 for another media type,
+    400 for a body that is not JSON or nests too deeply to be anything this API takes)."""
+    if not request.is_json:
+        return None, (jsonify(error="unsupported_media_type",
+                              detail="send the mailing as JSON (Content-Type: application/json)"), 415)
+    try:
+        return jsonbody.loads(request.get_data().decode("utf-8"), parse_float=jsonbody.number), None
+    except ValueError as error:         # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, (jsonify(error="invalid_json", detail=f"the body is not usable JSON: {error}"), 400)
 
 
 def _invalid(problems: list[destinations.Problem]):

@@ -62,7 +62,12 @@ class Settings:
 
     # Secrets. Unset tokens are generated on first start and kept in the database (see models.Meta).
     callback_token: str | None = _env("CALLBACK_TOKEN", secret=True)
+    # The callback token before a rotation: callbacks of sends made with it keep being stored until
+    # it is removed (README, "Rotating the callback token").
+    callback_token_previous: str | None = _env("CALLBACK_TOKEN_PREVIOUS", secret=True)
     api_token: str | None = _env("API_TOKEN", secret=True)
+    # POST /api/sends (paid mailings) needs this token, not API_TOKEN; unset, sending over HTTP is off.
+    send_token: str | None = _env("SEND_TOKEN", secret=True)
     public_url: str = _env("PUBLIC_URL", kind="url", default="http://127.0.0.1:8000")
 
     twin24_token: str | None = _env("TWIN24_TOKEN", secret=True)
@@ -83,6 +88,11 @@ class Settings:
     rejected_body_cap: int = _env("REJECTED_BODY_CAP", kind="int", default=16 * 1024, minimum=0)
     trusted_proxies: int = _env("TRUSTED_PROXIES", kind="int", default=0, minimum=0)
 
+    # /metrics: open unless METRICS_TOKEN is set (then `Authorization: Bearer <METRICS_TOKEN>`). Its gauges
+    # read from the database are read again at most every METRICS_CACHE_SECONDS, per process.
+    metrics_token: str | None = _env("METRICS_TOKEN", secret=True)
+    metrics_cache_seconds: float = _env("METRICS_CACHE_SECONDS", kind="float", default=15.0, minimum=0)
+
     # Enrichment timings, in seconds (see receiver/enrich.py for how they combine).
     enrich_first_check: float = _env("ENRICH_FIRST_CHECK", kind="float", default=2.0, minimum=0)
     enrich_backoff_start: float = _env("ENRICH_BACKOFF_START", kind="float", default=5.0, minimum=0.01)
@@ -102,8 +112,9 @@ class Settings:
     # Sending.
     send_batch_size: int = _env("SEND_BATCH_SIZE", kind="int", default=500, minimum=1)
 
-    # Housekeeping: events older than this many days are deleted by `flask prune` (0 keeps them all).
-    event_retention_days: int = _env("EVENT_RETENTION_DAYS", kind="int", default=0, minimum=0)
+    # Housekeeping: the worker (and `flask prune`) deletes events older than this many days; 0 keeps
+    # them all. Messages and their results are never pruned.
+    event_retention_days: int = _env("EVENT_RETENTION_DAYS", kind="int", default=90, minimum=0)
 
     @classmethod
     def from_env(cls, environ: dict | None = None, env_file: str | os.PathLike | None = ".env",
@@ -111,7 +122,8 @@ class Settings:
         """Read every setting; `overrides` (field names) win over both sources, for tests."""
         source: dict[str, str] = {}
         if env_file and Path(env_file).is_file():
-            source.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+            # Verbatim: a password may hold `$`, `${...}` or backquotes (python-dotenv expands ${VAR} by default).
+            source.update({k: v for k, v in dotenv_values(env_file, interpolate=False).items() if v is not None})
         source.update(os.environ if environ is None else environ)
         values = {}
         for f in dataclasses.fields(cls):
@@ -132,10 +144,12 @@ class Settings:
         self._check_database_url()
         if self.twin24_login and not self.twin24_password:
             raise SettingsError("TWIN24_PASSWORD: required when TWIN24_LOGIN is set")
-        for name in ("callback_token", "api_token"):
+        for name in ("callback_token", "callback_token_previous", "api_token", "send_token", "metrics_token"):
             value = getattr(self, name)
             if value is not None and len(value) < 16:
                 raise SettingsError(f"{name.upper()}: must be at least 16 characters")
+        if self.send_token is not None and self.send_token == self.api_token:
+            raise SettingsError("SEND_TOKEN: must differ from API_TOKEN (whoever reads results must not send)")
 
     def _check_database_url(self) -> None:
         """Refuse here, in one line, what models.make_database could not open."""

@@ -26,6 +26,7 @@ FAST_TWIN = dict(pending_after=(0.01, 0.03), final_after=(0.02, 0.06), result_af
                  callback_retry_delay=0.05, session_close_after=2.0)
 CALLBACK_TOKEN = "test-callback-token-0123456789"
 API_TOKEN = "test-api-token-0123456789abcdef"
+SEND_TOKEN = "test-send-token-0123456789abcdef"
 
 
 def postgres_unavailable() -> str | None:
@@ -68,7 +69,7 @@ def database_url(request, tmp_path):
 def make_settings(database_url: str, **overrides) -> Settings:
     """Settings as a deployment would have them, with timings short enough for tests."""
     values = dict(
-        database_url=database_url, callback_token=CALLBACK_TOKEN, api_token=API_TOKEN,
+        database_url=database_url, callback_token=CALLBACK_TOKEN, api_token=API_TOKEN, send_token=SEND_TOKEN,
         public_url="http://127.0.0.1:8000",
         enrich_first_check=0.0, enrich_sweep_interval=0.0, enrich_result_interval=0.0,
         enrich_batch_share=0.0, enrich_max_wait=0.0,
@@ -76,6 +77,7 @@ def make_settings(database_url: str, **overrides) -> Settings:
         enrich_backoff_start=0.05, enrich_backoff_max=0.5, enrich_window_margin=60.0,
         enrich_stale_after=3600.0,
         twin24_connect_timeout=2.0, twin24_read_timeout=5.0, twin24_max_retry_wait=1.0,
+        metrics_cache_seconds=0.0,      # /metrics reads the database at every scrape (test_metrics tests the cache)
     )
     values.update(overrides)
     return Settings.from_env(environ={}, env_file=None, **values)
@@ -162,6 +164,12 @@ def callback_path():
 @pytest.fixture
 def api_headers():
     return {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+@pytest.fixture
+def send_headers():
+    """POST /api/sends takes SEND_TOKEN, not API_TOKEN."""
+    return {"Authorization": f"Bearer {SEND_TOKEN}"}
 
 
 class QuietHandler(WSGIRequestHandler):

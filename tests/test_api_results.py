@@ -1,6 +1,7 @@
 """GET /api/results, /api/results.csv and /api/results/summary: auth, pages, filters, CSV quoting."""
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -61,6 +62,46 @@ def test_bad_parameters(client, api_headers, query, param):
     answer_ = client.get("/api/results", query_string=query, headers=api_headers)
     assert answer_.status_code == 400
     assert answer_.get_json()["parameter"] == param
+
+
+def b64(text: str | bytes) -> str:
+    raw = text.encode() if isinstance(text, str) else text
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+CRAFTED_CURSORS = {
+    "garbage": "!!not a cursor!!",
+    "non-ASCII": "курсор",
+    "bytes that are not UTF-8": b64(b"\xff\xfe\x00"),
+    "JSON nested past the recursion limit": b64("[" * 1500 + "]" * 1500),
+    "longer than any cursor": b64("[" * 100_000),
+    "an object": b64('{"a": 1, "b": 2}'),
+    "a two-letter string": b64('"ab"'),
+    "numbers": b64("[1, 2]"),
+    "a number too long to read": b64("[" + "9" * 5000 + ", 1]"),
+    "three parts": b64('["2025-01-01T00:00:00", "m", "x"]'),
+    "an id that is an object": b64('["2025-01-01T00:00:00", {"a": [1]}]'),
+    "a NUL in the id": b64('["2025-01-01T00:00:00", "m\\u0000"]'),          # PostgreSQL refuses NUL in text
+    "an id longer than any message id": b64(json.dumps(["2025-01-01T00:00:00", "m" * 129])),
+    "a time with an offset": b64('["2025-01-01T00:00:00+05:00", "m"]'),
+    "not a time": b64('["yesterday", "m"]'),
+}
+
+
+@pytest.mark.parametrize("name", CRAFTED_CURSORS)
+def test_a_crafted_cursor_is_a_400_with_a_reason(client, api_headers, name):
+    seed(client, 2)
+    answer_ = client.get("/api/results", query_string={"cursor": CRAFTED_CURSORS[name]}, headers=api_headers)
+    assert answer_.status_code == 400, answer_.get_data(as_text=True)[:300]
+    body = answer_.get_json()
+    assert body["error"] == "bad_parameter" and body["parameter"] == "cursor" and body["detail"]
+
+
+def test_a_cursor_given_out_still_works_beside_the_crafted_ones(client, api_headers):
+    ids = seed(client, 3)
+    first = client.get("/api/results?limit=2", headers=api_headers).get_json()
+    rest = client.get("/api/results", query_string={"cursor": first["next_cursor"]}, headers=api_headers)
+    assert [row["message_id"] for row in rest.get_json()["results"]] == ids[2:]
 
 
 def test_filters_and_json_shape(client, api_headers):

@@ -1,18 +1,27 @@
-"""flask backup (SQLite online backup while the service writes) and flask prune (event retention)."""
+"""flask backup (SQLite online backup while the service writes), flask prune and the worker's prune (event
+retention)."""
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from receiver import create_app, maintenance, models
 from receiver.models import Event, Message, Rejected, utcnow
+from receiver.settings import Settings
 
 from .conftest import make_settings
+from .support import settings_env, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,9 +166,94 @@ def test_prune_command_uses_the_retention_setting(database_url):
         models.db.close()
 
 
-def test_prune_command_without_retention_deletes_nothing(app):
-    add_events("old", 2, received_at=utcnow() - dt.timedelta(days=1000))
-    result = app.test_cli_runner().invoke(args=["prune"])
-    assert result.exit_code == 0
-    assert "retention is off" in result.output
-    assert Event.select().count() == 2
+def test_prune_command_without_retention_deletes_nothing(database_url):
+    app = create_app(make_settings(database_url, event_retention_days=0))
+    try:
+        add_events("old", 2, received_at=utcnow() - dt.timedelta(days=1000))
+        result = app.test_cli_runner().invoke(args=["prune"])
+        assert result.exit_code == 0
+        assert "retention is off" in result.output
+        assert Event.select().count() == 2
+    finally:
+        models.db.close()
+
+
+def test_prune_walks_in_id_order_and_stops_at_the_first_event_to_keep(app):
+    now = utcnow()
+    add_events("old", 5, received_at=now - dt.timedelta(days=40))
+    add_events("new", 3, received_at=now)
+    # Received out of order behind a younger one (another web host's clock): left to a later prune.
+    add_events("late", 1, received_at=now - dt.timedelta(days=40))
+    assert maintenance.prune(30, batch_size=2, now=now).events == 5
+    assert sorted(e.message_id for e in Event.select()) == ["late-0", "new-0", "new-1", "new-2"]
+
+
+# --- the worker's prune ---------------------------------------------------------------------------------
+
+def test_the_default_retention_keeps_events_90_days():
+    assert Settings.from_env(environ={}, env_file=None).event_retention_days == 90
+
+
+def test_periodic_prune_goes_in_small_passes_then_waits_an_hour(app):
+    add_events("old", 2500, received_at=utcnow() - dt.timedelta(days=91))
+    add_events("new", 10)
+    clock = [1000.0]
+    periodic = maintenance.PeriodicPrune(90, batches_per_pass=1, clock=lambda: clock[0])
+
+    passes = [periodic.run_if_due() for _ in range(3)]          # 1,000 rows a pass, one after the other
+    assert [(r.events, r.finished) for r in passes] == [(1000, False), (1000, False), (500, True)]
+    assert Event.select().count() == 10
+    add_events("older", 3, received_at=utcnow() - dt.timedelta(days=100))
+    assert periodic.run_if_due() is None                        # done: the next prune comes in an hour
+    clock[0] += 3600
+    assert periodic.run_if_due().events == 3
+    assert Event.select().count() == 10
+    assert maintenance.PeriodicPrune(0).run_if_due() is None    # EVENT_RETENTION_DAYS=0: off
+
+
+def old_events_and_kept_results():
+    """Events past the default retention, recent ones, and the messages and results of both."""
+    now = utcnow()
+    add_events("old", 30, received_at=now - dt.timedelta(days=91))
+    add_events("new", 5)
+    Message.insert_many([{"id": f"{age}-{n}", "status": "DELIVERED", "stage": "done", "result": '{"answer":"yes"}',
+                          "first_seen_at": now - dt.timedelta(days=91 if age == "old" else 0)}
+                         for age, count in (("old", 30), ("new", 5)) for n in range(count)]).execute()
+
+
+def run_worker_until_pruned(settings, tmp_path):
+    env = settings_env(settings)
+    env.pop("EVENT_RETENTION_DAYS")                            # the default applies
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        pruned = wait_for(lambda: Event.select().count() == 5, timeout=30, interval=0.1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        exit_code = worker.wait(timeout=15)
+    output = log.read_text()
+    assert pruned, output[-3000:]
+    assert exit_code == 0, output[-3000:]
+    assert "pruned 30 events and 0 refused callbacks" in output
+
+
+def assert_only_old_events_went():
+    assert {e.message_id.split("-")[0] for e in Event.select()} == {"new"}
+    assert Message.select().count() == 35
+    rows = models.db.execute_sql("SELECT message_id, result FROM results").fetchall()
+    assert len(rows) == 35 and {result for _, result in rows} == {'{"answer":"yes"}'}
+
+
+def test_the_worker_prunes_old_events_and_keeps_messages_and_results(settings, app, twin, tmp_path):
+    old_events_and_kept_results()
+    run_worker_until_pruned(settings, tmp_path)
+    assert_only_old_events_went()
+
+
+def test_the_worker_without_twin_credentials_still_prunes(settings, app, tmp_path):
+    assert not settings.has_twin24_credentials
+    old_events_and_kept_results()
+    run_worker_until_pruned(settings, tmp_path)
+    assert_only_old_events_went()

@@ -1,4 +1,5 @@
-"""/metrics: open, Prometheus text, counters from every process, backlog gauges read from the database."""
+"""/metrics: Prometheus text, counters from every process, gauges read from the database (cached for
+METRICS_CACHE_SECONDS), open unless METRICS_TOKEN is set."""
 from __future__ import annotations
 
 import datetime as dt
@@ -6,18 +7,31 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import pytest
 from peewee import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver import enrich, metrics
+from receiver import create_app, enrich, metrics, models
 from receiver.models import Message, TwinCall, utcnow
 
-from .conftest import API_TOKEN, CALLBACK_TOKEN
+from .conftest import API_TOKEN, CALLBACK_TOKEN, make_settings
 from .results_helpers import CALLBACK_PATH, seed
 
 ROOT = Path(__file__).resolve().parents[1]
+METRICS_TOKEN = "test-metrics-token-0123456789abc"
+
+
+@pytest.fixture
+def make_client(database_url):
+    """make_client(**settings) -> a test client of an app with these settings."""
+    def make(**overrides):
+        return create_app(make_settings(database_url, **overrides)).test_client()
+    yield make
+    if not models.db.is_closed():
+        models.db.close()
 
 
 def scrape(client, **headers) -> dict:
@@ -135,3 +149,43 @@ def test_counters_add_up_across_worker_processes(tmp_path):
     assert value(samples, "receiver_callbacks_total", status="DELIVERED") == 5
     assert value(samples, "receiver_messages", stage="chat_id") == 5
     assert value(samples, "receiver_events_stored") == 5
+
+
+def test_the_database_gauges_are_read_again_only_when_the_cache_expires(make_client):
+    client = make_client(metrics_cache_seconds=1.0)
+    seed(client, 2)
+    first = scrape(client)
+    seed(client, 1, start=2)
+
+    cached = scrape(client)
+    time.sleep(1.1)
+    fresh = scrape(client)
+
+    assert value(first, "receiver_events_stored") == value(cached, "receiver_events_stored") == 2
+    assert value(fresh, "receiver_events_stored") == 3
+    # The counters are this process's own, never cached.
+    assert value(cached, "receiver_callbacks_total", status="DELIVERED") - \
+        value(first, "receiver_callbacks_total", status="DELIVERED") == 1
+
+
+def test_metrics_token_is_required_when_set(make_client):
+    client = make_client(metrics_token=METRICS_TOKEN)
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789abcd"},
+                    {"Authorization": f"Bearer {API_TOKEN}"}):
+        answer = client.get("/metrics", headers=headers)
+        assert answer.status_code == 401, headers
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "receiver_" not in answer.get_data(as_text=True)
+    assert value(scrape(client, Authorization=f"Bearer {METRICS_TOKEN}"), "receiver_database_up") == 1
+
+
+def test_large_postgresql_tables_are_counted_from_their_statistics(settings, client, monkeypatch):
+    if settings.is_sqlite:
+        pytest.skip("PostgreSQL's statistics")
+    seed(client, 3)
+    models.db.execute_sql("ANALYZE event")
+    seed(client, 2, start=3)                        # not in the statistics yet
+    assert value(scrape(client), "receiver_events_stored") == 5
+
+    monkeypatch.setattr(models, "ESTIMATE_ABOVE", 1)      # as if 3 rows were past the threshold
+    assert value(scrape(client), "receiver_events_stored") == 3

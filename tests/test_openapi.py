@@ -15,7 +15,7 @@ from receiver import sending
 from receiver.api import openapi_document
 from receiver.twin24 import TwinClient
 
-from .conftest import API_TOKEN
+from .conftest import API_TOKEN, SEND_TOKEN
 from .results_helpers import CALLBACK_PATH, answer, seed
 
 # Routes that are not part of the API: the results page and its files.
@@ -61,6 +61,7 @@ def exchange(client, spec, method, path, *, valid_request=True, **kwargs):
 
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+SEND_AUTH = {"Authorization": f"Bearer {SEND_TOKEN}"}      # POST /api/sends
 SEND = {"chat": {"chatId": "chat-1", "botId": "bot-1", "text": "Здравствуйте, {{name}}!"},
         "callbackData": "Опрос", "destinations": [{"phone": "79990000001", "variables": {"name": "Иван"}},
                                                    {"phone": "79990000002"}]}
@@ -91,7 +92,7 @@ def test_answers_match_the_description(client, spec):
         ("POST", CALLBACK_PATH, dict(data={"id": "new-2", "newStatus": "DELIVERED"}), 200),
         ("POST", CALLBACK_PATH, dict(json=[{"id": "new-3", "newStatusCode": 6}, {"id": "new-2", "newStatus": "DELIVERED"}]),
          200),
-        ("POST", "/api/sends", dict(json={**SEND, "dryRun": True}, headers=AUTH), 200),
+        ("POST", "/api/sends", dict(json={**SEND, "dryRun": True}, headers=SEND_AUTH), 200),
     ]
     for method, path, kwargs, status in cases:
         assert exchange(client, spec, method, path, **kwargs).status_code == status, (method, path)
@@ -124,8 +125,9 @@ def test_refusals_match_the_description(client, spec):
         ("POST", CALLBACK_PATH, dict(json=[{"newStatus": "PENDING"}]), 422),
         ("POST", CALLBACK_PATH, dict(json=[]), 400),
         ("POST", "/api/sends", dict(json=SEND), 401),
-        ("POST", "/api/sends", dict(json={**SEND, "destinations": [{"phone": "12"}]}, headers=AUTH), 422),
-        ("POST", "/api/sends", dict(json=SEND, headers=AUTH), 503),      # no TWIN credentials here
+        ("POST", "/api/sends", dict(json=SEND, headers=AUTH), 401),      # the reading token does not send
+        ("POST", "/api/sends", dict(json={**SEND, "destinations": [{"phone": "12"}]}, headers=SEND_AUTH), 422),
+        ("POST", "/api/sends", dict(json=SEND, headers=SEND_AUTH), 503),      # no TWIN credentials here
     ]
     for method, path, kwargs, status in cases:
         got = exchange(client, spec, method, path, valid_request=False, **kwargs)
@@ -134,7 +136,7 @@ def test_refusals_match_the_description(client, spec):
 
 def test_sending_answers_match_the_description(twin, client, spec, settings):
     # `twin` gives the receiver TWIN credentials: the send is accepted, then the worker sends it.
-    accepted = exchange(client, spec, "POST", "/api/sends", json=SEND, headers=AUTH)
+    accepted = exchange(client, spec, "POST", "/api/sends", json=SEND, headers=SEND_AUTH)
     assert accepted.status_code == 202
     url = accepted.get_json()["url"]
     assert exchange(client, spec, "GET", url, headers=AUTH).get_json()["status"] == "queued"

@@ -131,6 +131,13 @@ def test_the_page_pages_and_filters(client):
     assert bad.status_code == 400 and "since" in bad.get_data(as_text=True)
 
 
+def test_a_crafted_cursor_is_a_400_page(client):
+    nested = base64.urlsafe_b64encode(b"[" * 1500 + b"]" * 1500).decode()
+    for cursor in (nested, "!!garbage!!"):
+        answer_ = client.get("/results", query_string={"cursor": cursor}, headers=basic(API_TOKEN))
+        assert answer_.status_code == 400 and "cursor: not a cursor" in answer_.get_data(as_text=True)
+
+
 def test_the_download_link(client):
     seed(client, 3, callback_data="Опрос, март")
     seed(client, 1, prefix="x", callback_data="other")

@@ -88,19 +88,19 @@ def recipe_app(database_url, example_twin):
         db.close()
 
 
-def send_the_recipes_mailing(client, api_headers) -> None:
+def send_the_recipes_mailing(client, send_headers) -> None:
     recipe = example("send-request.json")["messages"][0]
-    answer = client.post("/api/sends", headers=api_headers, json={
+    answer = client.post("/api/sends", headers=send_headers, json={
         "chat": recipe["channels"]["chat"], "callbackData": recipe["callbackData"],
         "destinations": recipe["destinations"]})
     assert answer.status_code == 202, answer.get_json()
 
 
-def test_the_recipes_own_examples_give_the_recipes_final_table(recipe_app, example_twin, api_headers,
-                                                                callback_path):
+def test_the_recipes_own_examples_give_the_recipes_final_table(recipe_app, example_twin, callback_path,
+                                                                send_headers):
     client = recipe_app.test_client()
     worker = Enricher.from_app(recipe_app)
-    send_the_recipes_mailing(client, api_headers)
+    send_the_recipes_mailing(client, send_headers)
     worker.run(once=True)                                   # the worker sends it
     stored = client.post(callback_path, json=example("status-callback.json"))
     assert stored.status_code == 200, stored.get_json()
@@ -117,9 +117,9 @@ def test_the_recipes_own_examples_give_the_recipes_final_table(recipe_app, examp
     assert json.loads(result) == {"nps": "Тест", "confirmation": "Отказ", "initialVariables": []}
 
 
-def test_the_send_carries_every_field_of_the_recipes_request(recipe_app, example_twin, api_headers):
+def test_the_send_carries_every_field_of_the_recipes_request(recipe_app, example_twin, send_headers):
     client = recipe_app.test_client()
-    send_the_recipes_mailing(client, api_headers)
+    send_the_recipes_mailing(client, send_headers)
     Enricher.from_app(recipe_app).run(once=True)
 
     [logged_in] = example_twin.sent("POST", "/iam/login")

@@ -114,6 +114,28 @@ def test_bad_cursor(app):
         assert error.value.param == "cursor"
 
 
+def test_the_longest_cursor_given_out_is_read_back(app):
+    # A 128-character id of characters JSON writes as surrogate pairs: the longest key there is.
+    row = {"first_seen_at": dt.datetime(2025, 3, 1, 10, 15, 2, 123456), "id": "\U0001f600" * 128}
+    cursor = results.encode_cursor(row)
+    assert len(cursor) <= results.MAX_CURSOR
+    assert results.decode_cursor(cursor) == (row["first_seen_at"], row["id"])
+
+
+@pytest.mark.parametrize("cell, shown", [
+    ('=HYPERLINK("http://x","y")', '\'=HYPERLINK("http://x","y")'), ("@SUM(A1)", "'@SUM(A1)"),
+    ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"), ("-2+3+cmd|' /C calc'!A0", "'-2+3+cmd|' /C calc'!A0"),
+    ("\t=1+1", "'\t=1+1"), ("\r=1+1", "'\r=1+1"), ("\n=1+1", "'\n=1+1"), ("\uff1d1+1", "'\uff1d1+1"),
+    ("- пункт", "'- пункт"), ("-", "'-"),
+    # Plain numbers are read as numbers, never as formulas: they stay.
+    ("-5", "-5"), ("+79991234567", "+79991234567"), ("-2.5e3", "-2.5e3"), ("+.5", "+.5"),
+    # Only the first character counts; the rest of a cell is text.
+    ("Да", "Да"), ("", ""), ("1+1", "1+1"), ("a=1", "a=1"), ("'=1", "'=1"),
+])
+def test_defuse(cell, shown):
+    assert results.defuse(cell) == shown
+
+
 def test_rows_flattened_for_csv_and_kept_whole_for_json(client):
     ids = seed(client, 4)
     answer(ids[0], {"confirmation": "Отказ", "nps": 7, "tags": ["a", "б"], "extra": {"x": None, "y": {"z": 1}},

@@ -77,8 +77,8 @@ def test_dockerfile_structure():
     base = next(a for k, a in steps if k == "FROM")
     image, _, tag = base.partition(":")
     assert image == "python" and tag and tag != "latest", base
-    assert tag.startswith("3.11") and ("@sha256:" in base or re.search(r"-slim-\w+$", tag)), \
-        "pin the Python minor and the Debian release (or a digest)"
+    assert tag.startswith("3.11") and re.search(r"-slim-[a-z]+(@sha256:[0-9a-f]{64})?$", tag), \
+        "pin the Python minor and the Debian release (and, where a registry can be reached, the digest)"
 
     assert "ADD" not in keywords, "use COPY; never ADD a URL"
     sources = copy_sources()
@@ -198,7 +198,12 @@ def test_compose_file():
     assert worker["command"] == ["flask", "--app", "receiver", "worker"]
     assert web["ports"] == ["127.0.0.1:8000:8000"]
     assert postgres["profiles"] == ["postgres"]
+    assert re.fullmatch(r"postgres:\d+-[a-z]+(@sha256:[0-9a-f]{64})?", postgres["image"]), "a major and a Debian release"
     assert "pgdata:/var/lib/postgresql/data" in postgres["volumes"]
+    # PostgreSQL gets its own variables only, not .env with the app's tokens and TWIN password.
+    assert "env_file" not in postgres
+    assert postgres["environment"] == {"POSTGRES_USER": "receiver", "POSTGRES_DB": "receiver",
+                                       "POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:-}"}
     assert set(compose["volumes"]) == {"data", "pgdata"}
     # prometheus_client fails on a missing PROMETHEUS_MULTIPROC_DIR: with a read-only root, the
     # image's directory must be a tmpfs of each container.

@@ -220,7 +220,7 @@ def test_app_log_lines_are_redacted_in_workers(monkeypatch, tmp_path):
     from flask.logging import default_handler
 
     conf = load_conf(monkeypatch, tmp_path)
-    conf.post_worker_init(None)
+    conf.post_worker_init(SimpleNamespace(wsgi=None, notify=lambda: None))     # a worker without the app
     record = logging.LogRecord("receiver", logging.ERROR, __file__, 1, "Exception on %s [%s]",
                                (f"/callbacks/{CALLBACK_TOKEN}", "POST"), None)
     assert default_handler.filter(record)

@@ -32,7 +32,7 @@ def run_env(twin: Simulator, tmp_path, port: int) -> dict[str, str]:
            if not k.startswith(("TWIN24_", "ENRICH_", "DATABASE_", "CALLBACK_", "API_", "PUBLIC_", "GUNICORN_",
                                 "PROMETHEUS_"))}
     env.update({
-        "DATABASE_URL": f"sqlite:///{tmp_path}/receiver.db", "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/data/receiver.db", "PUBLIC_URL": f"http://127.0.0.1:{port}",
         "CALLBACK_TOKEN": CALLBACK_TOKEN, "API_TOKEN": API_TOKEN,
         "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_ACCESS_LOG": "",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
@@ -65,10 +65,13 @@ def test_make_run_with_a_login_enriches_every_delivered_message(faithful_twin, t
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "run.log", "wb")
-    process = subprocess.Popen(["scripts/run"], cwd=ROOT, env=run_env(faithful_twin, tmp_path, port),
+    # A usual umask (022): what scripts/run makes must be private anyway.
+    process = subprocess.Popen(["bash", "-c", "umask 022 && exec scripts/run"], cwd=ROOT,
+                               env=run_env(faithful_twin, tmp_path, port),
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for(lambda: _healthy(base_url), timeout=60), (tmp_path / "run.log").read_text()
+        assert modes(tmp_path) == PRIVATE, (tmp_path / "run.log").read_text()[-3000:]
         send_mailing(faithful_twin, base_url, phones(20), callback_data="make-run")
         assert faithful_twin.wait_idle(timeout=30)
 
@@ -84,6 +87,20 @@ def test_make_run_with_a_login_enriches_every_delivered_message(faithful_twin, t
     output = (tmp_path / "run.log").read_text()
     assert faithful_twin.password not in output
     assert "Traceback" not in output
+
+
+# What holds tokens, phone numbers and results is this user's alone: the database's directory and
+# files (the -wal and -shm files are there while gunicorn and the worker run), the metrics directory.
+PRIVATE = {"data": 0o700, "data/receiver.db": 0o600, "data/receiver.db-wal": 0o600,
+           "data/receiver.db-shm": 0o600, "data/receiver.db-writers.lock": 0o600, "metrics": 0o700,
+           "repository data": 0o700}
+
+
+def modes(tmp_path) -> dict[str, int]:
+    found = {str(path.relative_to(tmp_path)): path.stat().st_mode & 0o777
+             for path in [tmp_path / "data", *(tmp_path / "data").iterdir(), tmp_path / "metrics"]}
+    found["repository data"] = (ROOT / "data").stat().st_mode & 0o777
+    return found
 
 
 def _healthy(base_url: str) -> bool:

@@ -81,3 +81,16 @@ def test_units_restart_on_failure_and_read_the_environment_file(unit):
         "PROMETHEUS_MULTIPROC_DIR=/run/twin24-receiver") == 1
     for hardening in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp", "ProtectHome"):
         assert hardening in settings, hardening
+
+
+SIZES = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_bound_memory_and_tasks(unit):
+    """A runaway process is stopped at MemoryMax, and cannot fork or spawn threads past TasksMax."""
+    settings = dict(line.split("=", 1) for line in (DEPLOY / "systemd" / unit).read_text().splitlines()
+                    if "=" in line and not line.startswith(("#", "[")))
+    memory, tasks = settings["MemoryMax"], settings["TasksMax"]
+    assert memory[-1] in SIZES and 256 * SIZES["M"] <= int(memory[:-1]) * SIZES[memory[-1]] <= 4 * SIZES["G"]
+    assert 16 <= int(tasks) <= 1024

@@ -53,7 +53,7 @@ from receiver import create_app, models
 from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
-from ..conftest import API_TOKEN, FAST_TWIN, LiveServer, make_settings
+from ..conftest import FAST_TWIN, SEND_TOKEN, LiveServer, make_settings
 from ..support import phones, settings_env
 from ..test_enrich import assert_matches_truth
 
@@ -119,7 +119,7 @@ class Mailing:
     def __init__(self, base_url: str):
         self.base_url = base_url
         self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Bearer {API_TOKEN}"
+        self.http.headers["Authorization"] = f"Bearer {SEND_TOKEN}"      # sends, and follows them
         self.url = None
         self.posts = 0
         self.unknown: set[str] = set()       # phones ever reported unknown
