@@ -10,7 +10,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("ingest", "memory", "enrich")
+BENCHMARKS = ("ingest", "memory", "enrich", "forward")
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ from peewee import SqliteDatabase
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, callbacks, cli, models, pages, redaction, sending_api
+from . import api, callbacks, cli, forwards_api, models, pages, redaction, sending_api
 from .settings import Settings, SettingsError
 
 __all__ = ["create_app", "callback_url", "current_callback_url", "Settings", "SettingsError"]
@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(_connect)
     app.after_request(_security_headers)
     app.teardown_appcontext(_release)
-    for module in (callbacks, api, sending_api, pages):
+    for module in (callbacks, api, sending_api, forwards_api, pages):
         app.register_blueprint(module.bp)
     for code in (404, 405):
         app.register_error_handler(code, _routing_error)

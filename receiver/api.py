@@ -346,6 +346,7 @@ class DatabaseCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         from .enrich import backlog
+        from .forwarding import stats
         from .models import STAGES, Rejected, TwinCall, row_count
 
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
@@ -355,6 +356,7 @@ class DatabaseCollector:
             events = row_count(Event)
             rejected = row_count(Rejected)
             calls = list(TwinCall.select())
+            forwards = stats()
         except (DatabaseError, InterfaceError):
             up.add_metric([], 0)
             yield up
@@ -395,6 +397,26 @@ class DatabaseCollector:
                 last_ok.add_metric([call.endpoint], _unix(call.last_ok_at))
         yield last_error
         yield last_ok
+        yield from forward_metrics(forwards)
+
+
+def forward_metrics(forwards: list[dict]):
+    """The webhooks' gauges, per subscription (its id: a URL may hold a secret)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    deliveries = GaugeMetricFamily("receiver_forward_deliveries",
+                                   "Webhook events by subscription and state (pending, delivered, dead).",
+                                   labels=["subscription", "state"])
+    oldest = GaugeMetricFamily("receiver_forward_oldest_pending_seconds",
+                               "Age of a subscription's oldest pending webhook event (0 when none is pending).",
+                               labels=["subscription"])
+    for row in forwards:
+        subscription = str(row["id"])
+        for state in ("pending", "delivered", "dead"):
+            deliveries.add_metric([subscription, state], row[state])
+        oldest.add_metric([subscription], max(0.0, row["oldest_pending_seconds"] or 0.0))
+    yield deliveries
+    yield oldest
 
 
 def messages_by_outcome() -> dict[str, int]:

@@ -26,7 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
-from . import jsonbody, metrics
+from . import forwarding, jsonbody, metrics
 from .models import Event, Message, Prepared, Rejected, db, slot, utcnow, write_transaction
 from .status import STATUS_OF_CODE, check_times, forward_update_for, new_fields_for, variant
 
@@ -488,10 +488,15 @@ def store_callback(callback: Callback, sender: dict) -> bool:
         "received_at": now, "remote_addr": sender.get("remote_addr"), "content_type": sender.get("content_type"),
         "raw": callback.raw, "first_check_at": first_check_at, "stale_check_at": stale_check_at,
     }
+    status_wanted = forwarding.wants(forwarding.EVENT_STATUS)    # cached: most receivers forward no statuses
     with write_transaction():
         if EVENT_INSERT.execute(values).rowcount == 0:
             return False
         MESSAGE_UPSERT.execute(values, variant(callback.new_status))
+        if status_wanted:
+            # Only a status that moved forward: an older one arriving late leaves the row's status as it was.
+            forwarding.emit(forwarding.EVENT_STATUS, [callback.message_id], now,
+                            when=lambda row: row["status"] == callback.new_status)
     return True
 
 

@@ -8,6 +8,7 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from . import models
+from .forwards_cli import forwards
 from .settings import masked_url
 
 
@@ -112,6 +113,17 @@ def status():
         click.echo("last TWIN error: none")
     for endpoint, (error, at) in report["twin_errors"].items():
         click.echo(f"last TWIN error ({endpoint}, {at:%Y-%m-%d %H:%M:%S} UTC): {error}")
+    _forwarding_status()
+
+
+def _forwarding_status() -> None:
+    """The webhooks' lines of `status`: per subscription, its counts and the oldest pending age."""
+    from .forwarding import stats
+    from .forwards_cli import counts_line
+    rows = stats()
+    click.echo("webhooks:" + (" none (docs/forwarding.md)" if not rows else ""))
+    for row in rows:
+        click.echo(f"  #{row['id']} {masked_url(row['url'])}: {counts_line(row)}")
 
 
 @click.command("send")
@@ -383,4 +395,5 @@ def _replay_lines(replay):
 
 
 # Every command, for app.cli and for `python -m receiver` (receiver/__main__.py).
-COMMANDS = (init_db, show_urls, show_token, worker, status, send, export, backup, prune, check_twin, rejected)
+COMMANDS = (init_db, show_urls, show_token, worker, status, send, export, backup, prune, check_twin, rejected,
+            forwards)

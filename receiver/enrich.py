@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from peewee import DatabaseError, InterfaceError, PostgresqlDatabase, fn
 
-from . import metrics
+from . import forwarding, metrics
 from .maintenance import PeriodicPrune
 from .models import (
     ACTIVE_STAGES,
@@ -112,12 +112,15 @@ class Enricher:
         # Not connection_context(): a failed pass reconnects, and the context would then close a
         # connection it no longer knows.
         db.connect(reuse_if_open=True)
+        forwarder = self.start_forwarding(once)
         try:
             while not self.stopping:
                 try:
                     send_pending(self.settings, self.client)    # mailings queued by POST /api/sends
                     self.run_once(force=once)
                     self.prune.run_if_due()
+                    if once:
+                        self.forward_once()
                 except (DatabaseError, InterfaceError):
                     # The database went away, is busy beyond the timeout, or chose this pass as a
                     # deadlock's victim: leases we hold expire by themselves, so nothing is lost by
@@ -129,9 +132,30 @@ class Enricher:
                     return
                 self.sleep(self.settings.enrich_poll_interval)
         finally:
+            if forwarder is not None:
+                forwarder.stop(self.settings.forward_timeout + 5)
             if not db.is_closed():
                 db.close()
         log.info("enrichment worker stopped")
+
+    def start_forwarding(self, once: bool) -> forwarding.Forwarder | None:
+        """Make FORWARD_URL's subscription, then deliver events in a thread of their own (a slow target
+        must not hold up enrichment); a single pass (`once`) delivers inline instead."""
+        try:
+            forwarding.ensure_settings_subscription(self.settings)
+        except (DatabaseError, InterfaceError):
+            log.exception("could not record FORWARD_URL's subscription; the next start tries again")
+        if once:
+            return None
+        forwarder = forwarding.Forwarder(self.settings)
+        forwarder.start()
+        return forwarder
+
+    def forward_once(self) -> None:
+        try:
+            forwarding.deliver_due(self.settings)
+        except (DatabaseError, InterfaceError):
+            log.exception("forwarding pass failed")
 
     @staticmethod
     def _reconnect() -> None:
@@ -276,7 +300,8 @@ class Enricher:
                 _update_in_chunks(ids, lease, stage, Message.result.is_null(False), stage=STAGE_DONE,
                                   next_check_at=None, lease_until=None, last_error=None)
             _update_in_chunks(ids, lease, stage, stage=STAGE_GIVEN_UP, given_up_reason=reason,
-                              next_check_at=None, lease_until=None, last_error=None)
+                              next_check_at=None, lease_until=None, last_error=None,
+                              emit=forwarding.EVENT_GIVEN_UP)
         for (stage, attempts, why), ids in again.items():
             _update_in_chunks(ids, lease, stage, attempts=attempts, last_error=why, lease_until=None,
                               next_check_at=now + dt.timedelta(seconds=self.backoff(attempts)))
@@ -369,22 +394,27 @@ def renew_lease(claimed: Claim, now: dt.datetime, lease_seconds: float) -> None:
     claimed.lease_until = renewed
 
 
-def _update_in_chunks(ids: list[str], leased: dt.datetime, in_stage: str | None, *conditions, **values) -> None:
+def _update_in_chunks(ids: list[str], leased: dt.datetime, in_stage: str | None, *conditions, emit: str | None = None,
+                      **values) -> None:
     """UPDATE these messages, those still under this lease (and still `in_stage`, when given, and
-    meeting `conditions`), CHUNK ids per transaction.
+    meeting `conditions`), CHUNK ids per transaction. With `emit`, the messages updated get that
+    forwarding event, written in the same transaction.
 
     On PostgreSQL the rows are locked in id order first, the order in which page applications take
     them (_stored): a multi-row UPDATE locks rows in whatever order its plan reads them, and another
     worker applying a page that names some of these messages would then deadlock with it."""
     lock_first = isinstance(db.obj, PostgresqlDatabase)
     for chunk in _chunks(sorted(ids)):
-        query = Message.update(**values).where(Message.id.in_(chunk), Message.lease_until == leased, *conditions)
+        where = [Message.id.in_(chunk), Message.lease_until == leased, *conditions]
         if in_stage is not None:
-            query = query.where(Message.stage == in_stage)
+            where.append(Message.stage == in_stage)
         with write_transaction():
             if lock_first:
                 list(Message.select(Message.id).where(Message.id.in_(chunk)).order_by(Message.id).for_update())
-            query.execute()
+            updated = [m.id for m in Message.select(Message.id).where(*where)] if emit else []
+            Message.update(**values).where(*where).execute()
+            if updated:
+                forwarding.emit(emit, updated)
 
 
 # -- applying what TWIN said ------------------------------------------------------------------
@@ -453,7 +483,11 @@ def apply_session(message: Message, session: dict, now) -> str:
         update.update({Message.stage: STAGE_GIVEN_UP, Message.next_check_at: None, Message.lease_until: None,
                        Message.given_up_reason: "the dialog closed without a bot result"})
         outcome = SEEN_DONE
-    Message.update(update).where(Message.id == message.id, Message.stage == STAGE_RESULT).execute()
+    changed = Message.update(update).where(Message.id == message.id, Message.stage == STAGE_RESULT).execute()
+    if changed and Message.stage in update and update[Message.stage] == STAGE_GIVEN_UP:
+        forwarding.emit(forwarding.EVENT_GIVEN_UP, [message.id], now)
+    elif changed and Message.result in update:
+        forwarding.emit(forwarding.EVENT_RESULT, [message.id], now)     # in this transaction: the outbox
     return outcome
 
 

@@ -597,3 +597,59 @@ class Outbox(BaseModel):
 
 
 MODELS.extend([Send, Outbox])
+
+
+# --- Forwarding results to the operator's systems (receiver/forwarding.py) -------------------------
+class Subscription(BaseModel):
+    """A target URL and the events it wants, signed the Standard Webhooks way with `secret`."""
+    url = TextField()
+    secret = TextField()                                       # "whsec_<base64>", as standardwebhooks takes it
+    previous_secret = TextField(null=True)                     # while set, both signatures are sent (rotation)
+    events = TextField(default="message.result,message.given_up")   # comma list
+    filter_callback_data = TextField(null=True)                # exact callbackData
+    filter_callback_data_prefix = TextField(null=True)
+    filter_bulk_id = TextField(null=True)
+    from_settings = BooleanField(default=False)                # the one FORWARD_URL made (ensure_settings_subscription)
+    failing_since = DateTimeField(null=True)                   # first failure of the current run of failures
+    paused_at = DateTimeField(null=True)                       # failing for FORWARD_PAUSE_AFTER: probed only
+    paused_reason = TextField(null=True)
+    disabled_at = DateTimeField(null=True)                     # the target answered 410 Gone
+    created_at = DateTimeField(default=utcnow)
+
+
+class Delivery(BaseModel):
+    """The outbox: one event for one subscription, written in the transaction of the change that caused
+    it. id is the order of events; event_id the receiver's idempotency key (a replay keeps it)."""
+    event_id = CharField(max_length=64, unique=True)
+    subscription = IntegerField(column_name="subscription_id")
+    message_id = CharField(max_length=128)
+    event_type = CharField(max_length=32)
+    payload = TextField()                                      # the JSON body, exactly as signed and sent
+    state = CharField(max_length=16, default="pending")        # pending / delivered / dead
+    attempts = IntegerField(default=0)
+    next_attempt_at = DateTimeField(null=True)
+    lease_owner = CharField(null=True, max_length=64)
+    lease_until = DateTimeField(null=True)
+    last_status = IntegerField(null=True)
+    last_error = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)                 # the event's time
+    queued_at = DateTimeField(default=utcnow)                  # FORWARD_MAX_AGE counts from here (a retry resets it)
+    delivered_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            (("state", "next_attempt_at"), False),             # what is due
+            (("subscription", "message_id", "state"), False),  # the oldest pending of a message goes first
+        )
+
+
+class DeliveryAttempt(BaseModel):
+    """Every POST of a delivery: what the target answered (or the error) and how long it took."""
+    delivery = IntegerField(column_name="delivery_id", index=True)
+    at = DateTimeField(default=utcnow)
+    status_code = IntegerField(null=True)
+    error = TextField(null=True)
+    seconds = FloatField(null=True)
+
+
+MODELS.extend([Subscription, Delivery, DeliveryAttempt])

@@ -209,13 +209,20 @@ def results_page():
     return _page(
         "results.html", filters=filters, summary=summary, keys=keys, rows=rows,
         funnel=funnel, answers=answers, lists=summary.lists,
-        mailings=results.mailings(), selected=selected, stages=results.STAGES,
+        mailings=results.mailings(), selected=selected, stages=results.STAGES, forwards=_forwards(),
         statuses=sorted(summary.statuses),
         next_url=url_for("pages.results_page", **args, cursor=found.next_cursor) if found.next_cursor else None,
         first_url=url_for("pages.results_page", **args) if request.args.get("cursor") else None,
         csv_url=url_for("pages.results_csv") + ("?" + urlencode(args) if args else ""),
         excel_url=url_for("pages.results_csv") + "?" + urlencode({**args, "excel": "1"}),
     )
+
+
+def _forwards() -> list[dict]:
+    """The webhooks' counts for the page's box (its URLs without passwords); empty without subscriptions."""
+    from .forwarding import stats
+    from .forwards_api import subscription_json
+    return [subscription_json(row) for row in stats()]
 
 
 def _chart(items, total: int, rest: tuple[int, int] | None = None) -> list[dict]:

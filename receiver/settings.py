@@ -6,6 +6,8 @@ entry points (wsgi.py, the CLI) print that line and stop.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
 import re
@@ -26,6 +28,7 @@ SQLITE_SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # same error: sysexits' EX_CONFIG for the commands, and gunicorn's "worker failed to boot" for a web
 # worker (the master then stops instead of booting new workers). The systemd units name both.
 EXIT_BAD_SETTING = 78
+FORWARD_EVENT_TYPES = ("message.result", "message.status", "message.given_up")
 EXIT_BAD_SETTING_GUNICORN = 3
 
 
@@ -112,6 +115,22 @@ class Settings:
     # Sending.
     send_batch_size: int = _env("SEND_BATCH_SIZE", kind="int", default=500, minimum=1)
 
+    # Forwarding results to the operator's URL (receiver/forwarding.py), signed the Standard Webhooks way.
+    # FORWARD_SECRET is "whsec_<base64>"; FORWARD_SECRET_PREVIOUS, while set, signs each event a second
+    # time (rotation). Times in seconds.
+    forward_url: str | None = _env("FORWARD_URL", kind="url")
+    forward_secret: str | None = _env("FORWARD_SECRET", secret=True)
+    forward_secret_previous: str | None = _env("FORWARD_SECRET_PREVIOUS", secret=True)
+    forward_events: str = _env("FORWARD_EVENTS", default="message.result,message.given_up")
+    forward_timeout: float = _env("FORWARD_TIMEOUT", kind="float", default=10.0, minimum=0.1)
+    forward_max_age: float = _env("FORWARD_MAX_AGE", kind="float", default=86400.0, minimum=1)
+    forward_pause_after: float = _env("FORWARD_PAUSE_AFTER", kind="float", default=3600.0, minimum=0)
+    forward_pause_probe: float = _env("FORWARD_PAUSE_PROBE", kind="float", default=300.0, minimum=0)
+    forward_batch: int = _env("FORWARD_BATCH", kind="int", default=100, minimum=1)
+    forward_backoff_start: float = _env("FORWARD_BACKOFF_START", kind="float", default=5.0, minimum=0.01)
+    forward_backoff_max: float = _env("FORWARD_BACKOFF_MAX", kind="float", default=3600.0, minimum=0.01)
+    forward_poll_interval: float = _env("FORWARD_POLL_INTERVAL", kind="float", default=0.5, minimum=0.01)
+
     # Housekeeping: the worker (and `flask prune`) deletes events older than this many days; 0 keeps
     # them all. Messages and their results are never pruned.
     event_retention_days: int = _env("EVENT_RETENTION_DAYS", kind="int", default=90, minimum=0)
@@ -148,8 +167,21 @@ class Settings:
             value = getattr(self, name)
             if value is not None and len(value) < 16:
                 raise SettingsError(f"{name.upper()}: must be at least 16 characters")
+        self._check_forwarding()
         if self.send_token is not None and self.send_token == self.api_token:
             raise SettingsError("SEND_TOKEN: must differ from API_TOKEN (whoever reads results must not send)")
+
+    def _check_forwarding(self) -> None:
+        if self.forward_url and not self.forward_secret:
+            raise SettingsError("FORWARD_SECRET: required when FORWARD_URL is set (whsec_ and base64 of 24+ random bytes)")
+        for name in ("forward_secret", "forward_secret_previous"):
+            value = getattr(self, name)
+            if value is not None and not _webhook_secret_ok(value):
+                raise SettingsError(f"{name.upper()}: expected whsec_ and the base64 of at least 24 random bytes")
+        unknown = {e.strip() for e in self.forward_events.split(",") if e.strip()} - set(FORWARD_EVENT_TYPES)
+        if unknown:
+            raise SettingsError(f"FORWARD_EVENTS: unknown event {sorted(unknown)[0]!r} "
+                                f"(known: {', '.join(FORWARD_EVENT_TYPES)})")
 
     def _check_database_url(self) -> None:
         """Refuse here, in one line, what models.make_database could not open."""
@@ -194,6 +226,13 @@ class Settings:
                 value = mask(value) if callable(mask) else "***"
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
+
+
+def _webhook_secret_ok(value: str) -> bool:
+    try:
+        return len(base64.b64decode(value.removeprefix("whsec_") + "==")) >= 24
+    except (ValueError, binascii.Error):
+        return False
 
 
 def _parse(f: dataclasses.Field, raw: str):

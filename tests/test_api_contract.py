@@ -43,6 +43,10 @@ def contract_app(database_url):
         "chat": {"chatId": "chat-1", "botId": "bot-1", "text": "Hello"},
         "destinations": [{"phone": f"7999000000{n}"} for n in range(3)]})
     assert queued.status_code == 202, queued.get_json()
+    # One webhook subscription with a pending event, so that GET /api/forwards lists one with an age.
+    subscription = models.Subscription.create(url="http://127.0.0.1:9/hooks", secret="whsec_" + "A" * 32)
+    models.Delivery.create(event_id="evt_contract", subscription=subscription.id, message_id="m-1",
+                           event_type="message.result", payload="{}")
     yield app
     if not models.db.is_closed():
         models.db.close()
