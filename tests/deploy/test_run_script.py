@@ -86,6 +86,8 @@ def test_make_run_with_a_login_enriches_every_delivered_message(faithful_twin, t
         log.close()
     output = (tmp_path / "run.log").read_text()
     assert faithful_twin.password not in output
+    assert CALLBACK_TOKEN not in output         # its output is a log here, not a terminal
+    assert API_TOKEN not in output
     assert "Traceback" not in output
 
 
