@@ -1,7 +1,10 @@
 """Helpers shared by tests: sending a mailing straight to the simulator, waiting for a condition."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import requests
 
@@ -50,3 +53,12 @@ def settings_env(settings) -> dict[str, str]:
         if value is not None:
             env[field.metadata["env"]] = str(value)
     return env
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_worker(env: dict, log_path) -> subprocess.Popen:
+    """`python -m receiver worker` with exactly `env`, its output appended to `log_path`."""
+    return subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
+                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)

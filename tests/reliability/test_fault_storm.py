@@ -40,11 +40,8 @@ from __future__ import annotations
 import datetime as dt
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import requests
@@ -54,10 +51,9 @@ from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
 from ..conftest import FAST_TWIN, SEND_TOKEN, LiveServer, make_settings
-from ..support import phones, settings_env
+from ..support import phones, settings_env, start_worker
 from ..test_enrich import assert_matches_truth
 
-ROOT = Path(__file__).resolve().parents[2]
 PHONES = phones(80)
 CHAT = {"chatId": "chat-channel-1", "botId": "bot-1", "messengerType": "WHATSAPP",
         "chatSessionName": "Опрос", "text": "Здравствуйте!", "provider": "TWIN"}
@@ -76,10 +72,6 @@ ENRICH_LEASE = 3.0      # seconds (ENRICH_LEASE of the workers)
 KILLED_IN_FLIGHT = "the run sending it stopped while the request was out"
 TIMED_OUT = "read timeout"
 
-
-def start_worker(env, log_path):
-    return subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
-                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
 def kill(worker) -> None:

@@ -19,31 +19,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from receiver import create_app, forwarding, models
 from receiver.models import Delivery, Message, Subscription
 
 from ..conftest import LiveServer, make_settings
 from ..forward_targets import RecordingTarget, make_secret
-from ..support import phones, send_mailing, settings_env, wait_for
+from ..support import phones, send_mailing, settings_env, start_worker, wait_for
 from ..test_enrich import assert_matches_truth
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = make_secret("forward-kill")
 MESSAGES = 30
 KILLS = 4
 HOLD = 0.3          # seconds the target holds each request open while kills are to come
 LEASE = 2.0         # ENRICH_LEASE of the workers
 
-
-def start_worker(env, log_path):
-    return subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
-                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
 def kill(worker) -> None:

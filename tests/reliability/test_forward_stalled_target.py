@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import signal
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import requests
 
@@ -23,11 +20,10 @@ from receiver.models import Delivery, DeliveryAttempt, Message, Subscription
 
 from ..conftest import CALLBACK_TOKEN, LiveServer, make_settings
 from ..forward_targets import StalledTarget, make_secret
-from ..support import phones, send_mailing, settings_env, wait_for
+from ..support import phones, send_mailing, settings_env, start_worker, wait_for
 from ..test_callbacks import callback
 from ..test_enrich import assert_matches_truth
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 5.0           # FORWARD_TIMEOUT: every POST to the stalled target takes this long, then fails
 CALLBACKS = 60
 
@@ -56,8 +52,7 @@ def test_a_target_that_never_answers_slows_neither_callbacks_nor_enrichment(data
     models.db.connect(reuse_if_open=True)
     log_path = tmp_path / "worker.log"
     env = settings_env(settings) | {"ENRICH_POLL_INTERVAL": "0.05", "FORWARD_POLL_INTERVAL": "0.05"}
-    worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
-                              stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    worker = start_worker(env, log_path)
     try:
         # The worker makes the FORWARD_URL subscription as it starts; this process (the receiver's web
         # side) reads it afresh rather than from what an earlier test left in its cache.
