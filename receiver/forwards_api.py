@@ -65,7 +65,8 @@ def retry():
 @bp.post("/api/forwards/replay")
 @require_api_token
 def replay():
-    """Delivered and dead events sent again, each with its own event id (the target deduplicates)."""
+    """Delivered events sent again, each with its same event id (a target that deduplicates sees each once;
+    dead ones go through /retry)."""
     from . import forwarding
     filters, refusal = _filters(REPLAY_FIELDS)
     if refusal:
