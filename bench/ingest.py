@@ -1,22 +1,26 @@
-"""Ingest benchmark: how many TWIN callbacks per second the receiver stores, against a bare endpoint.
+"""Ingest benchmark: TWIN callbacks stored per second by the receiver, against a bare endpoint, under wrk.
 
-    python -m bench ingest          (or: make bench)
+    python -m bench ingest          (or: make bench; needs wrk: `apt-get install wrk`)
 
-Starts gunicorn with deploy/gunicorn.conf.py twice, with the same settings: once with the receiver
-(wsgi:app, on a fresh SQLite file) and once with a bare Flask app that parses the JSON and answers 200
-(`bare_app` below). Each is loaded for BENCH_DURATION seconds (default 15) at BENCH_CONNECTIONS
-(default 32) keep-alive connections by bench/loadgen.py; then every acknowledged callback is looked up
-in the event table. Environment: BENCH_DURATION, BENCH_CONNECTIONS, BENCH_WORKERS (GUNICORN_WORKERS;
-default: deploy/gunicorn.conf.py's own choice), BENCH_DUPLICATES (share of repeats, default 0.05),
-BENCH_DATABASE_URL (postgresql://...: store in a schema of its own on that server instead of SQLite).
+Each run starts gunicorn with deploy/gunicorn.conf.py, the same settings every time, three times:
+a bare Flask app that parses the JSON and answers 200 (`bare_app` below) and the receiver (wsgi:app,
+on a fresh database), both without an access log (the fair comparison), then the receiver as
+deployed, with gunicorn's access log (RedactingLogger) written to a file. Each server gets a 2 s
+warm-up, then wrk loads it (bench/ingest.lua: a new message id per request, TWIN's example body).
+Afterwards the server is stopped gracefully and every wrk thread's id space is counted in the event
+table (see `missing`). Environment: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
+BENCH_THREADS (wrk threads, 2), BENCH_RUNS (3), BENCH_WORKERS (GUNICORN_WORKERS; default:
+gunicorn.conf.py's own choice), BENCH_DATABASE_URL (postgresql://...: store in a schema of its own
+on that server instead of SQLite).
 
-On a small machine the load generator and the server share the cores; the generator's own CPU cost is
-printed so its share can be judged.
+wrk runs on the same machine and shares its cores with the server; its CPU is printed.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import sqlite3
@@ -25,6 +29,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from flask import Flask, jsonify, request
@@ -150,12 +156,10 @@ class Database:
     """Where the receiver stores: a fresh SQLite file in `workdir`, or with BENCH_DATABASE_URL
     (postgresql://...) a schema of its own on that server, dropped afterwards."""
 
-    KEYS = "SELECT message_id, COALESCE(old_status, ''), new_status FROM event"
-
     def __init__(self, workdir: Path, postgres_url: str | None):
         self.postgres_url = postgres_url
         self.path = workdir / "receiver.db"
-        self.schema = f"bench_ingest_{os.getpid()}"
+        self.schema = f"bench_ingest_{os.getpid()}_{workdir.parent.name}_{workdir.name}".replace("-", "_")
 
     @property
     def name(self) -> str:
@@ -177,14 +181,15 @@ class Database:
         if self.postgres_url:
             self._postgres(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
 
-    def stored_keys(self) -> set[str]:
-        """Every stored event as message id|old status|new status."""
+    def stored_ids(self) -> list[str]:
+        """The message id of every stored event."""
+        sql = "SELECT message_id FROM event"
         if self.postgres_url:
-            rows = self._postgres(self.KEYS)
+            rows = self._postgres(sql)
         else:
             with sqlite3.connect(self.path) as connection:
-                rows = connection.execute(self.KEYS).fetchall()
-        return {f"{m}|{o}|{n}" for m, o, n in rows}
+                rows = connection.execute(sql).fetchall()
+        return [message_id for (message_id,) in rows]
 
     def _postgres(self, sql: str) -> list:
         """Runs `sql` with the receiver's URL, whose search_path is the schema."""
@@ -211,77 +216,209 @@ def cpu_seconds(server: Server) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measured_load(server: Server, duration: float, connections: int, duplicates: float):
-    """load(), and the server's CPU seconds per answered request during it."""
-    before = cpu_seconds(server)
-    result = load(server, duration, connections, duplicates)
-    return result, (cpu_seconds(server) - before) / max(result.requests, 1)
+# --- wrk --------------------------------------------------------------------------------------------
+WRK = "wrk"
+SCRIPT = Path(__file__).with_name("ingest.lua")
+# After the load, wrk runs this much longer without sending, so that every callback sent is answered.
+DRAIN_SECONDS = 2.0
+WRK_MISSING = "wrk is not installed: `sudo apt-get install wrk` (Debian, Ubuntu) or see https://github.com/wg/wrk"
 
 
-def load(server: Server, duration: float, connections: int, duplicates: float, max_requests=None):
-    from .loadgen import run_load
-    return run_load("127.0.0.1", server.port, PATH, connections=connections, duration=duration,
-                    duplicates=duplicates, processes=2 if connections >= 2 else 1, max_requests=max_requests)
+@dataclass
+class Space:
+    """One wrk thread's message ids (`name`-1 ... `name`-sent) and what became of them."""
+    name: str
+    sent: int
+    ok: int                     # answered 2xx
+    other: int                  # answered otherwise
+    first_sent: float           # CLOCK_MONOTONIC seconds: the thread's first request
+    last_answer: float          # and its last answer
+    stored: int = 0             # distinct ids of the space in the event table
+
+    @property
+    def missing(self) -> tuple[int, int]:
+        """(at least, at most) acknowledged callbacks missing from the table. Every id is sent once, so
+        the stored ids are among those sent; when every one sent was answered 2xx (the script stops
+        sending before wrk stops), the acknowledged ones are exactly those sent, and the two bounds meet:
+        sent - stored."""
+        return max(0, self.ok - self.stored), min(self.sent - self.stored, self.ok)
 
 
-def row(name, result) -> str:
-    others = {s: n for s, n in result.statuses.items() if not 200 <= s < 300}
-    return (f"  {name:<22} {result.rate:>10,.0f} {result.percentile(50) * 1000:>9.1f} "
-            f"{result.percentile(99) * 1000:>9.1f} {result.ok:>9,} {sum(others.values()) + len(result.unknown):>7}")
+@dataclass
+class Load:
+    """What one wrk run measured."""
+    requests: int
+    errors: dict
+    p50: float                  # seconds, from wrk's latency distribution
+    p99: float
+    spaces: list[Space]
+    server_cpu: float = 0.0     # CPU seconds of gunicorn's processes per answered request
+    wrk_cpu: float = 0.0        # CPU seconds of wrk per answered request
+
+    @property
+    def ok(self) -> int:
+        return sum(space.ok for space in self.spaces)
+
+    @property
+    def seconds(self) -> float:
+        """From the first request sent to the last answer received, over all threads."""
+        return max(s.last_answer for s in self.spaces) - min(s.first_sent for s in self.spaces)
+
+    @property
+    def rate(self) -> float:
+        """Callbacks answered 2xx per second."""
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    @property
+    def not_ok(self) -> int:
+        """Answers other than 2xx, and socket errors and timeouts."""
+        return sum(space.other for space in self.spaces) + sum(self.errors.values()) - self.errors["status"]
+
+    @property
+    def unanswered(self) -> int:
+        return sum(space.sent - space.ok - space.other for space in self.spaces)
+
+
+def wrk(server: Server, tag: str, duration: float, threads: int, connections: int) -> Load:
+    """Load `server` with wrk for `duration` seconds; message ids start with `tag`."""
+    if shutil.which(WRK) is None:
+        raise SystemExit(WRK_MISSING)
+    command = [WRK, f"-t{threads}", f"-c{connections}", f"-d{duration + DRAIN_SECONDS:g}s", "--latency",
+               "-s", str(SCRIPT), f"{server.url}{PATH}", "--", tag, f"{duration:g}"]
+    cpu_before, children_before = cpu_seconds(server), _children_cpu()
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
+    line = next((line for line in finished.stdout.splitlines() if line.startswith("BENCH-INGEST ")), None)
+    if finished.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({finished.returncode}): {finished.stderr or finished.stdout}")
+    found = json.loads(line.partition(" ")[2])
+    load = Load(requests=found["requests"], errors=found["errors"], p50=found["p50_us"] / 1e6,
+                p99=found["p99_us"] / 1e6, spaces=[Space(s["space"], s["sent"], s["2xx"], s["other"], s["first_sent"],
+                                                         s["last_answer"]) for s in found["spaces"]])
+    answered = max(load.requests, 1)
+    load.server_cpu = (cpu_seconds(server) - cpu_before) / answered
+    load.wrk_cpu = (_children_cpu() - children_before) / answered
+    return load
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def count_stored(loads: list[Load], database: Database) -> None:
+    """Fill each space's `stored` from the event table (the server stopped: nothing is in flight)."""
+    per_space = Counter(message_id.rpartition("-")[0] for message_id in set(database.stored_ids()))
+    for load in loads:
+        for space in load.spaces:
+            space.stored = per_space[space.name]
+
+
+# --- one run: the bare app, the receiver, the receiver as deployed ------------------------------------
+NO_ACCESS_LOG = {"GUNICORN_ACCESS_LOG": ""}
+
+
+def measure(app: str, workdir: Path, env: dict, tag: str, options: dict, database: Database | None = None):
+    """Start `app` under gunicorn, warm it up for 2 s, load it; with `database`, count what it stored."""
+    workdir.mkdir(parents=True)
+    with Server(app, workdir, env) as server:
+        wrk(server, f"{tag}w", 2.0, options["threads"], options["connections"])     # warm-up (and schema)
+        workers = len(server.worker_pids())
+        load = wrk(server, tag, options["duration"], options["threads"], options["connections"])
+    if database is not None:
+        count_stored([load], database)
+    return load, workers
+
+
+def one_run(number: int, workdir: Path, postgres_url: str | None, options: dict) -> dict:
+    """The bare app and the receiver without access log, then the receiver with it, in that order."""
+    run = workdir / f"run{number}"
+    loads, databases = {}, {
+        "receiver": Database(run / "receiver", postgres_url), "deployed": Database(run / "deployed", postgres_url)}
+    # The bare app gets the receiver's DATABASE_URL too: gunicorn.conf.py sizes its workers by it.
+    env = {"DATABASE_URL": databases["receiver"].url} | NO_ACCESS_LOG
+    loads["bare"], workers = measure("bench.ingest:bare_app", run / "bare", env, f"b{number}", options)
+    for kind, logging in (("receiver", NO_ACCESS_LOG), ("deployed", {})):
+        database = databases[kind]
+        with database:
+            loads[kind], _ = measure("wsgi:app", run / kind, {"DATABASE_URL": database.url} | logging,
+                                     f"{kind[0]}{number}", options, database)
+    loads["workers"] = workers
+    return loads
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def span(values: list[float], form: str) -> str:
+    low, high = min(values), max(values)
+    return format(low, form) if format(low, form) == format(high, form) else f"{low:{form}}–{high:{form}}"
+
+
+def report(runs: list[dict], database_name: str) -> dict:
+    print(f"gunicorn: deploy/gunicorn.conf.py, {runs[0]['workers']} sync workers, {database_name}")
+    print("\nfair comparison: the same gunicorn settings, no access log on either side")
+    print(f"  {'run':<4} {'bare/s':>8} {'receiver/s':>11} {'ratio':>6}   {'bare p50/p99 ms':>16}"
+          f"   {'receiver p50/p99 ms':>19}   {'server CPU µs/callback bare, receiver':>38}")
+    for number, run in enumerate(runs, 1):
+        bare, receiver = run["bare"], run["receiver"]
+        print(f"  {number:<4} {bare.rate:>8,.0f} {receiver.rate:>11,.0f} {receiver.rate / bare.rate:>6.2f}   "
+              f"{ms(bare.p50) + ' / ' + ms(bare.p99):>16}   {ms(receiver.p50) + ' / ' + ms(receiver.p99):>19}   "
+              f"{bare.server_cpu * 1e6:>29.0f}, {receiver.server_cpu * 1e6:.0f}")
+    print("\nas deployed: the receiver with gunicorn's access log (RedactingLogger) to a file")
+    print(f"  {'run':<4} {'receiver/s':>11} {'/ bare':>7}   {'p50/p99 ms':>12}   {'server CPU µs/callback':>22}")
+    for number, run in enumerate(runs, 1):
+        deployed = run["deployed"]
+        print(f"  {number:<4} {deployed.rate:>11,.0f} {deployed.rate / run['bare'].rate:>7.2f}   "
+              f"{ms(deployed.p50) + ' / ' + ms(deployed.p99):>12}   {deployed.server_cpu * 1e6:>22.0f}")
+    print("\nacknowledged callbacks in the event table (per wrk thread: sent, answered 2xx, stored)")
+    worst = 0
+    for number, run in enumerate(runs, 1):
+        for kind in ("receiver", "deployed"):
+            load = run[kind]
+            spaces = "; ".join(f"{s.name}: {s.sent:,} sent, {s.ok:,} 2xx, {s.stored:,} stored" for s in load.spaces)
+            least = sum(s.missing[0] for s in load.spaces)
+            most = sum(s.missing[1] for s in load.spaces)
+            worst = max(worst, most)
+            verdict = "0 missing" if most == 0 else f"{least}–{most} missing"
+            print(f"  run {number} {kind:<8} {spaces}  -> {verdict}; non-2xx or socket errors: {load.not_ok}, "
+                  f"never answered: {load.unanswered}")
+    ratios = [run["receiver"].rate / run["bare"].rate for run in runs]
+    p99s = [max(run["receiver"].p99, run["deployed"].p99) for run in runs]
+    wrk_cpu = [run["receiver"].wrk_cpu * run["receiver"].rate for run in runs]
+    print(f"\nranges over {len(runs)} runs: bare {span([r['bare'].rate for r in runs], ',.0f')}/s, "
+          f"receiver {span([r['receiver'].rate for r in runs], ',.0f')}/s, ratio {span(ratios, '.2f')}, "
+          f"as deployed {span([r['deployed'].rate for r in runs], ',.0f')}/s, "
+          f"receiver p99 {span([r['receiver'].p99 * 1000 for r in runs], '.1f')} ms")
+    print(f"wrk's own CPU during the receiver runs: {span(wrk_cpu, '.0%')} of one core")
+    verdict = {"ratio": min(ratios) >= 0.6, "p99": max(p99s) < 0.050, "all_stored": worst == 0}
+    print("targets (ratio >= 0.6, p99 < 50 ms, 0 missing): "
+          + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in verdict.items()))
+    return {"ratio": ratios, "bare": [r["bare"].rate for r in runs], "receiver": [r["receiver"].rate for r in runs],
+            "deployed": [r["deployed"].rate for r in runs], "p99": p99s, "missing": worst, "verdict": verdict}
 
 
 def main(argv: list[str] | None = None) -> dict:
     if argv:
         raise SystemExit(f"ingest takes no options ({' '.join(argv)}); it reads BENCH_* variables (see above)")
-    duration = float(os.environ.get("BENCH_DURATION", "15"))
-    connections = int(os.environ.get("BENCH_CONNECTIONS", "32"))
-    duplicates = float(os.environ.get("BENCH_DUPLICATES", "0.05"))
+    if shutil.which(WRK) is None:
+        raise SystemExit(WRK_MISSING)
+    options = {"duration": float(os.environ.get("BENCH_DURATION", "10")),
+               "connections": int(os.environ.get("BENCH_CONNECTIONS", "32")),
+               "threads": int(os.environ.get("BENCH_THREADS", "2"))}
+    runs = int(os.environ.get("BENCH_RUNS", "3"))
+    postgres_url = os.environ.get("BENCH_DATABASE_URL") or None
+    print(f"ingest: wrk {options['threads']} threads, {options['connections']} connections, "
+          f"{options['duration']:g} s per server, {runs} runs; TWIN's example callback with a new message id each")
+    print(f"machine: {machine()}; wrk shares its cores with the server")
     workdir = Path(tempfile.mkdtemp(prefix="twin24-bench-ingest-"))
-    database = Database(workdir, os.environ.get("BENCH_DATABASE_URL") or None)
-    # Both servers get the receiver's DATABASE_URL: gunicorn.conf.py sizes its workers by it.
-    env = {"DATABASE_URL": database.url}
-    print(f"ingest: {duration:.0f} s per server at {connections} connections, {duplicates:.0%} duplicates")
-    print(f"machine: {machine()}")
-    print("note: the load generator runs on the same machine and shares its cores with the server")
     try:
-        with Server("bench.ingest:bare_app", workdir / "bare", env) as bare:
-            load(bare, 2.0, connections, duplicates)                       # warm-up
-            workers = len(bare.worker_pids())
-            bare_result, bare_cpu = measured_load(bare, duration, connections, duplicates)
-        (workdir / "receiver").mkdir()
-        with database, Server("wsgi:app", workdir / "receiver", env) as receiver:
-            load(receiver, 2.0, connections, duplicates)                   # warm-up (and schema)
-            receiver_result, receiver_cpu = measured_load(receiver, duration, connections, duplicates)
-            stored = database.stored_keys()
+        results = [one_run(number, workdir, postgres_url, options) for number in range(1, runs + 1)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-    print(f"gunicorn: deploy/gunicorn.conf.py, {workers} sync workers, {database.name}")
-    print(f"  {'endpoint':<22} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'2xx':>9} {'other':>7}")
-    print(row("bare Flask (parse, 200)", bare_result))
-    print(row("receiver (store, 200)", receiver_result))
-    ratio = receiver_result.rate / bare_result.rate if bare_result.rate else 0.0
-    generator_cpu = receiver_result.cpu_seconds / max(receiver_result.requests, 1)
-    print(f"  ratio receiver/bare: {ratio:.2f}   (target >= 0.6)")
-    print(f"  receiver p99: {receiver_result.percentile(99) * 1000:.1f} ms   (target < 50 ms at 32 connections)")
-    print(f"  server CPU (gunicorn master and workers): bare {bare_cpu * 1e6:.0f} µs, "
-          f"receiver {receiver_cpu * 1e6:.0f} µs per request")
-    print(f"  load generator CPU: {generator_cpu * 1e6:.0f} µs per request "
-          f"({generator_cpu * receiver_result.rate:.0%} of one core during the receiver run)")
-    # The warm-up's callbacks are in the database too: compare the measured run's acknowledged set.
-    missing = receiver_result.acknowledged - stored
-    unexpected = [s for s in receiver_result.statuses if not 200 <= s < 300]
-    print(f"  acknowledged callbacks (distinct id/old/new): {len(receiver_result.acknowledged):,}; "
-          f"in the event table: {len(receiver_result.acknowledged) - len(missing):,}; missing: {len(missing)}")
-    if unexpected:
-        print(f"  non-2xx answers: { {s: receiver_result.statuses[s] for s in unexpected} }")
-    verdict = {
-        "ratio": ratio >= 0.6, "p99": receiver_result.percentile(99) < 0.050, "all_stored": not missing,
-    }
-    print("  targets: " + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in verdict.items()))
-    return {"bare": bare_result.rate, "receiver": receiver_result.rate, "ratio": ratio,
-            "p50": receiver_result.percentile(50), "p99": receiver_result.percentile(99),
-            "missing": len(missing), "verdict": verdict}
+    return report(results, Database(workdir, postgres_url).name)
 
 
 if __name__ == "__main__":

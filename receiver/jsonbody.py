@@ -23,6 +23,8 @@ class TooDeep(ValueError):
 def too_deep(text: str, max_depth: int = MAX_DEPTH) -> bool:
     """Whether the JSON text nests arrays/objects more than max_depth levels (brackets inside strings
     do not count). Exact for valid JSON; for anything else json.loads has the last word."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return False            # too few brackets to nest that deep: a callback's body, at no cost
     depth = 0
     for bracket in _BRACKET.finditer(_STRING.sub("", text)):
         depth += 1 if bracket.group() in "[{" else -1
@@ -36,8 +38,10 @@ def loads(text: str, max_depth: int = MAX_DEPTH, **options):
     text that is not JSON (NaN and Infinity included: Python reads them, JSON has no such numbers)."""
     if too_deep(text, max_depth):
         raise TooDeep(f"nested more than {max_depth} levels deep")
-    options.setdefault("parse_constant", _not_a_json_number)
     try:
+        if not options:
+            return _DECODER.decode(text)        # json.loads with options makes a decoder each call
+        options.setdefault("parse_constant", _not_a_json_number)
         return json.loads(text, **options)
     except RecursionError:          # not expected after the check above; a 500 it must never be
         raise TooDeep(f"nested more than {max_depth} levels deep") from None
@@ -45,6 +49,9 @@ def loads(text: str, max_depth: int = MAX_DEPTH, **options):
 
 def _not_a_json_number(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_a_json_number)
 
 
 def number(text: str) -> int | float:

@@ -28,7 +28,16 @@ TWIN_CALLS = Counter(
     "receiver_twin_calls_total", "HTTP attempts made to TWIN, by endpoint and outcome.", ["endpoint", "outcome"])
 
 
+# The callback counter's series by label value: labels() takes a lock and builds a key on every call,
+# and the callback path counts once per callback.
+_CALLBACK_SERIES: dict[str, object] = {}
+
+
 def count_callback(status: str | None) -> None:
     """Count a stored callback by its new status (None: an exact repeat). A status outside the known set
     counts as 'other': every label value is a series of its own, and senders can make statuses up."""
-    CALLBACKS.labels(status="duplicate" if status is None else status if status in RANKS else "other").inc()
+    label = "duplicate" if status is None else status if status in RANKS else "other"
+    series = _CALLBACK_SERIES.get(label)
+    if series is None:
+        series = _CALLBACK_SERIES[label] = CALLBACKS.labels(status=label)
+    series.inc()

@@ -444,9 +444,36 @@ class Prepared:
         key = (type(db.obj), variant)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = self._compiled[key] = self.build(variant).sql()
-        sql, params = compiled
-        return db.execute_sql(sql, [values[p.name] if isinstance(p, Slot) else p for p in params])
+            compiled = self._compiled[key] = self._compile(variant)
+        sql, params, slots = compiled
+        params = params.copy()
+        for position, name in slots:
+            params[position] = values[name]
+        return db.execute_sql(sql, params)
+
+    def _compile(self, variant) -> tuple[str, list, tuple]:
+        """(SQL, its parameters with None where a slot goes, (position, slot name) of each slot)."""
+        sql, params = self.build(variant).sql()
+        if isinstance(db.obj, SqliteDatabase):
+            sql, params = _numbered(sql, params)
+        slots = tuple((position, p.name) for position, p in enumerate(params) if isinstance(p, Slot))
+        return sql, [None if isinstance(p, Slot) else p for p in params], slots
+
+
+def _numbered(sql: str, params: list) -> tuple[str, list]:
+    """SQLite's `?` placeholders as `?N`, one N per distinct slot or constant: the upsert names its
+    time and status values many times over, and each parameter is converted and bound once."""
+    distinct: dict = {}
+    parts = sql.split("?")
+    if len(parts) != len(params) + 1:       # a "?" that is no placeholder: keep the SQL as it was
+        return sql, params
+    numbered = [parts[0]]
+    for param, part in zip(params, parts[1:], strict=True):
+        key = ("slot", param.name) if isinstance(param, Slot) else ("value", type(param), param)
+        number = distinct.setdefault(key, len(distinct) + 1)
+        numbered.append(f"?{number}{part}")
+    values = [Slot(key[1]) if key[0] == "slot" else key[2] for key in distinct]
+    return "".join(numbered), values
 
 
 def create_schema() -> None:
