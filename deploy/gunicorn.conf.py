@@ -18,7 +18,6 @@ values: RedactingLogger below replaces them with ***.
 Nothing here imports the application: the master process stays free of it, so that a SIGHUP
 (systemctl reload) makes new workers load the new code (see preload_app).
 """
-import functools
 import glob
 import importlib.util
 import os
@@ -149,22 +148,10 @@ class RedactingLogger(Logger):
             for key in (f"{{{name}}}i", "{{http_{}}}e".format(name.replace("-", "_"))):
                 if key in atoms:
                     atoms[key] = REDACTED
-        # Only what the format writes is redacted: the atoms hold every header and environ value
-        # (thirty and more), and redacting them all took more time than the rest of the line.
-        for key in _logged_atoms(self.cfg.access_log_format):
-            if key in atoms:
-                atoms[key] = redact(atoms[key])
+        for key, value in atoms.items():
+            atoms[key] = redact(value)
         atoms["u"] = "-"    # the Basic-auth user gunicorn decodes from Authorization: not logged
         return atoms
-
-
-_ATOM = re.compile(r"%\(([^)]*)\)")
-
-
-@functools.lru_cache(maxsize=4)
-def _logged_atoms(log_format):
-    """The atoms `log_format` names, as gunicorn looks them up ({header}i and the like in lower case)."""
-    return tuple(name.lower() if name.startswith("{") else name for name in _ATOM.findall(log_format))
 
 
 logger_class = RedactingLogger
