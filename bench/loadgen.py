@@ -3,9 +3,11 @@
     from bench.loadgen import run_load
     result = run_load("127.0.0.1", 8000, "/callbacks/<token>", connections=32, duration=15)
 
-Why not wrk: the benchmarks and the crash tests must know *which* callbacks were acknowledged (2xx),
-to compare that set with the database exactly; wrk's Lua `response()` cannot tell which request an
-answer belongs to. So this is a small generator on raw sockets: several processes, each driving its
+`python -m bench ingest` loads with wrk instead (bench/ingest.lua: its figures are wrk's, and it checks
+storage by counting per id space after every request was answered). This generator stays for what
+must know *which* callbacks were acknowledged while connections die mid-request (the kill -9 test in
+tests/reliability/test_gunicorn_kill.py) and for `python -m bench memory`; wrk's Lua `response()`
+cannot tell which request an answer belongs to. It is a small generator on raw sockets: several processes, each driving its
 share of the connections with `selectors`, one request in flight per connection (as TWIN's callback
 threads do), bodies built from a seeded Random. Its own cost is measured and printed (CPU seconds per
 request, and its throughput against a trivial server: `python -m bench.loadgen`), so that nobody has to
