@@ -53,7 +53,7 @@ class RedactFilter(logging.Filter):
         self.secrets = tuple(sorted({*self.secrets, *wanted}, key=len, reverse=True))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.__dict__.get("_redacted_by") is self:
+        if record.__dict__.get("_redacted_by") == id(self):
             return True         # the same filter on a logger and on its handler: once is enough
         try:
             message = record.getMessage()
@@ -68,7 +68,7 @@ class RedactFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text, self.secrets)
-        record._redacted_by = self
+        record._redacted_by = id(self)     # not the filter itself: a pickled record would carry its secrets
         return True
 
 
