@@ -10,7 +10,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("ingest", "memory", "enrich", "forward")
+BENCHMARKS = ("ingest", "memory", "enrich", "forward", "reading")
 
 
 def main(argv: list[str]) -> int:
