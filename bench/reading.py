@@ -140,15 +140,21 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.database_url:
         url = postgres_schema_url(args.database_url)
-        build(url, args.messages)
-    else:
-        url, ready = sqlite_url(args.messages)
-        if not ready:
-            path = Path(url.removeprefix("sqlite:///"))
-            for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-                leftover.unlink(missing_ok=True)
+        try:
             build(url, args.messages)
-            mark_ready(args.messages)
+            if not args.build_only:
+                refresh_summaries(url)
+                measure(url, args.messages)
+        finally:
+            drop_schema(args.database_url, url)
+        return
+    url, ready = sqlite_url(args.messages)
+    if not ready:
+        path = Path(url.removeprefix("sqlite:///"))
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            leftover.unlink(missing_ok=True)
+        build(url, args.messages)
+        mark_ready(args.messages)
     if args.build_only:
         return
     refresh_summaries(url)
@@ -163,6 +169,13 @@ def postgres_schema_url(url: str) -> str:
         cursor.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE; CREATE SCHEMA "{schema}"')
     separator = "&" if "?" in url else "?"
     return f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+def drop_schema(server_url: str, url: str) -> None:
+    import psycopg2
+    schema = url.rsplit("%3D", 1)[1]
+    with psycopg2.connect(server_url) as connection, connection.cursor() as cursor:
+        cursor.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def refresh_summaries(url: str) -> None:
@@ -182,7 +195,9 @@ def refresh_summaries(url: str) -> None:
 
 def measure(url: str, messages: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-reading-") as workdir:
-        server = Server("wsgi:app", Path(workdir), env={"DATABASE_URL": url, "PYTHONPATH": str(ROOT)})
+        # METRICS_CACHE_SECONDS=0: every scrape reads the database, as the first one after the cache expires.
+        server = Server("wsgi:app", Path(workdir), env={"DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+                                                         "METRICS_CACHE_SECONDS": "0"})
         with server:
             figures = [
                 ("`/results`, all messages", timed(server, "/results", page=True)),
@@ -194,9 +209,15 @@ def measure(url: str, messages: int) -> None:
                 ("`GET /api/results` first page", timed(server, "/api/results")),
                 ("`/metrics`, one scrape", timed(server, "/metrics", token=False)),
             ]
-            csv_rows, csv_seconds, csv_bytes = download(server, "/api/results.csv")
-            json_rows, json_seconds, _ = download(server, "/api/results.json")
+            csv_lines, csv_seconds, csv_bytes = download(server, "/api/results.csv")
+            json_lines, json_seconds, _ = download(server, "/api/results.json")
         cli = cli_export(url, Path(workdir))
+    # Every row arrived: the CSV has a header line, the JSON array an opening and a closing line.
+    for name, lines, expected in (("CSV", csv_lines, messages + 1), ("JSON", json_lines, messages + 2),
+                                  ("CLI CSV", cli["lines"], messages + 1)):
+        if lines != expected:
+            print(f"   !! {name}: {lines:,} lines, expected {expected:,}")
+    csv_rows = json_rows = messages
     print(f"   {messages:,} messages, {url.split('?')[0].split(':')[0]}; {machine()}")
     print("   | what a user does | time |")
     print("   |---|---|")
@@ -206,7 +227,7 @@ def measure(url: str, messages: int) -> None:
           f"({csv_rows / csv_seconds:,.0f} rows/s) |")
     print(f"   | `GET /api/results.json`, everything | {json_seconds:.1f} s ({json_rows / json_seconds:,.0f} rows/s) |")
     print(f"   | `python -m receiver export --format csv`, everything | {cli['seconds']:.1f} s "
-          f"({cli['rows'] / cli['seconds']:,.0f} rows/s), peak RSS {cli['rss_mb']:.0f} MB |")
+          f"({messages / cli['seconds']:,.0f} rows/s), peak RSS {cli['rss_mb']:.0f} MB |")
 
 
 def request(server: Server, path: str, token: bool = True, page: bool = False):
@@ -253,4 +274,4 @@ def cli_export(url: str, workdir: Path) -> dict:
     with open(target, "rb") as handle:
         lines = sum(piece.count(b"\n") for piece in iter(lambda: handle.read(1 << 20), b""))
     target.unlink()
-    return {"rows": lines, "seconds": seconds, "rss_mb": rss_kb / 1024}
+    return {"lines": lines, "seconds": seconds, "rss_mb": rss_kb / 1024}

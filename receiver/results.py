@@ -7,15 +7,16 @@ column means the same thing everywhere.
   stored, so the order is stable; a page ends with a cursor naming its last row, and the next page
   starts strictly after it (keyset pagination: no OFFSET, so page 10,000 costs what page 1 costs, and
   no row is seen twice or skipped while callbacks keep adding rows — new rows sort last).
-- Streams (CSV, JSON, JSON lines) walk the same keyset pages one chunk at a time, each chunk read with
-  `.iterator()`: memory is one chunk (CHUNK rows), however many rows match, and no cursor or read
-  transaction is held open while the client reads.
+- Streams (CSV, JSON, JSON lines) walk the same keyset pages one chunk at a time, each chunk read whole
+  as tuples from the cursor: memory is one chunk (CHUNK rows), however many rows match, and no cursor or
+  read transaction is held open while the client reads.
 - The bot's result as fields (`result_fields`): nested objects flattened to `key.sub` at any depth,
   empty values (null, "", {}, []) left out. CSV columns are the fixed columns, `result` (the JSON text
   as stored, lossless), then one `result.<field>` column per field. The fields come from a first pass
   that groups the matching rows by their result text (`SELECT result, COUNT(*) ... GROUP BY result`):
-  the database does the work and Python parses each distinct result once. The summary's charts count
-  the same fields.
+  the database does the work and Python parses each distinct result once (or from the stored summaries,
+  receiver/summaries.py, when the caller has them). The summary's charts count the same fields, from a
+  `Tally`: counts that add up, so that stored per-mailing tallies give the tally of all messages.
 - CSV is safe to open in a spreadsheet by default: a cell that would run as a formula gets a leading
   apostrophe (`defuse`); `raw` gives the values as stored, for programs.
 """
