@@ -1,31 +1,18 @@
 """Stored summaries: each mailing's tally (results.Tally), counted by the worker, added up by the readers.
 
-The results page, GET /api/results/summary and /metrics would otherwise count every message on every
-request (seconds at ten million). Instead the worker keeps one MailingSummary row per callbackData and
-per bulkId, and a round of `refresh` recounts only the mailings that may have changed since the last
-round began:
-
-- those with a status callback since then (event ids only grow),
-- those with a message first seen since then (sending stores messages without an event),
-- those that had open messages when last counted: enrichment changes a message without an event,
-- and, until a first round has finished, every mailing (the first round after an upgrade).
-
-"All messages" is the sum of the bulks' rows (TWIN gives every message a bulkId) and a live count of
-the messages without one.
-
-Both look SLACK further back than the round's start: a transaction that took its id or its time just
-before a round began may commit just after (PostgreSQL), and several hosts' clocks differ a little.
-Nothing is added to the callback path. A mailing whose messages are all settled and that gets no
-callback stays as counted: older mailings cost nothing. The readers add up the rows and say how old
-they are (`as_of`, the start of the last finished round); until a first round has finished, and for
-any filter beyond one mailing, they count live, as before.
+One MailingSummary row per callbackData and per bulkId. A round (`plan`, `count_unit`, `finish`; the
+worker's PeriodicSummaries) counts again only the mailings that may have changed since the last round
+began: a callback since (event ids), a message first seen since (sends store no event), open messages
+(enrichment stores no event); each looks SLACK further back, for late commits and clock skew. "All
+messages" is the bulks' rows plus a live count of the messages without a bulkId. Readers say how old the
+counts are (`as_of`) and count live before a first round and for any filter beyond one mailing. Nothing
+is added to the callback path. Why and how: docs/results.md, "Stored summaries".
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import json
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -43,8 +30,6 @@ from .models import (
     utcnow,
     write_transaction,
 )
-
-log = logging.getLogger(__name__)
 
 CALLBACK_DATA, BULK_ID = "callbackData", "bulkId"
 KINDS = {CALLBACK_DATA: Message.callback_data, BULK_ID: Message.bulk_id}
