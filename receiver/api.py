@@ -12,11 +12,22 @@ from pathlib import Path
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
-from peewee import DatabaseError, InterfaceError, fn
+from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
 
-from . import results
-from .models import ESTIMATE_ABOVE, Event, Message, Meta, callback_data_is
-from .status import OUTCOMES, outcome_of_rank
+from . import results, summaries
+from .models import (
+    ACTIVE_STAGES,
+    ESTIMATE_ABOVE,
+    STAGE_NONE,
+    Event,
+    Message,
+    Meta,
+    callback_data_is,
+    db,
+    row_count,
+    utcnow,
+)
+from .status import OUTCOMES, outcome_of, outcome_of_rank
 
 bp = Blueprint("api", __name__)
 
@@ -201,19 +212,37 @@ def results_csv():
     return csv_response(filters, excel=_truthy("excel"), raw=_truthy("raw"))
 
 
+@bp.get("/api/results.json")
+@require_api_token
+def results_json():
+    """Every matching result as one JSON array, streamed (a cut download lacks the closing `]`)."""
+    filters, refusal = _filters_or_400()
+    if refusal:
+        return refusal
+    keep_alive = current_app.config.get("HEARTBEAT") or _no_heartbeat
+    return stream_response(results.json_stream(filters, keep_alive=keep_alive), "application/json", "results.json")
+
+
 def csv_response(filters: results.Filters, excel: bool = False, raw: bool = False,
                  filename: str = "results") -> Response:
     """A streamed CSV answer (also used by the results page's download link, named after the mailing).
+    Its result.<field> columns come from the stored summaries when they cover the filters."""
+    keep_alive = current_app.config.get("HEARTBEAT") or _no_heartbeat
+    pieces = results.csv_stream(filters, excel=excel, raw=raw, keep_alive=keep_alive,
+                                keys=summaries.result_keys(filters))
+    return stream_response(pieces, "text/csv", filename[:100] + ".csv")
+
+
+def stream_response(pieces, mimetype: str, filename: str) -> Response:
+    """A streamed download, of any length: no Content-Length, so the server sends it chunked.
 
     Under gunicorn the stream calls the worker's heartbeat (HEARTBEAT, set by deploy/gunicorn.conf.py)
-    as it makes progress, so an export of any size outlives the worker timeout. An error midway
+    with every chunk of rows, so an export of any size outlives the worker timeout. An error midway
     propagates: the server then drops the connection without the last chunk, so a client sees a broken
     download, never a short file that looks complete.
     """
-    keep_alive = current_app.config.get("HEARTBEAT") or _no_heartbeat
-    body = stream_with_context(results.csv_stream(filters, excel=excel, raw=raw, keep_alive=keep_alive))
-    return Response(body, mimetype="text/csv", headers={
-        "Content-Disposition": _attachment(filename[:100] + ".csv"),
+    return Response(stream_with_context(pieces), mimetype=mimetype, headers={
+        "Content-Disposition": _attachment(filename),
         "Cache-Control": "private, no-store",
     })
 
@@ -240,7 +269,8 @@ def results_summary():
     filters, refusal = _filters_or_400()
     if refusal:
         return refusal
-    return jsonify(results.summarize(filters).as_json())
+    counted = summaries.summary(filters)
+    return jsonify({**counted.summary.as_json(), "as_of": _iso(counted.as_of)})
 
 
 # ---- the OpenAPI description --------------------------------------------------------------------
@@ -345,16 +375,15 @@ class DatabaseCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        from .enrich import backlog
         from .forwarding import stats
-        from .models import STAGES, Rejected, TwinCall, row_count
+        from .models import STAGES, Rejected, TwinCall
 
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
-            report = backlog()
-            outcomes = messages_by_outcome()
-            events = row_count(Event)
-            rejected = row_count(Rejected)
+            stage_counts, outcomes, counted_at = messages_by_stage_and_outcome()
+            report = due_report()
+            events = stored_rows(Event)
+            rejected = stored_rows(Rejected)
             calls = list(TwinCall.select())
             forwards = stats()
         except (DatabaseError, InterfaceError):
@@ -363,10 +392,15 @@ class DatabaseCollector:
             return
         up.add_metric([], 1)
         yield up
-        stages = GaugeMetricFamily("receiver_messages", "Messages by enrichment stage.", labels=["stage"])
+        stages = GaugeMetricFamily("receiver_messages", "Messages by enrichment stage (as of "
+                                   "receiver_results_counted_timestamp_seconds).", labels=["stage"])
         for stage in STAGES:
-            stages.add_metric([stage], report["stages"].get(stage, 0))
+            stages.add_metric([stage], stage_counts.get(stage, 0))
         yield stages
+        yield GaugeMetricFamily(
+            "receiver_results_counted_timestamp_seconds",
+            "When the message counts were made (Unix time): the start of the worker's last round of "
+            "stored summaries, or this scrape when there is none yet.", value=_unix(counted_at))
         by_outcome = GaugeMetricFamily(
             "receiver_messages_by_outcome",
             "Messages by where their status stands: delivered, failed (UNDELIVERED, ERROR, EXPIRED), "
@@ -381,11 +415,9 @@ class DatabaseCollector:
                                 "How overdue the oldest due message is (0 when none is due).",
                                 value=max(0.0, report["oldest_due_seconds"] or 0.0))
         yield GaugeMetricFamily("receiver_events_stored", "Status callbacks stored in the event table "
-                                f"(on PostgreSQL its statistics' estimate, past {ESTIMATE_ABOVE:,} rows).",
-                                value=events)
+                                f"(past {ESTIMATE_ABOVE:,} rows an estimate: {ESTIMATE_HOW}).", value=events)
         yield GaugeMetricFamily("receiver_rejected_stored", "Refused callbacks kept in the rejected table "
-                                f"(on PostgreSQL its statistics' estimate, past {ESTIMATE_ABOVE:,} rows).",
-                                value=rejected)
+                                f"(past {ESTIMATE_ABOVE:,} rows an estimate: {ESTIMATE_HOW}).", value=rejected)
         last_error = GaugeMetricFamily("receiver_twin_last_error_timestamp_seconds",
                                        "When a TWIN endpoint last failed (Unix time).", labels=["endpoint"])
         last_ok = GaugeMetricFamily("receiver_twin_last_ok_timestamp_seconds",
@@ -419,6 +451,20 @@ def forward_metrics(forwards: list[dict]):
     yield oldest
 
 
+def messages_by_stage_and_outcome() -> tuple[dict[str, int], dict[str, int], dt.datetime]:
+    """(messages per stage, messages per outcome, as of when): from the stored summaries once the
+    worker has counted them (a scrape then costs the same at any size), else two GROUP BYs now."""
+    stored = summaries.stored_tally(results.Filters())
+    if stored is None:
+        stages = dict(Message.select(Message.stage, fn.COUNT(Message.id)).group_by(Message.stage).tuples())
+        return stages, messages_by_outcome(), utcnow()
+    counted, as_of = stored
+    outcomes: dict[str, int] = {}
+    for status, count in counted.statuses.items():
+        outcomes[outcome_of(status)] = outcomes.get(outcome_of(status), 0) + count
+    return dict(counted.stages), outcomes, as_of
+
+
 def messages_by_outcome() -> dict[str, int]:
     """Messages per outcome, from one GROUP BY over the rank stored with each status."""
     counts: dict[str, int] = {}
@@ -427,6 +473,33 @@ def messages_by_outcome() -> dict[str, int]:
         outcome = outcome_of_rank(rank)
         counts[outcome] = counts.get(outcome, 0) + count
     return counts
+
+
+def due_report(now: dt.datetime | None = None) -> dict:
+    """How many messages are due for a TWIN lookup and how overdue the oldest is: enrich.backlog()
+    without its count per stage (a GROUP BY over the whole table; the stored summaries have it)."""
+    now = now or utcnow()
+    due_filter = (Message.stage.in_(list(ACTIVE_STAGES) + [STAGE_NONE])) & (Message.next_check_at <= now)
+    # MIN() of a datetime column comes back from SQLite as text unless told what it is.
+    earliest = fn.MIN(Message.next_check_at).python_value(Message.next_check_at.python_value)
+    oldest = Message.select(earliest).where(due_filter).scalar()
+    return {"due": Message.select().where(due_filter).count(),
+            "oldest_due_seconds": (now - oldest).total_seconds() if oldest else None}
+
+
+ESTIMATE_HOW = "PostgreSQL's statistics; on SQLite the span of its ids, which only grow and go oldest first"
+
+
+def stored_rows(model) -> int:
+    """How many rows the table holds, without counting a large one: COUNT(*) reads the whole table.
+    models.row_count takes PostgreSQL's estimate; on SQLite rows are appended with growing ids and
+    deleted oldest first (retention), so the span of the ids is the count, give or take the few a
+    failed insert or an out-of-order prune leaves."""
+    if isinstance(db.obj, SqliteDatabase):
+        low, high = model.select(fn.MIN(model.id), fn.MAX(model.id)).tuples().get()
+        if high is not None and high - low + 1 > ESTIMATE_ABOVE:
+            return high - low + 1
+    return row_count(model)
 
 
 def _unix(value) -> float:

@@ -231,29 +231,52 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
 def export(fmt, output, callback_data, bulk_id, status, stage, since, until, excel, raw):
     """Write the results (the `results` view, result fields flattened for CSV), streamed.
 
-    CSV cells a spreadsheet would run as formulas (=, +, -, @ ...) get a leading ' unless --raw."""
-    import os
+    CSV cells a spreadsheet would run as formulas (=, +, -, @ ...) get a leading ' unless --raw.
+    A progress bar goes to standard error (on a terminal), and a last line with the rows written."""
     import sys
 
-    from . import results
+    from . import results, summaries
     try:
         filters = results.Filters.build(callback_data=callback_data, bulk_id=bulk_id, status=status,
                                         stage=stage, since=since, until=until)
     except results.FilterError as error:
         raise click.BadParameter(error.detail, param_hint=f"--{error.param.replace('_', '-')}") from None
-    if fmt == "csv":
-        pieces = results.csv_stream(filters, excel=excel, raw=raw)
-    elif fmt == "json":
-        pieces = results.json_stream(filters)
-    else:
-        pieces = results.jsonl_stream(filters)
+    total = export_total(filters)
+    with click.progressbar(length=total, label=f"exporting {total} rows", show_pos=True, file=sys.stderr) as bar:
+        if fmt == "csv":
+            pieces = results.csv_stream(filters, excel=excel, raw=raw, keys=summaries.result_keys(filters),
+                                        on_rows=bar.update)
+        else:
+            pieces = (results.json_stream if fmt == "json" else results.jsonl_stream)(filters, on_rows=bar.update)
+        written = write_export(pieces, output)
+    click.echo(f"wrote {bar.pos} rows to {written}", err=True)
+
+
+def export_total(filters) -> int:
+    """The rows an export will write, for its progress bar: the stored summaries' count when they
+    cover the filters (rows stored since their last round make the bar end a little past 100%)."""
+    from . import results, summaries
+    stored = summaries.stored_tally(filters)
+    if stored is not None:
+        return stored[0].sent
+    return filters.where(results.Message.select()).count()
+
+
+def write_export(pieces, output: str) -> str:
+    """Write the pieces to `output` (- for standard output); what was written, for the last line.
+
+    A file is written beside the target and renamed at the end: a failed export never leaves half a
+    file. On standard output a failure stops the command with an error and exit status 1, so a
+    pipeline can tell a cut export from a whole one."""
+    import os
+    import sys
+
     if output == "-":
         out = sys.stdout.buffer
         for piece in pieces:
             out.write(piece.encode("utf-8"))
         out.flush()
-        return
-    # Written beside the target and renamed at the end: a failed export never leaves half a file.
+        return "standard output"
     partial = f"{output}.part"
     try:
         with open(partial, "w", encoding="utf-8", newline="") as handle:
@@ -264,7 +287,7 @@ def export(fmt, output, callback_data, bulk_id, status, stage, since, until, exc
         if os.path.exists(partial):
             os.remove(partial)
         raise
-    click.echo(f"wrote {output} ({os.path.getsize(output)} bytes)", err=True)
+    return f"{output} ({os.path.getsize(output)} bytes)"
 
 
 @click.command("backup")

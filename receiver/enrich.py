@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from peewee import DatabaseError, InterfaceError, PostgresqlDatabase, fn
 
 from . import forwarding, metrics
-from .maintenance import PeriodicPrune
+from .maintenance import PeriodicPrune, PeriodicSummaries
 from .models import (
     ACTIVE_STAGES,
     STAGE_CHAT_ID,
@@ -94,6 +94,7 @@ class Enricher:
         self.failures = 0                         # sweeps failed in a row (TWIN down, credentials wrong)
         self.twin_tried = False                   # a first sweep that fails points the operator at check-twin
         self.prune = PeriodicPrune(settings.event_retention_days)   # EVENT_RETENTION_DAYS, once an hour
+        self.summaries = PeriodicSummaries()        # the results' stored summaries (receiver/summaries.py)
 
     @classmethod
     def from_app(cls, app) -> Enricher:
@@ -119,6 +120,7 @@ class Enricher:
                     send_pending(self.settings, self.client)    # mailings queued by POST /api/sends
                     self.run_once(force=once)
                     self.prune.run_if_due()
+                    self.summaries.run_if_due()
                     if once:
                         self.forward_once()
                 except (DatabaseError, InterfaceError):

@@ -196,3 +196,39 @@ class PeriodicPrune:
             log.info("pruned %d events and %d refused callbacks received before %s UTC (EVENT_RETENTION_DAYS=%d)",
                      result.events, result.rejected, f"{result.cutoff:%Y-%m-%d %H:%M:%S}", self.days)
         return result
+
+
+SUMMARY_INTERVAL = 30.0         # seconds between the starts of two rounds of stored summaries
+SUMMARY_UNITS_PER_PASS = 5      # mailings counted per turn of the worker's loop
+
+
+class PeriodicSummaries:
+    """The stored summaries (receiver/summaries.py), kept by the worker's loop: a round every
+    `interval` seconds, counted a few mailings per turn so that the worker's other work is never held
+    up for long. The readers' lag is at most about one interval plus the time a round takes."""
+
+    def __init__(self, *, interval: float = SUMMARY_INTERVAL, units_per_pass: int = SUMMARY_UNITS_PER_PASS,
+                 clock=time.monotonic):
+        self.interval = interval
+        self.units_per_pass = units_per_pass
+        self.clock = clock
+        self.next_at = clock()          # the first round comes at start
+        self.round = None
+
+    def run_if_due(self) -> int:
+        """Count the next few mailings of the round, starting one if it is time; how many were counted."""
+        from . import summaries
+        if self.round is None:
+            if self.clock() < self.next_at:
+                return 0
+            self.next_at = self.clock() + PRUNE_RETRY       # stays if the count raises
+            self.round = summaries.plan()
+        batch = self.round.units[:self.units_per_pass]
+        for kind, value in batch:
+            summaries.count_unit(kind, value, self.round.started_at)
+        del self.round.units[:len(batch)]
+        if not self.round.units:
+            summaries.finish(self.round)
+            self.round = None
+            self.next_at = self.clock() + self.interval
+        return len(batch)

@@ -680,3 +680,23 @@ class DeliveryAttempt(BaseModel):
 
 
 MODELS.extend([Subscription, Delivery, DeliveryAttempt])
+
+
+# --- Stored summaries of the mailings (receiver/summaries.py, docs/results.md) ----------------------
+class MailingSummary(BaseModel):
+    """The tally (results.Tally) of one mailing, one callbackData or one bulkId, as the worker last
+    counted it; the results page and the summary add these up instead of reading every message."""
+    key = CharField(primary_key=True, max_length=80)           # kind + ":" + sha256 of the value
+    kind = CharField(max_length=16)                            # "callbackData" or "bulkId"
+    value = TextField()
+    messages = IntegerField()
+    open = IntegerField()            # messages enrichment may still change without a callback
+    last_first_seen_at = DateTimeField(null=True)              # the newest message's first_seen_at
+    tally = TextField()                                        # results.Tally.as_json(), as JSON
+    counted_at = DateTimeField()                               # when its count began
+
+    class Meta:
+        indexes = ((("kind", "last_first_seen_at"), False),)
+
+
+MODELS.append(MailingSummary)

@@ -29,7 +29,7 @@ from flask import (
 )
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from . import results
+from . import results, summaries
 from .api import SECRET_QUERY_NAMES, api_token_ok, csv_response
 from .models import PageSession, utcnow, write_transaction
 
@@ -195,8 +195,8 @@ def results_page():
     except results.FilterError as error:
         return _page("error.html", 400, message=f"{error.param}: {error.detail}",
                      back=url_for("pages.results_page"))
-    mailing_filters = filters.mailing_only()
-    summary = results.summarize(mailing_filters)
+    counted = summaries.summary(filters.mailing_only())
+    summary = counted.summary
     keys = summary.keys
     rows = [results.flat_row(row, keys) for row in found.rows]
     args = filters.to_args()
@@ -209,7 +209,7 @@ def results_page():
     return _page(
         "results.html", filters=filters, summary=summary, keys=keys, rows=rows,
         funnel=funnel, answers=answers, lists=summary.lists,
-        mailings=results.mailings(), selected=selected, stages=results.STAGES, forwards=_forwards(),
+        mailings=summaries.mailings() or results.mailings(), selected=selected, as_of=counted.as_of, stages=results.STAGES, forwards=_forwards(),
         statuses=sorted(summary.statuses),
         next_url=url_for("pages.results_page", **args, cursor=found.next_cursor) if found.next_cursor else None,
         first_url=url_for("pages.results_page", **args) if request.args.get("cursor") else None,

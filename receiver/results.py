@@ -7,15 +7,16 @@ column means the same thing everywhere.
   stored, so the order is stable; a page ends with a cursor naming its last row, and the next page
   starts strictly after it (keyset pagination: no OFFSET, so page 10,000 costs what page 1 costs, and
   no row is seen twice or skipped while callbacks keep adding rows — new rows sort last).
-- Streams (CSV, JSON, JSON lines) walk the same keyset pages one chunk at a time, each chunk read with
-  `.iterator()`: memory is one chunk (CHUNK rows), however many rows match, and no cursor or read
-  transaction is held open while the client reads.
+- Streams (CSV, JSON, JSON lines) walk the same keyset pages one chunk at a time, each chunk read whole
+  as tuples from the cursor: memory is one chunk (CHUNK rows), however many rows match, and no cursor or
+  read transaction is held open while the client reads.
 - The bot's result as fields (`result_fields`): nested objects flattened to `key.sub` at any depth,
   empty values (null, "", {}, []) left out. CSV columns are the fixed columns, `result` (the JSON text
   as stored, lossless), then one `result.<field>` column per field. The fields come from a first pass
   that groups the matching rows by their result text (`SELECT result, COUNT(*) ... GROUP BY result`):
-  the database does the work and Python parses each distinct result once. The summary's charts count
-  the same fields.
+  the database does the work and Python parses each distinct result once (or from the stored summaries,
+  receiver/summaries.py, when the caller has them). The summary's charts count the same fields, from a
+  `Tally`: counts that add up, so that stored per-mailing tallies give the tally of all messages.
 - CSV is safe to open in a spreadsheet by default: a cell that would run as a formula gets a leading
   apostrophe (`defuse`); `raw` gives the values as stored, for programs.
 """
@@ -31,10 +32,11 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 
-from peewee import Tuple, fn
+from peewee import Case, SqliteDatabase, Tuple, fn
 
-from .models import STAGES, Message, callback_data_is
+from .models import STAGES, Message, callback_data_is, db
 from .status import FAILED_STATUSES
 
 # Output columns, in order, and the Message field each comes from.
@@ -61,8 +63,7 @@ COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 RESULT_PREFIX = "result."
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-CHUNK = 1000                       # rows per keyset chunk when streaming
-CSV_ROWS_PER_WRITE = 200           # rows per yielded piece of CSV text
+CHUNK = 5000                       # rows per keyset chunk (and per piece of text) when streaming
 KEEP_ALIVE_RESULTS = 1000          # distinct results parsed between two keep_alive calls
 EXCEL_BOM = "\ufeff"
 # Well above the longest cursor encode_cursor gives out (about 2,100 characters: a 128-character id
@@ -364,32 +365,28 @@ def defuse(text: str) -> str:
 
 
 def csv_stream(filters: Filters, excel: bool = False, raw: bool = False, chunk: int = CHUNK,
-               keep_alive: Callable[[], None] = lambda: None) -> Iterator[str]:
-    """The matching rows as CSV text (RFC 4180 quoting, CRLF line ends), in pieces.
+               keep_alive: Callable[[], None] = lambda: None, keys: list[str] | None = None,
+               on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[str]:
+    """The matching rows as CSV text (RFC 4180 quoting, CRLF line ends), one piece per keyset chunk.
 
     Cells a spreadsheet would run as formulas are defused (see `defuse`) unless raw=True: the values
     as stored, for programs. excel=True starts with a UTF-8 byte order mark, so that Excel reads
-    Cyrillic right. `keep_alive` is called between pieces: under gunicorn it tells the master that
-    this worker is making progress, so a long export is not killed by the timeout (api.csv_response).
+    Cyrillic right. `keys`: the result.<field> columns (default: found by a first pass, result_keys).
+    `keep_alive` is called between pieces: under gunicorn it tells the master that this worker is
+    making progress, so a long export is not killed by the timeout (api.stream_response); `on_rows`
+    gets the number of rows of each piece (the CLI's progress bar).
     """
-    keys = result_keys(filters, keep_alive)
+    keys = result_keys(filters, keep_alive) if keys is None else keys
     header = csv_header(keys)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
     yield (EXCEL_BOM if excel else "") + _drain(buffer)
-    pending = 0
-    for row in iterate(filters, chunk):
-        values = flat_row(row, keys)
-        cells = [values[name] for name in header]
-        writer.writerow(cells if raw else [defuse(c) for c in cells])
-        pending += 1
-        if pending >= CSV_ROWS_PER_WRITE:
-            keep_alive()
-            yield _drain(buffer)
-            pending = 0
-    if pending:
-        yield _drain(buffer)
+    shape = _CsvRows(keys, raw)
+    for rows in _chunks(filters, chunk):
+        keep_alive()
+        on_rows(len(rows))
+        yield shape.text(rows)
 
 
 def _drain(buffer: io.StringIO) -> str:
@@ -403,20 +400,161 @@ def _dumps(document) -> str:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
-def jsonl_stream(filters: Filters, chunk: int = CHUNK) -> Iterator[str]:
+def jsonl_stream(filters: Filters, chunk: int = CHUNK, keep_alive: Callable[[], None] = lambda: None,
+                 on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[str]:
     """One JSON object per line."""
-    for row in iterate(filters, chunk):
-        yield _dumps(row_json(row)) + "\n"
+    shape = _JsonRows()
+    for rows in _chunks(filters, chunk):
+        keep_alive()
+        on_rows(len(rows))
+        yield "\n".join(shape.texts(rows)) + "\n"
 
 
-def json_stream(filters: Filters, chunk: int = CHUNK) -> Iterator[str]:
-    """One JSON array, written as it is read."""
+def json_stream(filters: Filters, chunk: int = CHUNK, keep_alive: Callable[[], None] = lambda: None,
+                on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[str]:
+    """One JSON array, written as it is read: a download cut short lacks its closing `]`."""
     yield "["
     separator = "\n"
-    for row in iterate(filters, chunk):
-        yield separator + _dumps(row_json(row))
+    shape = _JsonRows()
+    for rows in _chunks(filters, chunk):
+        keep_alive()
+        on_rows(len(rows))
+        yield separator + ",\n".join(shape.texts(rows))
         separator = ",\n"
     yield "\n]\n"
+
+
+# ---- streams: rows as the cursor gives them -------------------------------------------------------
+# A stream reads tuples straight from the database cursor, changes in place the few cells that need it
+# and hands them to csv.writer / json.dumps: no model objects, no dict per row, and each distinct result
+# parsed and written once (ResultCache), since a mailing's results repeat. On SQLite the timestamps come
+# as text ("2025-03-01 10:15:02.123456", as peewee stores them) and become ISO 8601 by replacing the
+# space; PostgreSQL gives datetimes. On SQLite the result comes as bytes: decoding it row by row into a
+# str costs more than reading all the other columns.
+
+TIME_POSITIONS = tuple(i for i, (_, f) in enumerate(COLUMNS) if f.field_type == "DATETIME")
+TEXT_POSITIONS = tuple(i for i, (_, f) in enumerate(COLUMNS) if f.field_type in ("VARCHAR", "TEXT"))
+KEY_POSITIONS = (COLUMN_NAMES.index("first_seen_at"), COLUMN_NAMES.index("message_id"))
+RESULT_CACHE = 20_000       # distinct results kept per stream
+
+
+def _chunks(filters: Filters, chunk: int) -> Iterator[list[tuple]]:
+    """The matching rows as tuples (COLUMNS, then result: bytes on SQLite), one keyset chunk at a time
+    (see iterate)."""
+    after = None
+    sqlite = isinstance(db.obj, SqliteDatabase)
+    columns = [f if sqlite or i not in TIME_POSITIONS else _iso_in_sql(f) for i, (_, f) in enumerate(COLUMNS)]
+    result = Message.result.cast("BLOB") if sqlite else Message.result
+    while True:
+        query = filters.where(Message.select(*columns, result))
+        if after is not None:
+            query = query.where(Tuple(Message.first_seen_at, Message.id) > Tuple(*after))
+        sql, params = query.order_by(Message.first_seen_at, Message.id).limit(chunk).sql()
+        rows = db.execute_sql(sql, params).fetchall()
+        if rows:
+            yield rows
+        if len(rows) < chunk:
+            return
+        after = tuple(rows[-1][i] for i in KEY_POSITIONS)
+
+
+def _iso_in_sql(column):
+    """PostgreSQL writes the timestamp as ISO 8601 itself, as Python's isoformat() + "Z" would (no
+    fraction when it is whole seconds): formatting datetimes in Python costs more than reading text,
+    and the server does it on another core. A keyset bound in this form reads back as the timestamp."""
+    whole = fn.date_trunc("second", column) == column
+    return Case(None, [(whole, fn.to_char(column, 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))],
+                fn.to_char(column, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+
+
+def _iso_times_in_python() -> bool:
+    return isinstance(db.obj, SqliteDatabase)
+
+
+def _result_text(stored) -> str | None:
+    return stored.decode("utf-8") if isinstance(stored, bytes) else stored
+
+
+def _iso_times(cells: list) -> None:
+    for i in TIME_POSITIONS:
+        value = cells[i]
+        if value is not None:
+            cells[i] = (value.replace(" ", "T", 1) if isinstance(value, str) else value.isoformat()) + "Z"
+
+
+class ResultCache(dict):
+    """stored result -> what `make` gives for it, for the RESULT_CACHE most recent distinct results
+    (roughly: it starts over when full)."""
+
+    def __init__(self, make: Callable):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, stored):
+        if len(self) >= RESULT_CACHE:
+            self.clear()
+        value = self[stored] = self.make(stored)
+        return value
+
+
+class _CsvRows:
+    """Row tuples -> CSV text (the cells of flat_row): csv.writer writes the columns, the result's own
+    cells come from the cache as finished CSV text."""
+
+    def __init__(self, keys: list[str], raw: bool):
+        self.keys, self.raw = keys, raw
+        self.buffer = io.StringIO()
+        self.columns = csv.writer(self.buffer, lineterminator="")
+        self.results = ResultCache(self._result_text)
+        self.iso_times = _iso_times_in_python()
+
+    def _result_text(self, stored) -> str:
+        text = _result_text(stored)
+        fields = result_fields(parse_result(text))
+        cells = [cell(text), *(cell(fields.get(key)) for key in self.keys)]
+        piece = io.StringIO()
+        csv.writer(piece, lineterminator="\r\n").writerow(cells if self.raw else [defuse(c) for c in cells])
+        return "," + piece.getvalue()
+
+    def text(self, rows: list[tuple]) -> str:
+        """The rows' CSV lines. Cells are defused only in the columns where some cell of this chunk
+        starts like a formula (rare): looking costs less than defusing every cell."""
+        suspect = () if self.raw else [i for i in TEXT_POSITIONS if _starts_formula(rows, i)]
+        write, writerow, results = self.buffer.write, self.columns.writerow, self.results
+        for row in rows:
+            cells = list(row)
+            stored = cells.pop()
+            if self.iso_times:
+                _iso_times(cells)
+            for i in suspect:
+                if cells[i]:
+                    cells[i] = defuse(cells[i])
+            writerow(cells)
+            write(results[stored])
+        return _drain(self.buffer)
+
+
+def _starts_formula(rows: list[tuple], position: int) -> bool:
+    return any(value.startswith(FORMULA_STARTS) for value in map(itemgetter(position), rows) if value)
+
+
+class _JsonRows:
+    """Row tuples -> JSON objects (row_json), the result's JSON from the cache."""
+
+    def __init__(self):
+        self.results = ResultCache(lambda stored: _dumps(parse_result(_result_text(stored))))
+        self.iso_times = _iso_times_in_python()
+
+    def texts(self, rows: list[tuple]) -> list[str]:
+        out = []
+        for row in rows:
+            cells = list(row)
+            stored = cells.pop()
+            if self.iso_times:
+                _iso_times(cells)
+            columns = _dumps(dict(zip(COLUMN_NAMES, cells, strict=True)))
+            out.append(f'{columns[:-1]},"result":{self.results[stored]}}}')
+        return out
 
 
 # ---- what the page shows ------------------------------------------------------------------------
@@ -456,39 +594,91 @@ class Summary:
 
 def summarize(filters: Filters) -> Summary:
     """The funnel (sent -> delivered -> session started -> answered, and failed), statuses, stages,
-    and how the bot's answers are distributed, for the matching messages. Four GROUP BY/COUNT queries."""
-    summary = Summary()
-    counts = filters.where(Message.select(
+    and how the bot's answers are distributed, for the matching messages, counted now."""
+    return tally(filters.where).summary()
+
+
+@dataclass
+class Tally:
+    """What a summary is made of, in a form that adds up: the tally of a set of messages plus the tally
+    of another is the tally of both. Stored per mailing (receiver/summaries.py) as `as_json()`."""
+    sent: int = 0
+    delivered: int = 0
+    session_started: int = 0
+    answered: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    stages: Counter = field(default_factory=Counter)
+    keys: Counter = field(default_factory=Counter)             # field -> messages whose result has it
+    lists: set = field(default_factory=set)                    # fields that held a list
+    values: dict = field(default_factory=dict)                 # field -> Counter(value as text -> messages)
+
+    def add(self, other: Tally) -> Tally:
+        for name in ("sent", "delivered", "session_started", "answered"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("statuses", "stages", "keys"):
+            getattr(self, name).update(getattr(other, name))
+        self.lists |= other.lists
+        for key, counts in other.values.items():
+            self.values.setdefault(key, Counter()).update(counts)
+        return self
+
+    def summary(self) -> Summary:
+        summary = Summary(sent=self.sent, delivered=self.delivered, session_started=self.session_started,
+                          answered=self.answered)
+        for counts, target in ((self.statuses, summary.statuses), (self.stages, summary.stages)):
+            for name, count in sorted(counts.items(), key=lambda item: (-item[1], str(item[0]))):
+                if count:
+                    target[name] = count
+        summary.failed = sum(summary.statuses.get(name, 0) for name in FAILED_STATUSES)
+        summary.keys = _by_frequency(+self.keys)
+        summary.lists = [key for key in summary.keys if key in self.lists]
+        for key in summary.keys:
+            if self.values.get(key):
+                summary.answers[key], rest = chart_values(self.values[key])
+                if rest:
+                    summary.other[key] = (len(rest), sum(count for _, count in rest))
+        return summary
+
+    def as_json(self) -> dict:
+        return {"sent": self.sent, "delivered": self.delivered, "session_started": self.session_started,
+                "answered": self.answered, "statuses": self.statuses, "stages": self.stages,
+                "keys": self.keys, "lists": sorted(self.lists), "values": self.values}
+
+    @classmethod
+    def from_json(cls, document: dict) -> Tally:
+        return cls(sent=document["sent"], delivered=document["delivered"],
+                   session_started=document["session_started"], answered=document["answered"],
+                   statuses=Counter(document["statuses"]), stages=Counter(document["stages"]),
+                   keys=Counter(document["keys"]), lists=set(document["lists"]),
+                   values={key: Counter(counts) for key, counts in document["values"].items()})
+
+
+def tally(where: Callable) -> Tally:
+    """The tally of the messages `where` (a function that adds a WHERE to a query) selects, counted
+    now: four GROUP BY/COUNT queries, and each distinct result parsed once."""
+    counted = Tally()
+    counts = where(Message.select(
         fn.COUNT(Message.id), fn.COUNT(Message.delivered_at), fn.COUNT(Message.chat_id))).tuples()
-    summary.sent, summary.delivered, summary.session_started = counts.get()
-    for column, target in ((Message.status, summary.statuses), (Message.stage, summary.stages)):
-        query = filters.where(Message.select(column, fn.COUNT(Message.id))).group_by(column)
-        for name, count in sorted(query.tuples(), key=lambda item: (-item[1], str(item[0]))):
-            target[name] = count
-    summary.failed = sum(summary.statuses.get(name, 0) for name in FAILED_STATUSES)
-    distribution: dict[str, Counter] = {}
-    keys: Counter = Counter()
-    lists: set[str] = set()
-    for text, count in result_counts(filters):
+    counted.sent, counted.delivered, counted.session_started = counts.get()
+    for column, target in ((Message.status, counted.statuses), (Message.stage, counted.stages)):
+        # Grouped by `column || ''`: by the column itself, SQLite may walk the whole (stage, ...) index
+        # to get the groups in order rather than sort the few rows the WHERE finds.
+        grouped = column.concat("")
+        target.update(dict(where(Message.select(grouped, fn.COUNT(Message.id))).group_by(grouped).tuples()))
+    for text, count in where(Message.select(Message.result, fn.COUNT(Message.id))).group_by(
+            Message.result).tuples().iterator():
         fields = result_fields(parse_result(text))
         if not fields:          # null, {}, [] or only empty fields: the bot said nothing
             continue
-        summary.answered += count
+        counted.answered += count
         for key, value in fields.items():
-            keys[key] += count
+            counted.keys[key] += count
             if isinstance(value, list):
-                lists.add(key)
-            values = distribution.setdefault(key, Counter())
+                counted.lists.add(key)
+            values = counted.values.setdefault(key, Counter())
             for answer in answer_values(value):
                 values[answer] += count
-    summary.keys = _by_frequency(keys)
-    summary.lists = [key for key in summary.keys if key in lists]
-    for key in summary.keys:
-        if distribution[key]:
-            summary.answers[key], rest = chart_values(distribution[key])
-            if rest:
-                summary.other[key] = (len(rest), sum(count for _, count in rest))
-    return summary
+    return counted
 
 
 def answer_values(value) -> list[str]:

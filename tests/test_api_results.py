@@ -14,7 +14,7 @@ from receiver.models import Message
 from .conftest import API_TOKEN
 from .results_helpers import answer, seed
 
-ENDPOINTS = ("/api/results", "/api/results.csv", "/api/results/summary")
+ENDPOINTS = ("/api/results", "/api/results.csv", "/api/results.json", "/api/results/summary")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
@@ -184,6 +184,21 @@ def test_empty_csv_has_the_header(client, api_headers):
 def test_csv_refuses_bad_filters(client, api_headers):
     answer_ = client.get("/api/results.csv?stage=nope", headers=api_headers)
     assert answer_.status_code == 400 and answer_.get_json()["parameter"] == "stage"
+
+
+def test_json_export_is_every_row_in_one_array(client, api_headers):
+    ids = seed(client, 7, callback_data="j")
+    seed(client, 2, prefix="x", callback_data="other")
+    answer(ids[0], {"nps": "9", "profile": {"city": "Тверь"}})
+    answer(ids[1], "not JSON")
+    download = client.get("/api/results.json?callbackData=j", headers=api_headers)
+    assert download.status_code == 200 and download.mimetype == "application/json"
+    assert download.headers["Content-Disposition"] == 'attachment; filename="results.json"'
+    rows = json.loads(download.get_data(as_text=True))
+    assert rows == client.get("/api/results?callbackData=j", headers=api_headers).get_json()["results"]
+    assert [row["message_id"] for row in rows] == ids
+    assert rows[0]["result"] == {"nps": "9", "profile": {"city": "Тверь"}} and rows[1]["result"] == "not JSON"
+    assert rows[0]["first_seen_at"].endswith("Z") and rows[0]["delivered_at"].endswith("Z")
 
 
 def test_summary(client, api_headers):

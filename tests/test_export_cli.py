@@ -87,6 +87,7 @@ def test_twenty_thousand_rows_stream_in_chunks(app, tmp_path, count_selects):
         count = sum(1 for _ in reader)
         assert reader.fieldnames[-2:] == ["result.confirmation", "result.nps"]
     assert count == 20_000
+    assert "exporting 20000 rows" in outcome.stderr and f"wrote 20000 rows to {target}" in outcome.stderr
     # Read in keyset chunks, never all at once: each SELECT asks for at most CHUNK rows.
     chunked = [limit for limit in count_selects if limit is not None]
     assert len(chunked) >= 20_000 // results.CHUNK

@@ -1,7 +1,9 @@
 """receiver/results.py: the one query behind the export, the API and the page (both backends)."""
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 
 import pytest
@@ -55,6 +57,30 @@ def test_iterate_reads_in_chunks_and_sees_rows_added_while_streaming(client):
     rest = [row["id"] for row in stream]
     assert first["id"] == "m00000"
     assert rest[-1] == "zz-late" and len(rest) == 20
+
+
+def test_streams_give_what_the_pages_give_across_chunks(app):
+    """The streams read tuples from the cursor and format them their own way: the same rows and values as
+    the pages, whatever the chunk, with times of whole seconds and with fractions, several at one time."""
+    whole = bulk_messages(5, prefix="w", first_seen_at=dt.datetime(2025, 3, 1, 10, 0, 0), same_time=True)
+    fraction = bulk_messages(6, prefix="f", first_seen_at=dt.datetime(2025, 3, 1, 10, 0, 0, 250000),
+                             result={"nps": "9", "formula": "=1+1"})
+    Message.update(delivered_at=dt.datetime(2025, 3, 1, 11, 0, 0, 5)).where(Message.id == fraction[0]).execute()
+    expected = [results.row_json(row) for row in results.iterate(Filters())]
+    assert [row["message_id"] for row in expected] == whole + fraction
+    for chunk in (1, 4, 1000):
+        assert json.loads("".join(results.json_stream(Filters(), chunk=chunk))) == expected
+        lines = "".join(results.jsonl_stream(Filters(), chunk=chunk)).splitlines()
+        assert [json.loads(line) for line in lines] == expected
+        text = "".join(results.csv_stream(Filters(), chunk=chunk, raw=True))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        assert [row["message_id"] for row in rows] == whole + fraction
+        assert rows[0]["first_seen_at"] == "2025-03-01T10:00:00Z"
+        assert rows[5]["first_seen_at"] == "2025-03-01T10:00:00.250000Z"
+        assert rows[5]["delivered_at"] == "2025-03-01T11:00:00.000005Z" == expected[5]["delivered_at"]
+        assert rows[5]["result.formula"] == "=1+1"
+    defused = list(csv.DictReader(io.StringIO("".join(results.csv_stream(Filters(), chunk=4)), newline="")))
+    assert defused[5]["result.formula"] == "'=1+1" and defused[0]["message_id"] == "w000000"
 
 
 def test_filters(client):
