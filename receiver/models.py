@@ -653,3 +653,14 @@ class DeliveryAttempt(BaseModel):
 
 
 MODELS.extend([Subscription, Delivery, DeliveryAttempt])
+
+
+# --- The TWIN call budget (receiver/callbudget.py) --------------------------------------------------
+class TwinCallSlot(BaseModel):
+    """One TWIN call reserved before it was made: the rows of the last minute are what every worker
+    process has spent of TWIN24_MAX_CALLS_PER_MINUTE."""
+    at = DateTimeField(index=True)
+    endpoint = CharField(max_length=32)
+
+
+MODELS.append(TwinCallSlot)
