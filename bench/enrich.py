@@ -226,6 +226,8 @@ def report(db_path: Path, twin, ids, settled_in, call_times: list[float], brief:
     print(f"  TWIN calls (auth + statistics) {len(call_times):>6}   {calls_by_endpoint(twin)}"
           if not brief else f"  TWIN calls meanwhile {len(call_times)}")
     print(f"  calls per 1,000 delivered      {per_thousand:>6.1f}   peak in any 60 s: {most_calls_within(call_times)}")
+    if not brief:
+        print(f"  answered with an error: {refusals(twin)}")
 
 
 def lags(rows, truth, ids, held_column: str, visible_key: str) -> list[float]:
@@ -248,6 +250,16 @@ def describe(values: list[float]) -> str:
 
 def calls_by_endpoint(twin) -> dict[str, int]:
     return {name: sum(outcomes.values()) for name, outcomes in twin.calls().items() if name in RECEIVER_CALLS}
+
+
+def refusals(twin) -> str:
+    """How many of the receiver's calls TWIN answered with an error, by status."""
+    counted: dict[str, int] = {}
+    for name, outcomes in twin.calls().items():
+        for outcome, n in outcomes.items():
+            if name in RECEIVER_CALLS and not outcome.startswith("2"):
+                counted[outcome] = counted.get(outcome, 0) + n
+    return ", ".join(f"{n} x {outcome}" for outcome, n in sorted(counted.items())) or "none"
 
 
 def quantile(values: list[float], q: int) -> float:
