@@ -9,6 +9,10 @@ sleeps until the oldest one leaves the window, before a single byte goes out.
 Sends count too, but the other calls leave them HEADROOM (a tenth of the ceiling): a mailing's send is
 delayed by the statistics only if sends alone fill the minute. A wait for a slot happens before the
 request leaves, so it can never make TWIN take a send twice.
+
+A slot carries the clock of the process that took it: workers on several hosts need their clocks in
+step (NTP), as the leases do. The worker's client is paced; a `flask send` run, which makes its own
+client (receiver/sending.py), is not yet.
 """
 from __future__ import annotations
 

@@ -322,9 +322,9 @@ class Enricher:
         time it has spent in its stage (at least ENRICH_FIRST_CHECK, at most ENRICH_BACKOFF_MAX).
 
         So a fact TWIN's statistics show is stored within about that share of the message's age: a
-        result that comes 40 s after delivery waits some 10 s, one that comes after a day a few hours,
-        and a message that never gets one costs a number of looks that grows with the log of its
-        horizon. Rounded to two digits, so a sweep's messages are rescheduled by a few UPDATEs.
+        result that comes 40 s after delivery waits some 10 s, one that comes hours later at most
+        ENRICH_BACKOFF_MAX; a message with no answer is looked at a few times a minute at first, then
+        ever less often. Rounded to two digits, so a sweep's messages are rescheduled by a few UPDATEs.
         """
         age = (now - message_anchor(message)).total_seconds()
         delay = min(max(self.settings.enrich_recheck_share * age, self.settings.enrich_first_check),
