@@ -198,13 +198,15 @@ def test_the_truth_records_when_each_fact_became_visible(make_sim):
     results_seen: dict[str, float] = {}
     deadline = time.time() + 5
     while time.time() < deadline and len(results_seen) < 2:
-        now = time.time()
-        for item in stats(sim, "messages", fields=MSG_FIELDS).json()["items"]:
+        messages = stats(sim, "messages", fields=MSG_FIELDS).json()["items"]
+        sessions = stats(sim, "sessions").json()["items"]
+        answered = time.time()      # each fact was shown by now
+        for item in messages:
             if item["providerMessageId"]:
-                first_seen.setdefault(item["id"], now)
-        for item in stats(sim, "sessions").json()["items"]:
+                first_seen.setdefault(item["id"], answered)
+        for item in sessions:
             if item["dialogResultsFromBotJson"]:
-                results_seen.setdefault(item["id"], now)
+                results_seen.setdefault(item["id"], answered)
         time.sleep(0.02)
 
     for truth in sim.truth():
