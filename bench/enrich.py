@@ -1,21 +1,26 @@
-"""Enrichment at mailing scale: how many TWIN calls, and how fast chat ids arrive.
+"""Enrichment: how fresh the chat ids and results are, and what that costs in TWIN calls.
 
-    python -m bench enrich [--messages 10000] [--sweep-interval 5] ...
+    python -m bench enrich [--only big,small,storm] [--messages 10000] [--small 200] ...
 
-Runs the real thing on this machine: the TWIN simulator (in this process), the receiver under
-gunicorn with deploy/gunicorn.conf.py on a fresh SQLite file, and the enrichment worker as its own
-process. One mailing of N destinations goes to the simulator with the receiver as callbackUrl;
-the simulator delivers them over some seconds and its bot answers most of them later. When every
-message is settled, the figures are read from the receiver's database and the simulator's call
-counts, and scored against the simulator's ground truth.
+Runs the real thing on this machine for each case: the TWIN simulator (in this process), the receiver
+under gunicorn with deploy/gunicorn.conf.py on a fresh SQLite file, and the enrichment worker as its
+own process, with the production settings (horizons shortened so that a run ends).
 
-Then a small late mailing (--late, default 20 messages) goes out while the first one's messages
-still sit in the statistics window: the case where a sweep is most expensive and a batching worker
-is most tempted to wait. Its DELIVERED-to-chat-id times are reported on their own.
+    big    one mailing of 10,000 destinations over a TWIN whose bot answers within 40 s; then a late
+           mailing of 20 while the first one's messages still sit in the statistics window
+    small  200 messages over four callbackData values, a TWIN whose statistics lag 3 s behind the
+           callbacks, that repeats callbacks and sends them out of order, lists statistics in no
+           order among other people's chats, and whose bot answers within 90 s
+    storm  the same small mailing, with 5xx (20 % of calls), a 1 call/s rate limit per endpoint
+           (429), and 10 % of answers stalled 5 s
 
-The targets (issue 4): at most 5 TWIN statistics/auth calls per 1,000 delivered messages, and a
-median under 5 s from the DELIVERED callback to the chat id stored, when the statistics already
-have it (stats_lag = 0 here).
+The lag of a message is the time from the moment the simulator's statistics could first have given
+the fact (its own record: `chatIdVisibleAt`, `resultVisibleAt` in the ground truth) to the moment the
+receiver's row held it (`chat_id_at`, `result_at`). Calls are those the receiver made (auth and
+statistics; the benchmark's own sends are not), with the peak in any sliding 60 s.
+
+Targets (issue 16): small mailing median <= 5 s, p90 <= 15 s, max <= 60 s; big mailing <= 5 calls
+per 1,000 delivered; never more than TWIN24_MAX_CALLS_PER_MINUTE in a minute.
 """
 from __future__ import annotations
 
@@ -27,45 +32,89 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
 
 from receiver.demo import GUNICORN_CONF, free_port, start_process, stop_processes, wait_healthy
 from receiver.settings import Settings
-from receiver.simulator import SimConfig, Simulator
+from receiver.simulator import SimConfig, Simulator, most_calls_within
 from receiver.status import FAILED_STATUSES
 
 CALLBACK_TOKEN = "bench-callback-token-0123456789"
 API_TOKEN = "bench-api-token-0123456789abcdef"
+RECEIVER_CALLS = ("login", "refresh", "messages_stats", "sessions_stats")
+
+BIG_TWIN = dict(seed=2024, pending_after=(0.2, 2.0), final_after=(0.5, 8.0), undelivered_rate=0.05,
+                stats_lag=0.0, result_after=(3.0, 40.0), no_reply_rate=0.2, session_close_after=45.0,
+                callback_workers=8)
+SMALL_TWIN = dict(seed=16, pending_after=(0.2, 2.0), final_after=(0.5, 8.0), undelivered_rate=0.05,
+                  stats_lag=3.0, result_after=(3.0, 90.0), no_reply_rate=0.2, session_close_after=100.0,
+                  duplicate_callbacks=0.3, reorder_callbacks=0.3, shuffle=True, padding_sessions=2)
+STORM = dict(error_rate=0.2, rate_limit=1, slow_rate=0.1, slow_seconds=5.0)
+
+
+@dataclass
+class Case:
+    name: str
+    title: str
+    messages: int
+    groups: int                   # callbackData values the mailing is spread over
+    twin: dict
+    late: int = 0                 # a late small mailing after the first one settled
+    quirks: dict = field(default_factory=dict)     # switched on once the mailing is sent
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench enrich", description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=10_000)
-    # Defaults are the production defaults (receiver/settings.py).
-    parser.add_argument("--sweep-interval", type=float, default=4.0, help="ENRICH_SWEEP_INTERVAL, s")
-    parser.add_argument("--result-interval", type=float, default=30.0, help="ENRICH_RESULT_INTERVAL, s")
-    parser.add_argument("--first-check", type=float, default=2.0, help="ENRICH_FIRST_CHECK, s")
-    parser.add_argument("--backoff-start", type=float, default=5.0, help="ENRICH_BACKOFF_START, s")
-    parser.add_argument("--max-wait", type=float, default=Settings.enrich_max_wait, help="ENRICH_MAX_WAIT, s")
+    parser.add_argument("--only", default="big,small,storm", help="which cases, comma separated")
+    parser.add_argument("--messages", type=int, default=10_000, help="the big mailing")
+    parser.add_argument("--small", type=int, default=200, help="the small mailing")
     parser.add_argument("--late", type=int, default=20, help="messages in the late mailing (0: none)")
+    # Defaults are the production defaults (receiver/settings.py).
+    parser.add_argument("--max-calls", type=int, default=Settings.twin24_max_calls_per_minute,
+                        help="TWIN24_MAX_CALLS_PER_MINUTE")
+    parser.add_argument("--recheck-share", type=float, default=Settings.enrich_recheck_share,
+                        help="ENRICH_RECHECK_SHARE")
+    parser.add_argument("--max-wait", type=float, default=Settings.enrich_max_wait, help="ENRICH_MAX_WAIT, s")
     parser.add_argument("--page-cap", type=int, default=1000, help="the simulator's largest page")
-    parser.add_argument("--timeout", type=float, default=600.0, help="give up the run after this, s")
+    parser.add_argument("--timeout", type=float, default=600.0, help="give up a case after this, s")
     return parser.parse_args(argv)
+
+
+def cases(args) -> list[Case]:
+    every = {
+        "big": Case("big", f"one mailing of {args.messages}", args.messages, 1, BIG_TWIN, late=args.late),
+        "small": Case("small", f"small mailing of {args.small}, lagging, duplicating, out of order",
+                      args.small, 4, SMALL_TWIN),
+        "storm": Case("storm", f"small mailing of {args.small}, the same with 5xx, 429 and stalls",
+                      args.small, 4, SMALL_TWIN, quirks=STORM),
+    }
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise SystemExit(f"unknown case(s): {', '.join(unknown)}; choose from {', '.join(every)}")
+    return [every[n] for n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
-    workdir = Path(tempfile.mkdtemp(prefix="bench-enrich-"))
-    twin = Simulator(SimConfig(
-        seed=2024, pending_after=(0.2, 2.0), final_after=(0.5, 8.0), undelivered_rate=0.05,
-        stats_lag=0.0, result_after=(3.0, 40.0), no_reply_rate=0.2, session_close_after=45.0,
-        page_cap=args.page_cap, callback_workers=8,
-    )).start()
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; TWIN24_MAX_CALLS_PER_MINUTE="
+          f"{args.max_calls}, ENRICH_RECHECK_SHARE={args.recheck_share}, ENRICH_MAX_WAIT={args.max_wait}")
+    for case in cases(args):
+        run_case(case, args)
+    return 0
+
+
+def run_case(case: Case, args) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-enrich-{case.name}-"))
+    twin = Simulator(SimConfig(**case.twin, page_cap=args.page_cap)).start()
     port = free_port()
     env = receiver_env(twin, workdir, port, args)
     processes = []
+    db_path = workdir / "receiver.db"
     try:
         processes.append(start_process(["gunicorn", "-c", str(GUNICORN_CONF), "wsgi:app"], env,
                                        workdir / "web.log"))
@@ -73,20 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))
 
         started = time.monotonic()
-        ids = send_mailing(twin, f"http://127.0.0.1:{port}", args.messages)
-        sent_in = time.monotonic() - started
-        settled_in = wait_settled(workdir / "receiver.db", len(ids), twin, args.timeout, started)
-        report(workdir / "receiver.db", twin, ids, sent_in, settled_in, args)
-        if args.late:
-            calls_before = lookup_calls(twin)
-            late_ids = send_mailing(twin, f"http://127.0.0.1:{port}", args.late, first=args.messages)
-            wait_chat_ids(workdir / "receiver.db", late_ids, twin, timeout=120)
-            report_late(workdir / "receiver.db", twin, late_ids, calls_before)
+        ids = send_mailing(twin, f"http://127.0.0.1:{port}", case.messages, case.groups)
+        twin.configure(**case.quirks)
+        settled_in = wait_settled(db_path, ids, twin, args.timeout, started)
+        print(f"\n{case.name}: {case.title}")
+        report(db_path, twin, ids, settled_in, twin.call_times(RECEIVER_CALLS))
+        if case.late:
+            before = len(twin.call_times(RECEIVER_CALLS))
+            late_ids = send_mailing(twin, f"http://127.0.0.1:{port}", case.late, 1, first=case.messages)
+            wait_settled(db_path, late_ids, twin, args.timeout, time.monotonic(), quiet=True)
+            print(f"  late mailing of {case.late}, sent once the first had settled:")
+            report(db_path, twin, late_ids, None, twin.call_times(RECEIVER_CALLS)[before:], brief=True)
     finally:
         stop_processes(processes)
         twin.stop()
-    print(f"(logs and database kept in {workdir})")
-    return 0
+    print(f"  (logs and database kept in {workdir})")
 
 
 def receiver_env(twin, workdir: Path, port: int, args) -> dict:
@@ -99,160 +149,123 @@ def receiver_env(twin, workdir: Path, port: int, args) -> dict:
         "TWIN24_LOGIN": twin.login, "TWIN24_PASSWORD": twin.password,
         "TWIN24_AUTH_URL": twin.auth_url, "TWIN24_NOTIFY_URL": twin.notify_url,
         "TWIN24_ANALYSE_URL": twin.analyse_url,
-        "ENRICH_FIRST_CHECK": str(args.first_check), "ENRICH_SWEEP_INTERVAL": str(args.sweep_interval),
-        "ENRICH_RESULT_INTERVAL": str(args.result_interval), "ENRICH_BACKOFF_START": str(args.backoff_start),
+        "TWIN24_MAX_CALLS_PER_MINUTE": str(args.max_calls), "ENRICH_RECHECK_SHARE": str(args.recheck_share),
         "ENRICH_MAX_WAIT": str(args.max_wait),
-        # Shorter than production so that the run ends: the simulator's bot answers within 40 s.
-        "ENRICH_BACKOFF_MAX": "30", "ENRICH_RESULT_HORIZON": "120", "ENRICH_CHAT_ID_HORIZON": "120",
+        # Shorter than production so that a run ends: the simulator's bot answers within 90 s.
+        "ENRICH_RESULT_HORIZON": "150", "ENRICH_CHAT_ID_HORIZON": "150",
     })
     (workdir / "metrics").mkdir()
     return env
 
 
-def send_mailing(twin, receiver_url: str, count: int, first: int = 0) -> list[str]:
+def send_mailing(twin, receiver_url: str, count: int, groups: int, first: int = 0) -> list[str]:
+    """One send of `count` destinations, split over `groups` message objects, each its own callbackData."""
+    chat = {"chatId": "bench-channel", "botId": "bench-bot", "messengerType": "WHATSAPP",
+            "chatSessionName": "Опрос", "text": "Здравствуйте!", "provider": "TWIN"}
+    phones = [f"7999{n:07d}" for n in range(first, first + count)]
     body = {"messages": [{
-        "channels": {"chat": {"chatId": "bench-channel", "botId": "bench-bot", "messengerType": "WHATSAPP",
-                              "chatSessionName": "Опрос", "text": "Здравствуйте!", "provider": "TWIN"}},
-        "callbackUrl": f"{receiver_url}/callbacks/{CALLBACK_TOKEN}",
-        "callbackData": "bench-mailing",
-        "destinations": [{"phone": f"7999{n:07d}"} for n in range(first, first + count)],
-    }]}
+        "channels": {"chat": chat}, "callbackUrl": f"{receiver_url}/callbacks/{CALLBACK_TOKEN}",
+        "callbackData": f"bench-mailing-{first}-{group}",
+        "destinations": [{"phone": phone} for phone in phones[group::groups]],
+    } for group in range(groups)]}
     answer = requests.post(f"{twin.notify_url}/messages", json=body, timeout=120,
                            headers={"Authorization": f"Bearer {twin.static_token}"})
     answer.raise_for_status()
     return [item["id"] for item in answer.json()]
 
 
-def wait_settled(db_path: Path, count: int, twin, timeout: float, started: float) -> float | None:
+def wait_settled(db_path: Path, ids: list[str], twin, timeout: float, started: float,
+                 quiet: bool = False) -> float | None:
+    """Until every message of `ids` is done, given up, or failed for good (or `timeout` s)."""
     deadline = time.monotonic() + timeout
-    last_line = 0.0
+    last_line = time.monotonic()
+    wanted = set(ids)
     while time.monotonic() < deadline:
-        stages = stage_counts(db_path)
-        settled = stages.get("done", 0) + stages.get("given_up", 0) + undelivered(db_path)
-        if time.monotonic() - last_line > 10:
-            print(f"  {time.monotonic() - started:5.0f} s  stages {stages}", flush=True)
+        rows = read_rows(db_path)
+        settled = sum(1 for i in wanted if i in rows and is_settled(rows[i]))
+        if not quiet and time.monotonic() - last_line > 15:
+            print(f"  {time.monotonic() - started:5.0f} s  {settled} of {len(ids)} settled", flush=True)
             last_line = time.monotonic()
-        if settled >= count and twin.idle():
+        if settled >= len(ids) and twin.idle():
             return time.monotonic() - started
         time.sleep(1.0)
     return None
 
 
-def wait_chat_ids(db_path: Path, ids: list[str], twin, timeout: float) -> None:
-    """Until every delivered message of `ids` has a chat id (or `timeout` s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        truth = {t["id"]: t for t in twin.truth()}
-        delivered = [i for i in ids if truth[i]["finalStatus"] == "DELIVERED"]
-        rows = read_rows(db_path)
-        if twin.idle() and all(i in rows and rows[i]["chat_id"] for i in delivered):
-            return
-        time.sleep(0.5)
+def is_settled(row) -> bool:
+    return row["stage"] in ("done", "given_up") or (row["stage"] == "none" and row["status"] in FAILED_STATUSES)
 
 
-def stage_counts(db_path: Path) -> dict:
+def read_rows(db_path: Path) -> dict:
     try:
         with sqlite3.connect(db_path, timeout=30) as connection:
-            return dict(connection.execute("select stage, count(*) from message group by stage"))
+            connection.row_factory = sqlite3.Row
+            return {r["id"]: r for r in connection.execute(
+                "select id, status, stage, chat_id, result, chat_id_at, result_at from message")}
     except sqlite3.OperationalError:
         return {}
 
 
-def undelivered(db_path: Path) -> int:
-    marks = ", ".join("?" * len(FAILED_STATUSES))
-    with sqlite3.connect(db_path, timeout=30) as connection:
-        return connection.execute(
-            f"select count(*) from message where stage = 'none' and status in ({marks})", FAILED_STATUSES
-        ).fetchone()[0]
-
-
-def read_rows(db_path: Path) -> dict:
-    with sqlite3.connect(db_path, timeout=30) as connection:
-        connection.row_factory = sqlite3.Row
-        return {r["id"]: r for r in connection.execute(
-            "select id, status, stage, chat_id, result, delivered_at, chat_id_at from message")}
-
-
-def chat_id_delays(db_path: Path, ids: list[str]) -> dict[str, float]:
-    """Seconds from each message's DELIVERED callback to its chat id stored; negative where a sweep
-    stored the chat id before the callback came (delivered_at may come from the statistics)."""
-    rows = read_rows(db_path)
-    with sqlite3.connect(db_path, timeout=30) as connection:
-        callback_at = dict(connection.execute(
-            "select message_id, min(received_at) from event where new_status = 'DELIVERED' group by message_id"))
-    return {i: seconds_between(callback_at[i], rows[i]["chat_id_at"])
-            for i in ids if i in rows and rows[i]["chat_id_at"] and i in callback_at}
-
-
-def lookup_calls(twin) -> dict[str, int]:
-    return {name: sum(outcomes.values()) for name, outcomes in twin.calls().items()
-            if name in ("login", "refresh", "messages_stats", "sessions_stats")}
-
-
-def report(db_path: Path, twin, ids, sent_in, settled_in, args) -> None:
+def report(db_path: Path, twin, ids, settled_in, call_times: list[float], brief: bool = False) -> None:
     truth = {t["id"]: t for t in twin.truth()}
     rows = read_rows(db_path)
     delivered = [i for i in ids if truth[i]["finalStatus"] == "DELIVERED"]
     answered = [i for i in delivered if truth[i]["result"] is not None]
-    chat_ok = sum(1 for i in delivered if i in rows and rows[i]["chat_id"] == truth[i]["sessionId"])
-    result_ok = sum(1 for i in answered if i in rows and rows[i]["result"]
-                    and json.loads(rows[i]["result"]) == truth[i]["result"])
-    delays = chat_id_delays(db_path, delivered)
-    # A chat id found in the statistics before the DELIVERED callback came counts as 0 s.
-    latencies = [max(0.0, d) for d in delays.values()]
-    after_callback = [d for d in delays.values() if d > 0]
-    calls = lookup_calls(twin)
-    total_calls = sum(calls.values())
-    per_thousand = 1000 * total_calls / max(len(delivered), 1)
-
-    print()
-    print(f"enrichment benchmark: {len(ids)} messages, one mailing; machine: {os.cpu_count()} cores, "
-          f"Python {sys.version.split()[0]}")
-    print(f"  settings: ENRICH_SWEEP_INTERVAL={args.sweep_interval} ENRICH_RESULT_INTERVAL={args.result_interval} "
-          f"ENRICH_FIRST_CHECK={args.first_check} ENRICH_BACKOFF_START={args.backoff_start} "
-          f"ENRICH_MAX_WAIT={args.max_wait}; simulator page cap {args.page_cap}")
-    print(f"  send answered in {sent_in:.1f} s; everything settled in "
-          f"{'did not settle' if settled_in is None else f'{settled_in:.0f} s'}")
-    print(f"  delivered (truth)              {len(delivered):>7}")
-    print(f"  with the right chat id         {chat_ok:>7}   ({pct(chat_ok, len(delivered))})")
-    print(f"  answered by the bot (truth)    {len(answered):>7}")
-    print(f"  with the right result          {result_ok:>7}   ({pct(result_ok, len(answered))})")
-    print(f"  TWIN calls for lookups         {total_calls:>7}   {calls}")
-    print(f"  calls per 1,000 delivered      {per_thousand:>7.1f}   (target <= 5; by hand: 2,000)")
-    print(f"  DELIVERED callback -> chat id  median {quantile(latencies, 50):.2f} s (target < 5 s), "
-          f"p90 {quantile(latencies, 90):.2f} s; {len(latencies) - len(after_callback)} of {len(latencies)} "
-          f"were found before their callback came")
-    print(f"    of the {len(after_callback)} found after their callback: median {quantile(after_callback, 50):.2f} s, "
-          f"p90 {quantile(after_callback, 90):.2f} s, max {max(after_callback, default=float('nan')):.2f} s")
+    chat_ok = [i for i in delivered if i in rows and rows[i]["chat_id"] == truth[i]["sessionId"]]
+    result_ok = [i for i in answered if i in rows and rows[i]["result"]
+                 and json.loads(rows[i]["result"]) == truth[i]["result"]]
+    chat_lags = lags(rows, truth, chat_ok, "chat_id_at", "chatIdVisibleAt")
+    result_lags = lags(rows, truth, result_ok, "result_at", "resultVisibleAt")
+    per_thousand = 1000 * len(call_times) / max(len(delivered), 1)
+    if not brief:
+        print(f"  everything settled in {'(did not settle)' if settled_in is None else f'{settled_in:.0f} s'}")
+    print(f"  delivered / with the right chat id   {len(delivered):>6} / {len(chat_ok)}")
+    print(f"  answered / with the right result     {len(answered):>6} / {len(result_ok)}")
+    print(f"  lag, visible in TWIN -> row holds it: chat id {describe(chat_lags)}")
+    print(f"                                        result  {describe(result_lags)}")
+    print(f"  TWIN calls (auth + statistics) {len(call_times):>6}   {calls_by_endpoint(twin)}"
+          if not brief else f"  TWIN calls meanwhile {len(call_times)}")
+    print(f"  calls per 1,000 delivered      {per_thousand:>6.1f}   peak in any 60 s: {most_calls_within(call_times)}")
+    if not brief:
+        print(f"  answered with an error: {refusals(twin)}")
 
 
-def report_late(db_path: Path, twin, ids, calls_before: dict) -> None:
-    truth = {t["id"]: t for t in twin.truth()}
-    delivered = [i for i in ids if truth[i]["finalStatus"] == "DELIVERED"]
-    rows = read_rows(db_path)
-    chat_ok = sum(1 for i in delivered if i in rows and rows[i]["chat_id"] == truth[i]["sessionId"])
-    latencies = [max(0.0, d) for d in chat_id_delays(db_path, delivered).values()]
-    calls = {name: n - calls_before.get(name, 0) for name, n in lookup_calls(twin).items()}
-    print(f"  late mailing of {len(ids)}: {chat_ok} of {len(delivered)} delivered with the right chat id; "
-          f"DELIVERED callback -> chat id median {quantile(latencies, 50):.2f} s, "
-          f"max {max(latencies, default=float('nan')):.2f} s; TWIN calls meanwhile {sum(calls.values())} {calls}")
+def lags(rows, truth, ids, held_column: str, visible_key: str) -> list[float]:
+    """Seconds from the fact's first visibility in the simulator to the row holding it, per message."""
+    return [(as_utc(rows[i][held_column]) - as_utc(truth[i][visible_key])).total_seconds()
+            for i in ids if rows[i][held_column] and truth[i][visible_key]]
+
+
+def as_utc(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def describe(values: list[float]) -> str:
+    if not values:
+        return "(none)"
+    return (f"median {quantile(values, 50):5.1f} s, p90 {quantile(values, 90):5.1f} s, "
+            f"max {max(values):5.1f} s  ({len(values)} messages)")
+
+
+def calls_by_endpoint(twin) -> dict[str, int]:
+    return {name: sum(outcomes.values()) for name, outcomes in twin.calls().items() if name in RECEIVER_CALLS}
+
+
+def refusals(twin) -> str:
+    """How many of the receiver's calls TWIN answered with an error, by status."""
+    counted: dict[str, int] = {}
+    for name, outcomes in twin.calls().items():
+        for outcome, n in outcomes.items():
+            if name in RECEIVER_CALLS and not outcome.startswith("2"):
+                counted[outcome] = counted.get(outcome, 0) + n
+    return ", ".join(f"{n} x {outcome}" for outcome, n in sorted(counted.items())) or "none"
 
 
 def quantile(values: list[float], q: int) -> float:
-    if not values:
-        return float("nan")
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
-def seconds_between(start: str, end: str) -> float:
-    from datetime import datetime
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
-def pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ batch, and matches what comes back by id, never by position:
     stage result   session known -> chat-session statistics: dialogResultsFromBotJson
 
 Every page is applied to every stored message it mentions, not only to the claimed ones, so one
-sweep serves all the messages of a mailing. A message not found yet is due again after a growing
-delay; past its horizon it is given up, and `given_up_reason` says why. A TWIN failure releases the
-batch unchanged (the horizon counts only sweeps that TWIN answered).
+sweep serves all the messages of a mailing. TWIN calls are a budget (TWIN24_MAX_CALLS_PER_MINUTE,
+receiver/callbudget.py): the oldest due work is claimed first, and a message not finished is due
+again after a share of its age in the stage (`recheck_delay`), not after a fixed interval; past its
+horizon it is given up, and `given_up_reason` says why. A TWIN failure releases the batch unchanged
+(the horizon counts only sweeps that TWIN answered).
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from peewee import DatabaseError, InterfaceError, PostgresqlDatabase, fn
+from peewee import Case, DatabaseError, InterfaceError, PostgresqlDatabase, fn
 
 from . import forwarding, metrics
+from .callbudget import CallBudget
 from .maintenance import PeriodicPrune, PeriodicSummaries
 from .models import (
     ACTIVE_STAGES,
@@ -71,7 +74,6 @@ class Sweep:
 
 
 MESSAGES_SWEEP = Sweep("messages_stats", (STAGE_CHAT_ID, STAGE_NONE), "enrich_sweep_interval")
-# Bots answer in minutes or hours, so the sessions are asked less often than the messages.
 SESSIONS_SWEEP = Sweep("sessions_stats", (STAGE_RESULT,), "enrich_result_interval")
 SESSION_SLACK = dt.timedelta(seconds=2)   # around a startedAt TWIN gave us (its clock, whole seconds)
 
@@ -95,11 +97,16 @@ class Enricher:
         self.twin_tried = False                   # a first sweep that fails points the operator at check-twin
         self.prune = PeriodicPrune(settings.event_retention_days)   # EVENT_RETENTION_DAYS, once an hour
         self.summaries = PeriodicSummaries()        # the results' stored summaries (receiver/summaries.py)
+        self.budget: CallBudget | None = None     # the client's pacer: a sweep starts only with a slot free
 
     @classmethod
     def from_app(cls, app) -> Enricher:
         settings = app.config["SETTINGS"]
-        return cls(settings, TwinClient(settings, on_call=count_twin_call))
+        budget = CallBudget.from_settings(settings)
+        client = TwinClient(settings, on_call=count_twin_call, pacer=budget.reserve if budget else None)
+        enricher = cls(settings, client)
+        enricher.budget = budget
+        return enricher
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -179,22 +186,24 @@ class Enricher:
     def worth_sweeping(self, sweep: Sweep) -> bool:
         """Whether the due messages are worth the TWIN calls a sweep costs now.
 
-        A sweep pages through a whole window, whether 5 or 5,000 of its messages are due; most
-        of a big mailing is found ahead of its own callbacks by earlier sweeps. So a sweep whose
-        window takes more than one page waits until the due messages are a share
-        (ENRICH_BATCH_SHARE) of the messages we know in that window, or until the oldest due
-        message has waited ENRICH_MAX_WAIT; and no sweep comes sooner than the interval. A small
-        mailing sent after a big one has a window of its own, and is looked up at once.
+        The calls are a budget (TWIN24_MAX_CALLS_PER_MINUTE, shared by every worker): a sweep starts
+        only when a slot is free, and no sooner than its interval after the last one. A window that
+        fits in one page costs one call, whoever is due in it: it is swept as soon as anything is.
+        A sweep whose window takes more pages waits until the messages due for their first look
+        are a share (ENRICH_BATCH_SHARE) of the messages we know in that window, or the oldest due
+        message has waited ENRICH_MAX_WAIT: re-checks alone do not buy a sweep of a big mailing
+        sooner, since most of its facts are found ahead of their own messages by earlier sweeps.
+        A small mailing sent after a big one has a window of its own, and is looked up at once.
         """
         last = self.last_sweep.get(sweep.endpoint)
         if last is not None and time.monotonic() - last < getattr(self.settings, sweep.interval_setting):
             return False
         now = self.clock()
-        due, oldest, first_seen = due_summary(sweep.stages, now)
-        if not due:
+        due, first_looks, oldest, first_seen = due_summary(sweep.stages, now)
+        if not due or (self.budget is not None and not self.budget.free()):
             return False
         known = known_since(first_seen - self.reach_back(0))
-        if known <= self.settings.twin24_page_size or due >= self.settings.enrich_batch_share * known:
+        if known <= self.settings.twin24_page_size or first_looks >= self.settings.enrich_batch_share * known:
             return True
         return (now - oldest).total_seconds() >= self.settings.enrich_max_wait
 
@@ -282,7 +291,7 @@ class Enricher:
         """
         now = self.clock()
         given_up: dict[tuple[str, str], list[str]] = defaultdict(list)    # (stage, reason) -> ids
-        again: dict[tuple[str, int, str], list[str]] = defaultdict(list)  # (stage, attempts, why) -> ids
+        again: dict[tuple[str, int, str, float], list[str]] = defaultdict(list)   # (stage, attempts, why, delay)
         for message in claimed:
             outcome = seen.get(message.id)
             if outcome == SEEN_DONE:
@@ -293,7 +302,7 @@ class Enricher:
                 given_up[message.stage, f"{reason} within {_hours(horizon)}"].append(message.id)
             else:
                 why = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
-                again[message.stage, message.attempts + 1, why].append(message.id)
+                again[message.stage, message.attempts + 1, why, self.recheck_delay(message, now)].append(message.id)
         lease = claimed.lease_until
         log.debug("releasing lease %s of %d messages: settled", lease, len(claimed))
         for (stage, reason), ids in given_up.items():
@@ -304,15 +313,29 @@ class Enricher:
             _update_in_chunks(ids, lease, stage, stage=STAGE_GIVEN_UP, given_up_reason=reason,
                               next_check_at=None, lease_until=None, last_error=None,
                               emit=forwarding.EVENT_GIVEN_UP)
-        for (stage, attempts, why), ids in again.items():
+        for (stage, attempts, why, delay), ids in again.items():
             _update_in_chunks(ids, lease, stage, attempts=attempts, last_error=why, lease_until=None,
-                              next_check_at=now + dt.timedelta(seconds=self.backoff(attempts)))
+                              next_check_at=now + dt.timedelta(seconds=delay))
         # The rest (done, or moved on to another stage meanwhile) only give their lease back.
         _update_in_chunks([m.id for m in claimed], lease, None, lease_until=None)
 
-    def backoff(self, attempts: int) -> float:
-        """Seconds until the next look: growing, capped, with jitter so batches spread out."""
-        base = self.settings.enrich_backoff_start * 2 ** min(attempts - 1, 20)
+    def recheck_delay(self, message, now: dt.datetime) -> float:
+        """Seconds until a message this sweep did not finish is due again: ENRICH_RECHECK_SHARE of the
+        time it has spent in its stage (at least ENRICH_FIRST_CHECK, at most ENRICH_BACKOFF_MAX).
+
+        So a fact TWIN's statistics show is stored within about that share of the message's age: a
+        result that comes 40 s after delivery waits some 10 s, one that comes hours later at most
+        ENRICH_BACKOFF_MAX; a message with no answer is looked at a few times a minute at first, then
+        ever less often. Rounded to two digits, so a sweep's messages are rescheduled by a few UPDATEs.
+        """
+        age = (now - message_anchor(message)).total_seconds()
+        delay = min(max(self.settings.enrich_recheck_share * age, self.settings.enrich_first_check),
+                    self.settings.enrich_backoff_max)
+        return float(f"{delay:.2g}")
+
+    def backoff(self, failures: int) -> float:
+        """Seconds until a batch is due again after a failed sweep: growing, capped, with jitter."""
+        base = self.settings.enrich_backoff_start * 2 ** min(failures - 1, 20)
         return min(self.settings.enrich_backoff_max, base) * random.uniform(0.9, 1.1)
 
 
@@ -362,11 +385,13 @@ def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_secon
     return claimed
 
 
-def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, dt.datetime | None, dt.datetime | None]:
-    """How many messages of these stages are due and unclaimed, since when the oldest is due, and
-    the earliest first sighting among them."""
+def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, int, dt.datetime | None, dt.datetime | None]:
+    """How many messages of these stages are due and unclaimed, how many of them for their first look
+    in the stage, since when the oldest is due, and the earliest first sighting among them."""
+    first_look = fn.SUM(Case(None, [(Message.attempts == 0, 1)], 0))
     return (Message
-            .select(fn.COUNT(Message.id), _earliest(Message.next_check_at), _earliest(Message.first_seen_at))
+            .select(fn.COUNT(Message.id), fn.COALESCE(first_look, 0), _earliest(Message.next_check_at),
+                    _earliest(Message.first_seen_at))
             .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
                    (Message.lease_until.is_null()) | (Message.lease_until < now))
             .tuples()

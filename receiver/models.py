@@ -700,3 +700,14 @@ class MailingSummary(BaseModel):
 
 
 MODELS.append(MailingSummary)
+
+
+# --- The TWIN call budget (receiver/callbudget.py) --------------------------------------------------
+class TwinCallSlot(BaseModel):
+    """One TWIN call reserved before it was made: the rows of the last minute are what every worker
+    process has spent of TWIN24_MAX_CALLS_PER_MINUTE."""
+    at = DateTimeField(index=True)
+    endpoint = CharField(max_length=32)
+
+
+MODELS.append(TwinCallSlot)

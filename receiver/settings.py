@@ -85,6 +85,9 @@ class Settings:
     twin24_max_retry_wait: float = _env("TWIN24_MAX_RETRY_WAIT", kind="float", default=60.0, minimum=0)
     twin24_page_size: int = _env("TWIN24_PAGE_SIZE", kind="int", default=1000, minimum=1)
     twin24_token_ttl: int = _env("TWIN24_TOKEN_TTL", kind="int", default=86400, minimum=60)
+    # Every TWIN call of every process on this database (auth, statistics pages, sends, retries) in
+    # any 60 s; 0: no ceiling. Sends get a tenth of it that the other calls leave (receiver/callbudget.py).
+    twin24_max_calls_per_minute: int = _env("TWIN24_MAX_CALLS_PER_MINUTE", kind="int", default=60, minimum=0)
 
     # The callback endpoint.
     max_body_bytes: int = _env("MAX_BODY_BYTES", kind="int", default=64 * 1024, minimum=1024)
@@ -102,7 +105,9 @@ class Settings:
     enrich_backoff_max: float = _env("ENRICH_BACKOFF_MAX", kind="float", default=900.0, minimum=0.01)
     enrich_stale_after: float = _env("ENRICH_STALE_AFTER", kind="float", default=900.0, minimum=0)
     enrich_sweep_interval: float = _env("ENRICH_SWEEP_INTERVAL", kind="float", default=4.0, minimum=0)
-    enrich_result_interval: float = _env("ENRICH_RESULT_INTERVAL", kind="float", default=30.0, minimum=0)
+    enrich_result_interval: float = _env("ENRICH_RESULT_INTERVAL", kind="float", default=4.0, minimum=0)
+    # A message not finished is looked at again after this share of the time it has spent in its stage.
+    enrich_recheck_share: float = _env("ENRICH_RECHECK_SHARE", kind="float", default=0.25, minimum=0.01)
     enrich_batch_share: float = _env("ENRICH_BATCH_SHARE", kind="float", default=0.2, minimum=0)
     enrich_max_wait: float = _env("ENRICH_MAX_WAIT", kind="float", default=30.0, minimum=0)
     enrich_chat_id_horizon: float = _env("ENRICH_CHAT_ID_HORIZON", kind="float", default=6 * 3600, minimum=1)

@@ -12,6 +12,8 @@ What is retried, and why:
   or a 5xx may come after TWIN took the message, so they raise `SendOutcomeUnknown` and are never retried.
 * A 401 on any call gets a fresh token (refresh, else a new login) and the call is repeated once.
   A static token is never refreshed: its 401 is a `TwinAuthError`.
+* With a `pacer` (receiver/callbudget.py, TWIN24_MAX_CALLS_PER_MINUTE), every attempt first waits
+  for a slot of the call budget.
 * Refresh is `POST {auth}/refresh` with a JSON body, as TWIN's SDK does since 2023; where that is
   answered 404/405, the older `GET ?refreshToken=` is tried, and used from then on if it works.
 
@@ -156,7 +158,8 @@ class TwinClient:
     def __init__(self, settings, session: requests.Session | None = None,
                  on_call: Callable[[str, str], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 on_attempt: Callable[[Attempt], None] | None = None) -> None:
+                 on_attempt: Callable[[Attempt], None] | None = None,
+                 pacer: Callable[[str], float] | None = None) -> None:
         self.settings = settings
         if session is None:
             session = requests.Session()
@@ -166,6 +169,7 @@ class TwinClient:
         self._session = session
         self._on_call = on_call
         self._on_attempt = on_attempt
+        self._pacer = pacer             # called before every attempt: waits for a slot of the call budget
         self._sleep = sleep
         self._timeout = (settings.twin24_connect_timeout, settings.twin24_read_timeout)
         self._random = random.Random()
@@ -367,6 +371,8 @@ class TwinClient:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
+        if self._pacer is not None:
+            self._pacer(endpoint)       # before anything leaves: a wait here cannot make TWIN take a send twice
         with self._count_lock:
             self.calls += 1
         started = time.monotonic()

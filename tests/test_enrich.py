@@ -402,3 +402,25 @@ def test_a_delivery_after_giving_up_on_the_status_starts_enrichment(app, twin, c
     assert (message.status, message.stage, message.given_up_reason, message.attempts) == \
         ("DELIVERED", "chat_id", None, 0)
     assert message.next_check_at is not None
+
+
+def test_a_message_not_found_is_looked_at_again_after_a_share_of_its_age(twin, app, live_app):
+    import datetime as dt
+
+    from receiver.models import utcnow
+
+    # The statistics lag a minute behind the callbacks: the sweep finds neither chat id.
+    twin.configure(stats_lag=60.0)
+    send_mailing(twin, live_app.url, phones(2))
+    assert twin.wait_idle(timeout=20)
+    ids = [m.id for m in Message.select().order_by(Message.id)]
+    for message_id, waited in zip(ids, (40, 400), strict=True):
+        Message.update(delivered_at=utcnow() - dt.timedelta(seconds=waited)).where(Message.id == message_id).execute()
+    before = utcnow()
+
+    enricher_with(app, enrich_recheck_share=0.25, enrich_first_check=1.0, enrich_backoff_max=900.0).run_once(force=True)
+
+    due_in = {m.id: (m.next_check_at - before).total_seconds() for m in Message.select()}
+    assert {m.stage for m in Message.select()} == {"chat_id"}
+    assert 10 <= due_in[ids[0]] < 12, "a quarter of the 40 s it has waited, not a fixed interval"
+    assert 100 <= due_in[ids[1]] < 102, "a quarter of 400 s"

@@ -3,23 +3,12 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from receiver.models import Message
 
-from .support import phones, send_mailing, settings_env, wait_for
+from .support import phones, send_mailing, settings_env, start_worker, wait_for
 from .test_enrich import assert_matches_truth
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_worker(env, log_path):
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def all_settled():

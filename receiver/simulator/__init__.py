@@ -2,10 +2,11 @@
 
     with Simulator(SimConfig(seed=1)).start() as sim:
         requests.post(sim.notify_url + "/messages", json=..., headers={"Authorization": f"Bearer {sim.static_token}"})
-        sim.wait_idle(); sim.truth(); sim.calls()
+        sim.wait_idle(); sim.truth(); sim.calls(); sim.call_times()
 """
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 
@@ -17,7 +18,7 @@ from .stats import truth as _truth
 from .tokens import TokenStore
 from .world import World
 
-__all__ = ["Simulator", "SimConfig", "create_app"]
+__all__ = ["Simulator", "SimConfig", "create_app", "most_calls_within"]
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -102,6 +103,10 @@ class Simulator:
     def calls(self) -> dict:
         return self.world.calls()
 
+    def call_times(self, endpoints: tuple[str, ...] | None = None) -> list[float]:
+        """Epoch seconds at which each call to TWIN's API arrived (every endpoint, or these), in order."""
+        return sorted(at for at, name, _ in self.world.call_log() if endpoints is None or name in endpoints)
+
     def configure(self, **changes) -> SimConfig:
         apply_config(self.world, changes)
         return self.world.config
@@ -123,3 +128,9 @@ class Simulator:
                 return True
             time.sleep(0.02)
         return self.world.idle()
+
+
+def most_calls_within(times: list[float], seconds: float = 60.0) -> int:
+    """The most of `times` (epoch seconds) that fall in any window [t, t + seconds): a sliding window."""
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + seconds) - k for k, t in enumerate(times)), default=0)

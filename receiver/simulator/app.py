@@ -73,8 +73,9 @@ def endpoint(name: str, auth: bool = True, faults: bool = True):
         @functools.wraps(view)
         def inner(*args, **kwargs):
             world, tokens, quirks = _sim()
+            arrived = time.time()
             response = _guard(name, auth, faults, world, tokens, quirks) or view(*args, **kwargs)
-            world.count(name, str(response.status_code))
+            world.log_call(name, str(response.status_code), arrived)
             return response
         return inner
     return wrap
@@ -239,6 +240,12 @@ def truth():
 @control.get("/calls")
 def calls():
     return jsonify(_sim()[0].calls())
+
+
+@control.get("/call-log")
+def call_log():
+    return jsonify([{"at": stats.iso(at), "endpoint": name, "outcome": outcome}
+                    for at, name, outcome in _sim()[0].call_log()])
 
 
 @control.route("/config", methods=["GET", "POST"])

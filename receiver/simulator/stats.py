@@ -1,7 +1,9 @@
 """The analyse service's two statistics queries, and the ground truth, computed from the World.
 
 Visibility is computed at query time from timestamps (no scheduled jobs): a session and its
-providerMessageId appear `stats_lag` after delivery; a result appears at the bot's answer time.
+providerMessageId appear `stats_lag` after delivery (the lag of that moment, kept on the session as
+the record of when it became visible); a result appears at the bot's answer time, not before the
+session.
 """
 from __future__ import annotations
 
@@ -92,20 +94,20 @@ def _project(full: dict, wanted: set[str] | None, always: tuple[str, ...]) -> di
 def messages_stats(args, world: World) -> dict:
     start, end, page, limit, wanted = _query(args, world)
     channel = (args.get("channel") or "").upper()
-    now, lag = time.time(), world.config.stats_lag
+    now = time.time()
     with world.lock:
         hits = [m for m in world.messages if start <= m.created_at <= end]
         if channel and channel != "CHAT":
             hits = []
         hits = _order(hits, lambda m: m.created_at, world)
         count = len(hits)
-        items = [_project(_message_item(m, now, lag), wanted, ALWAYS)
+        items = [_project(_message_item(m, now), wanted, ALWAYS)
                  for m in hits[page * limit:(page + 1) * limit]]
     return {"count": count, "items": items}
 
 
-def _message_item(m: Message, now: float, lag: float) -> dict:
-    visible = m.session is not None and m.delivered_at + lag <= now
+def _message_item(m: Message, now: float) -> dict:
+    visible = m.session is not None and m.session.visible_at <= now
     return {"id": m.id, "providerMessageId": m.session.id if visible else None,
             "status": m.status, "statusCode": m.history[-1][1], "createdAt": iso(m.created_at),
             "deliveredAt": iso(m.delivered_at), "channel": "CHAT", "phone": m.phone,
@@ -118,7 +120,7 @@ def sessions_stats(args, world: World) -> dict:
     now, config = time.time(), world.config
     with world.lock:
         hits = [s for s in world.sessions
-                if start <= s.started_at <= end and s.started_at + config.stats_lag <= now]
+                if start <= s.started_at <= end and s.visible_at <= now]
         # A chatId naming a known chat channel filters; any other value is ignored (see the API doc).
         if chat_id and chat_id in world.channel_ids:
             hits = [s for s in hits if s.chat_id == chat_id]
@@ -169,4 +171,8 @@ def _truth_item(m: Message) -> dict:
             "result": dict(session.result) if session and session.result is not None else None,
             "createdAt": iso(m.created_at), "deliveredAt": iso(m.delivered_at),
             "answeredAt": iso(session.answered_at) if session else None,
+            # When the statistics first could give the chat id (providerMessageId, and the session in
+            # the sessions statistics), and the bot's current result: a client's lag counts from these.
+            "chatIdVisibleAt": iso(session.visible_at) if session else None,
+            "resultVisibleAt": iso(session.result_visible_at) if session else None,
             "sessionClosedAt": iso(session.closed_at) if session else None}

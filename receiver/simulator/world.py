@@ -66,6 +66,8 @@ class Session:
     answered_at: float | None = None
     result: dict | None = None
     message_id: str | None = None     # None: a padding session (someone else's chat)
+    visible_at: float = 0.0           # when the statistics first list it (start + stats_lag of then)
+    result_visible_at: float | None = None   # when the statistics first show its current result
 
 
 @dataclass
@@ -107,6 +109,7 @@ class World:
         self._ids = random.Random(f"{config.seed}:ids")
         self._fates = random.Random(f"{config.seed}:fates")
         self._calls: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._call_log: list[tuple[float, str, str]] = []   # (epoch of arrival, endpoint, outcome), API calls
         self.send_count = 0
         self.scheduler = Scheduler()
         self.callbacks = CallbackSender(self.scheduler, lambda: self.config, self.count)
@@ -124,9 +127,19 @@ class World:
         with self.lock:
             self._calls[endpoint][outcome] += 1
 
+    def log_call(self, endpoint: str, outcome: str, arrived: float) -> None:
+        """Count a call to TWIN's API, and keep when it arrived (a client's rate is judged on these)."""
+        with self.lock:
+            self._calls[endpoint][outcome] += 1
+            self._call_log.append((arrived, endpoint, outcome))
+
     def calls(self) -> dict:
         with self.lock:
             return {name: dict(outcomes) for name, outcomes in self._calls.items()}
+
+    def call_log(self) -> list[tuple[float, str, str]]:
+        with self.lock:
+            return list(self._call_log)
 
     def idle(self) -> bool:
         return self.scheduler.pending() == 0 and self.callbacks.outstanding() == 0
@@ -243,12 +256,14 @@ class World:
         session = Session(id=seeded_uuid(rng), name=chat.get("chatSessionName") or "", message_id=message.id,
                           client_id=seeded_uuid(rng), messenger_type=chat["messengerType"],
                           chat_id=chat["chatId"], started_at=started,
-                          closed_at=started + config.session_close_after)
+                          closed_at=started + config.session_close_after,
+                          visible_at=started + config.stats_lag)
         if rng.random() >= config.no_reply_rate:
             session.answered_at = round(started + rng.uniform(*config.result_after), 3)
             if config.close_on_answer:
                 session.closed_at = session.answered_at
             session.result = self._bot_result(rng, message.variables)
+            session.result_visible_at = max(session.answered_at, session.visible_at)
         message.session = session
         self.sessions.append(session)
         for _ in range(config.padding_sessions):
@@ -260,6 +275,7 @@ class World:
             session = next(s for s in self.sessions if s.id == session_id)
             session.result = dict(result)
             session.answered_at = session.answered_at or now_ms()
+            session.result_visible_at = max(now_ms(), session.visible_at)
             if close:
                 session.closed_at = now_ms()
 
@@ -276,7 +292,8 @@ class World:
         session = Session(id=seeded_uuid(rng), name=f"other chat {rng.randint(1, 999)}",
                           client_id=seeded_uuid(rng), messenger_type=real.messenger_type,
                           chat_id=real.chat_id if rng.random() < 0.5 else seeded_uuid(rng),
-                          started_at=started, closed_at=started + self.config.session_close_after)
+                          started_at=started, closed_at=started + self.config.session_close_after,
+                          visible_at=started + self.config.stats_lag)
         if rng.random() < 0.7:    # results that look like ours, to punish picking by position
             session.answered_at = round(started + rng.uniform(*self.config.result_after), 3)
             session.closed_at = session.answered_at

@@ -181,3 +181,55 @@ def test_calls_are_counted_per_endpoint_and_status(sim):
     assert sim.calls() == {"send": {"200": 1}, "messages_stats": {"200": 1}, "sessions_stats": {"422": 1}}
     assert requests.get(sim.url + "/_sim/calls", timeout=5).json() == sim.calls()
     assert Counter(t["status"] for t in requests.get(sim.url + "/_sim/truth", timeout=5).json())
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(text).timestamp()
+
+
+def test_the_truth_records_when_each_fact_became_visible(make_sim):
+    sim = make_sim(stats_lag=0.5, result_after=(0.8, 0.9))
+    send(sim, message(phones(2)))
+    assert sim.wait_idle(5)
+    sim.configure(stats_lag=30.0)       # later changes do not move what was already recorded
+
+    first_seen: dict[str, float] = {}
+    results_seen: dict[str, float] = {}
+    deadline = time.time() + 5
+    while time.time() < deadline and len(results_seen) < 2:
+        messages = stats(sim, "messages", fields=MSG_FIELDS).json()["items"]
+        sessions = stats(sim, "sessions").json()["items"]
+        answered = time.time()      # each fact was shown by now
+        for item in messages:
+            if item["providerMessageId"]:
+                first_seen.setdefault(item["id"], answered)
+        for item in sessions:
+            if item["dialogResultsFromBotJson"]:
+                results_seen.setdefault(item["id"], answered)
+        time.sleep(0.02)
+
+    for truth in sim.truth():
+        delivered, chat_id_at = _epoch(truth["deliveredAt"]), _epoch(truth["chatIdVisibleAt"])
+        assert chat_id_at == pytest.approx(delivered + 0.5, abs=0.002)
+        assert chat_id_at <= first_seen[truth["id"]], "never shown before the recorded moment"
+        assert _epoch(truth["resultVisibleAt"]) == pytest.approx(_epoch(truth["answeredAt"]), abs=0.002)
+        assert _epoch(truth["resultVisibleAt"]) <= results_seen[truth["sessionId"]]
+
+
+def test_every_call_is_logged_with_its_arrival(make_sim):
+    from receiver.simulator import most_calls_within
+
+    sim = make_sim(rate_limit=2)
+    before = time.time()
+    send(sim, message(phones(1)))
+    answers = [stats(sim, "messages").status_code for _ in range(3)]
+
+    log = requests.get(f"{sim.url}/_sim/call-log", timeout=5).json()
+    assert [(c["endpoint"], c["outcome"]) for c in log] == \
+        [("send", "200")] + [("messages_stats", str(code)) for code in answers]
+    assert "429" in map(str, answers), "a refused call is a call too"
+    times = sim.call_times(("messages_stats",))
+    assert len(times) == 3 and before <= times[0] <= times[-1] <= time.time()
+    assert most_calls_within(times, 60.0) == 3
+    assert most_calls_within([0.0, 30.0, 59.9, 60.0, 90.0], 60.0) == 3
