@@ -5,14 +5,14 @@ client reserves a slot: a row in `twin_call_slot`, inserted in a write transacti
 the rows of the last WINDOW. Transactions that reserve run one at a time (SQLite's write lock; on
 PostgreSQL an advisory lock), so two workers never both take the last slot. No slot free: the caller
 sleeps until the oldest one leaves the window, before a single byte goes out.
+Every client the receiver makes is paced: the worker's, `send`'s and `check-twin`'s.
 
 Sends count too, but the other calls leave them HEADROOM (a tenth of the ceiling): a mailing's send is
 delayed by the statistics only if sends alone fill the minute. A wait for a slot happens before the
 request leaves, so it can never make TWIN take a send twice.
 
 A slot carries the clock of the process that took it: workers on several hosts need their clocks in
-step (NTP), as the leases do. The worker's client is paced; a `flask send` run, which makes its own
-client (receiver/sending.py), is not yet.
+step (NTP), as the leases do.
 """
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ class CallBudget:
         """The budget of TWIN24_MAX_CALLS_PER_MINUTE; None when it is 0 (no ceiling)."""
         per_minute = settings.twin24_max_calls_per_minute
         return cls(per_minute, **kwargs) if per_minute > 0 else None
+
+    @classmethod
+    def pacer(cls, settings) -> Callable[[str], float] | None:
+        """The TwinClient `pacer` hook for these settings: None when there is no ceiling."""
+        budget = cls.from_settings(settings)
+        return budget.reserve if budget else None
 
     def limit_for(self, endpoint: str) -> int:
         return self.per_minute if endpoint in SEND_ENDPOINTS else self.per_minute - self.headroom

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+from .callbudget import CallBudget
 from .settings import masked_url
 from .twin24 import Attempt, TwinClient, TwinError
 
@@ -38,7 +39,7 @@ class TwinCheck:
         # One call per step: no retries (a failure is reported, not waited out), the smallest page.
         self.settings = dataclasses.replace(settings, twin24_retries=0, twin24_page_size=1)
         self.echo = echo
-        self.client = TwinClient(self.settings, on_attempt=self.show_attempt)
+        self.client = TwinClient(self.settings, on_attempt=self.show_attempt, pacer=CallBudget.pacer(self.settings))
         self.problems: list[str] = []
 
     def run(self) -> int:

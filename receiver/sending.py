@@ -205,11 +205,12 @@ class Sender:
     def client(self):
         if self._client is None:
             from . import metrics
+            from .callbudget import CallBudget
             from .twin24 import TwinClient
 
             def on_call(endpoint: str, outcome: str) -> None:
                 metrics.TWIN_CALLS.labels(endpoint=endpoint, outcome=outcome).inc()
-            self._client = TwinClient(self.settings, on_call=on_call)
+            self._client = TwinClient(self.settings, on_call=on_call, pacer=CallBudget.pacer(self.settings))
         return self._client
 
     # ---- the plan (no writes) --------------------------------------------------------------------

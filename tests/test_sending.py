@@ -13,6 +13,7 @@ import pytest
 from peewee import DatabaseError, SqliteDatabase
 
 from receiver import create_app, destinations, models, sending
+from receiver.callbudget import CallBudget
 from receiver.enrich import Enricher
 from receiver.models import Message, Outbox, Send
 from receiver.twin24 import TwinClient
@@ -105,6 +106,15 @@ def test_bad_input_sends_nothing(sim, sim_app, tmp_path):
     result = run_cli(sim_app, write(tmp_path, csv_text(2), "ok.csv"), "--chat-id", "c", "--text", "t")
     assert result.exit_code == 2 and "botId: is missing" in result.output
     assert send_requests(sim) == 0 and Send.select().count() == 0
+
+
+def test_a_cli_send_spends_the_call_budget_the_workers_share(make_sim_app, sim, tmp_path):
+    app = make_sim_app(sim, twin24_max_calls_per_minute=10)
+    result = run_cli(app, write(tmp_path, csv_text(3)), *CHAT)
+    assert result.exit_code == 0, result.output
+    assert send_requests(sim) == 1
+    budget = CallBudget.from_settings(app.config["SETTINGS"])
+    assert budget.free() == 9 - 1, "the workers see the send's call in the minute's budget (9 of 10 are theirs)"
 
 
 def test_order_is_kept_for_many_destinations(sim, sim_app, tmp_path):
