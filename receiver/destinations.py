@@ -240,6 +240,11 @@ def _phone(raw, muid: str | None, where: str, problems: list[Problem]) -> str | 
     return phone
 
 
+# PostgreSQL's text cannot hold NUL: a value that could be stored on SQLite only is refused on both.
+NUL = "\x00"
+HAS_NUL = "contains a NUL character"
+
+
 def _identifier(value, where: str, name: str, longest: int, problems: list[Problem]) -> str | None:
     """messengerUserId or externalId: text (a whole number is taken as its digits), or None if empty."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -248,6 +253,9 @@ def _identifier(value, where: str, name: str, longest: int, problems: list[Probl
         return None
     if not isinstance(value, str):
         problems.append(Problem(where, name, "must be a string"))
+        return None
+    if NUL in value:
+        problems.append(Problem(where, name, HAS_NUL))
         return None
     value = value.strip()
     if len(value) > longest:
@@ -531,10 +539,15 @@ def chat_settings(values: dict, where: str = "chat settings", *, past_ok: bool =
         if not isinstance(value, str):
             problems.append(Problem(where, name, "must be a string"))
             continue
+        if NUL in value:
+            problems.append(Problem(where, name, HAS_NUL))
+            continue
         found[name] = value.strip() if name != "text" else value
     callback_data = values.get("callbackData")
     if callback_data is not None and not isinstance(callback_data, str):
         problems.append(Problem(where, "callbackData", "must be a string"))
+    elif callback_data is not None and NUL in callback_data:
+        problems.append(Problem(where, "callbackData", HAS_NUL))
     elif callback_data is not None and len(callback_data.encode("utf-8")) > MAX_CALLBACK_DATA_BYTES:
         problems.append(Problem(where, "callbackData", f"is {len(callback_data.encode('utf-8'))} bytes "
                                 f"(UTF-8); TWIN takes at most {MAX_CALLBACK_DATA_BYTES}"))

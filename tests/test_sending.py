@@ -674,6 +674,18 @@ def test_a_bad_option_is_refused_before_anything_is_stored(sim, sim_app, tmp_pat
     assert send_requests(sim) == 0 and Send.select().count() == 0
 
 
+def test_a_nul_character_is_refused_by_name_on_every_database(sim, sim_app, send_headers):
+    response = sim_app.test_client().post("/api/sends", headers=send_headers, json={
+        **api_body(2), "callbackData": "a\x00b",
+        "destinations": [{"messengerUserId": "u\x001"}, {"phone": "+79990000001", "externalId": "e\x00"}]})
+    assert response.status_code == 422
+    problems = {(p["where"], p["field"], p["message"]) for p in response.get_json()["problems"]}
+    assert {("chat", "callbackData", "contains a NUL character"),
+            ("item 1", "messengerUserId", "contains a NUL character"),
+            ("item 2", "externalId", "contains a NUL character")} <= problems
+    assert send_requests(sim) == 0 and Send.select().count() == 0
+
+
 def test_twins_size_limits_are_checked_before_any_call(sim, make_sim_app, tmp_path, send_headers):
     path = write(tmp_path, csv_text(2))
     public_url = "http://127.0.0.1:1/" + "p" * 3970
