@@ -7,8 +7,8 @@ a bare Flask app that parses the JSON and answers 200 (`bare_app` below) and the
 on a fresh database), both without an access log (the fair comparison), then the receiver as
 deployed, with gunicorn's access log (RedactingLogger) written to a file. Each server gets a 2 s
 warm-up, then wrk loads it (bench/ingest.lua: a new message id per request, TWIN's example body).
-Afterwards the server is stopped gracefully and every wrk thread's id space is counted in the event
-table (see `missing`). Environment: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
+Afterwards the server is stopped gracefully, every wrk thread's id space is counted in the event
+table (see `missing`) and the server's files are deleted; before each server, `sync` (see `settle`). Environment: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
 BENCH_THREADS (wrk threads, 2), BENCH_RUNS (3), BENCH_WORKERS (GUNICORN_WORKERS; default:
 gunicorn.conf.py's own choice), BENCH_DATABASE_URL (postgresql://...: store in a schema of its own
 on that server instead of SQLite).
@@ -254,6 +254,8 @@ class Load:
     spaces: list[Space]
     server_cpu: float = 0.0     # CPU seconds of gunicorn's processes per answered request
     wrk_cpu: float = 0.0        # CPU seconds of wrk per answered request
+    synced: float = 0.0         # seconds settle() took before the server started
+    load_average: float = 0.0   # the machine's 1-minute load average when the server started
 
     @property
     def ok(self) -> int:
@@ -317,15 +319,31 @@ def count_stored(loads: list[Load], database: Database) -> None:
 NO_ACCESS_LOG = {"GUNICORN_ACCESS_LOG": ""}
 
 
+def settle() -> float:
+    """Have every file written so far on the disk before the next server starts; the seconds it took.
+
+    A receiver run leaves tens of MB of database and WAL in the page cache, which the kernel writes back
+    about 30 s later (vm.dirty_expire_centisecs), in the middle of the next run, where the receiver's
+    checkpoints (fsync) wait for it; the bare app, which never syncs, would not be slowed by it."""
+    started = time.monotonic()
+    os.sync()
+    return time.monotonic() - started
+
+
 def measure(app: str, workdir: Path, env: dict, tag: str, options: dict, database: Database | None = None):
-    """Start `app` under gunicorn, warm it up for 2 s, load it; with `database`, count what it stored."""
+    """Start `app` under gunicorn, warm it up for 2 s, load it; with `database`, count what it stored,
+    then delete the server's files (and settle() that too, before the next server)."""
     workdir.mkdir(parents=True)
+    synced = settle()
+    load_average = os.getloadavg()[0]
     with Server(app, workdir, env) as server:
         wrk(server, f"{tag}w", 2.0, options["threads"], options["connections"])     # warm-up (and schema)
         workers = len(server.worker_pids())
         load = wrk(server, tag, options["duration"], options["threads"], options["connections"])
     if database is not None:
         count_stored([load], database)
+    shutil.rmtree(workdir, ignore_errors=True)
+    load.synced, load.load_average = synced, load_average
     return load, workers
 
 
@@ -393,6 +411,9 @@ def report(runs: list[dict], database_name: str) -> dict:
           f"as deployed {span([r['deployed'].rate for r in runs], ',.0f')}/s, "
           f"receiver p99 {span([r['receiver'].p99 * 1000 for r in runs], '.1f')} ms")
     print(f"wrk's own CPU during the receiver runs: {span(wrk_cpu, '.0%')} of one core")
+    servers = [run[kind] for run in runs for kind in ("bare", "receiver", "deployed")]
+    print(f"before each server: sync {span([s.synced for s in servers], '.1f')} s; "
+          f"load average (1 min) at its start {span([s.load_average for s in servers], '.2f')}")
     verdict = {"ratio": min(ratios) >= 0.6, "p99": max(p99s) < 0.050, "all_stored": worst == 0}
     print("targets (ratio >= 0.6, p99 < 50 ms, 0 missing): "
           + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in verdict.items()))

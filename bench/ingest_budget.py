@@ -5,8 +5,8 @@
 Posts TWIN's example callback (a new message id each) to the receiver's WSGI entry point, as gunicorn
 would, on a fresh SQLite file, with PROMETHEUS_MULTIPROC_DIR set as deployed. The steps of the real
 code path are timed (CPU time of the thread) by wrapping the functions that do them (nothing else changes): parse (JSON),
-validate (reading the fields), the two statements, commit, the rest of the write transaction (the
-writers' queue, BEGIN IMMEDIATE, peewee), metrics, and what is left of the request (Flask, routing,
+validate (reading the fields), the two statements, commit, every 100th write's WAL checkpoint, the rest
+of the write transaction (the writers' queue, BEGIN IMMEDIATE, peewee), metrics, and what is left of the request (Flask, routing,
 the answer). The gunicorn access log line (deploy/gunicorn.conf.py's RedactingLogger, to a file) and
 the bare app of bench/ingest.py are timed the same way. With --processes 2, two processes post to
 the same file at once, as two gunicorn workers do (each rereads the pages the other changed).
@@ -21,6 +21,7 @@ import io
 import logging
 import multiprocessing
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -35,25 +36,26 @@ BODY = ('{"id":"budget-%d-%d","bulkId":"b973b50e-988a-4cb9-ad92-93d7cbe4d8d9",'
 # CPU time of the thread: what a step costs, without the time it waits (for the other process's turn
 # at the write lock) or is preempted (wrk, the other process, anything else running).
 clock = time.thread_time_ns
-STEPS = ("parse", "validate", "event insert", "message upsert", "commit", "queue, BEGIN, peewee",
+STEPS = ("parse", "validate", "event insert", "message upsert", "commit", "checkpoint", "queue, BEGIN, peewee",
          "metrics", "Flask, routing, answer")
 
 
 class Timer:
     """Time spent in wrapped callables, per step name, in ns."""
 
-    def __init__(self):
+    def __init__(self, clock=clock):
+        self.clock = clock
         self.spent: dict[str, int] = defaultdict(int)
 
     def wrap(self, owner, name: str, step: str) -> None:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            started = clock()
+            started = self.clock()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.spent[step] += clock() - started
+                self.spent[step] += self.clock() - started
         setattr(owner, name, timed)
 
 
@@ -108,6 +110,9 @@ def run(worker: int, callbacks: int, database_url: str, start_at: float, results
     timer.wrap(receiver_callbacks.EVENT_INSERT, "execute", "event insert")
     timer.wrap(receiver_callbacks.MESSAGE_UPSERT, "execute", "message upsert")
     timer.wrap(models.db.obj, "commit", "commit")
+    timer.wrap(models.db.obj, "_checkpoint", "checkpoint")
+    waited = Timer(clock=time.perf_counter_ns)      # the checkpoint's fsyncs are time, not CPU
+    waited.wrap(models.db.obj, "_checkpoint", "checkpoint")
     timer.wrap(receiver_callbacks, "store_callback", "store")
     timer.wrap(metrics, "count_callback", "metrics")
     logger = access_logger(Path(database_url.removeprefix("sqlite:///")).parent / f"log-{worker}")
@@ -115,6 +120,7 @@ def run(worker: int, callbacks: int, database_url: str, start_at: float, results
     for number in range(200):                                   # warm-up: caches, the first connection
         post(app, PATH, (BODY % (worker + 100, number)).encode())
     timer.spent.clear()
+    waited.spent.clear()
     while time.time() < start_at:                               # the processes start together
         time.sleep(0.001)
     total = log_ns = bare_ns = 0
@@ -130,10 +136,12 @@ def run(worker: int, callbacks: int, database_url: str, start_at: float, results
         log_ns += clock() - started
         bare_ns += post(bare_app, PATH, body)[0]
     spent = dict(timer.spent)
+    spent.setdefault("checkpoint", 0)
     spent["queue, BEGIN, peewee"] = (spent.pop("store") - spent["event insert"] - spent["message upsert"]
-                                     - spent["commit"])
+                                     - spent["commit"] - spent["checkpoint"])
     spent["Flask, routing, answer"] = total - sum(spent.values())
-    results.put({"steps": spent, "total": total, "log": log_ns, "bare": bare_ns, "callbacks": callbacks})
+    results.put({"steps": spent, "total": total, "log": log_ns, "bare": bare_ns, "callbacks": callbacks,
+                 "checkpoint_wall": waited.spent["checkpoint"]})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,11 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
     start_at = time.time() + 8.0
     workers = [context.Process(target=run, args=(n, options.callbacks, database_url, start_at, results))
                for n in range(options.processes)]
-    for worker in workers:
-        worker.start()
-    found = [results.get(timeout=3600) for _ in workers]
-    for worker in workers:
-        worker.join()
+    try:
+        for worker in workers:
+            worker.start()
+        found = [results.get(timeout=3600) for _ in workers]
+        for worker in workers:
+            worker.join()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     count = sum(f["callbacks"] for f in found)
 
     def per_callback(values) -> float:
@@ -168,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {step:<24} {budget[step]:>7.1f}")
     app_total = per_callback(f["total"] for f in found)
     print(f"  {'receiver app, total':<24} {app_total:>7.1f}")
+    checkpoint_wall = per_callback(f["checkpoint_wall"] for f in found)
+    print(f"  {'checkpoint, wall time':<24} {checkpoint_wall:>7.1f}   (the request waits for its fsyncs too)")
     log_total = per_callback(f["log"] for f in found)
     bare_total = per_callback(f["bare"] for f in found)
     print(f"  {'access log line':<24} {log_total:>7.1f}   (RedactingLogger to a file: as deployed only)")
@@ -175,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     spread = [f["total"] / f["callbacks"] / 1000 for f in found]
     print(f"  receiver app per process: {', '.join(f'{s:.1f}' for s in spread)} "
           f"(median {statistics.median(spread):.1f})")
-    return {"steps": budget, "app": app_total, "log": log_total, "bare": bare_total}
+    return {"steps": budget, "app": app_total, "log": log_total, "bare": bare_total,
+            "checkpoint_wall": checkpoint_wall}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from peewee import (
+    __exception_wrapper__,
     BlobField,
     BooleanField,
     CharField,
@@ -441,7 +442,8 @@ class Prepared:
         self._compiled: dict = {}
 
     def execute(self, values: dict, variant=None):
-        key = (type(db.obj), variant)
+        database = db.obj
+        key = (type(database), variant)
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = self._compile(variant)
@@ -449,7 +451,12 @@ class Prepared:
         params = params.copy()
         for position, name in slots:
             params[position] = values[name]
-        return db.execute_sql(sql, params)
+        # The driver's cursor, as peewee's execute_sql would use, without its query hooks and DEBUG
+        # log line (neither is used): peewee's errors all the same.
+        with __exception_wrapper__:
+            cursor = database.cursor()
+            cursor.execute(sql, params)
+        return cursor
 
     def _compile(self, variant) -> tuple[str, list, tuple]:
         """(SQL, its parameters with None where a slot goes, (position, slot name) of each slot)."""
