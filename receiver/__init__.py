@@ -43,13 +43,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)
 
-    if not settings.is_sqlite:
-        # A pooled PostgreSQL connection is taken for a request and given back after it. A SQLite one
-        # stays open with its thread (peewee opens it on first use): there the two hooks would only
-        # cost every callback two more calls.
-        app.before_request(_connect)
-        app.teardown_appcontext(_release)
+    app.before_request(_connect)
     app.after_request(_security_headers)
+    app.teardown_appcontext(_release)
     for module in (callbacks, api, sending_api, forwards_api, pages):
         app.register_blueprint(module.bp)
     for code in (404, 405):
@@ -135,7 +131,7 @@ def _connect():
 
 
 def _release(_exc):
-    # Only for pooled PostgreSQL connections (create_app): the connection goes back to the pool. The
-    # check is for an app whose database was rebound since (tests bind one after another).
+    # SQLite connections stay open with their thread (opening one costs more than a request);
+    # pooled PostgreSQL connections go back to the pool.
     if not isinstance(models.db.obj, SqliteDatabase) and not models.db.is_closed():
         models.db.close()

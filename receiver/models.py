@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from peewee import (
-    __exception_wrapper__,
     BlobField,
     BooleanField,
     CharField,
@@ -442,8 +441,7 @@ class Prepared:
         self._compiled: dict = {}
 
     def execute(self, values: dict, variant=None):
-        database = db.obj
-        key = (type(database), variant)
+        key = (type(db.obj), variant)
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = self._compile(variant)
@@ -451,12 +449,7 @@ class Prepared:
         params = params.copy()
         for position, name in slots:
             params[position] = values[name]
-        # The driver's cursor, as peewee's execute_sql would use, without its query hooks and DEBUG
-        # log line (neither is used): peewee's errors all the same.
-        with __exception_wrapper__:
-            cursor = database.cursor()
-            cursor.execute(sql, params)
-        return cursor
+        return db.execute_sql(sql, params)
 
     def _compile(self, variant) -> tuple[str, list, tuple]:
         """(SQL, its parameters with None where a slot goes, (position, slot name) of each slot)."""
