@@ -255,8 +255,7 @@ def _identifier(value, where: str, name: str, longest: int, problems: list[Probl
         problems.append(Problem(where, name, "must be a string"))
         return None
     if NUL in value:
-        problems.append(Problem(where, name, HAS_NUL))
-        return None
+        problems.append(Problem(where, name, HAS_NUL))    # kept: the destination is addressed, just not storable
     value = value.strip()
     if len(value) > longest:
         problems.append(Problem(where, name, f"is longer than {longest} characters"))

@@ -28,7 +28,7 @@ SEED = 13
 # against the clock; for /api/messages, that callbackData or id must be given). A request the schema
 # allows may be refused for these, and only these.
 SEND_RULES = ("is a duplicate of", "is not a declared variable", "is also given as the key", "is in the past",
-              "does not end after it starts", "bytes (UTF-8); TWIN takes at most")
+              "does not end after it starts", "bytes (UTF-8); TWIN takes at most", "contains a NUL character")
 RESULTS_RULES = (("until", "must be after since"), ("since", "outside the years 1 to 9999"),
                  ("until", "outside the years 1 to 9999"), ("cursor", "not a cursor this API gave out"))
 
