@@ -397,6 +397,7 @@ class Sender:
         from .twin24 import SendNotTaken, SendOutcomeUnknown, SendRejected, TwinAuthError
         self._renew(send)
         ids = [row.id for row in batch]
+        self.client.reserve_call("send")      # a wait for TWIN24_MAX_CALLS_PER_MINUTE comes before "in flight"
         with write_transaction():
             number = (Send.select(Send.batches).where(Send.id == send.id).scalar() or 0) + 1
             Send.update(batches=number, updated_at=utcnow()).where(Send.id == send.id).execute()

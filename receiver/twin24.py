@@ -170,6 +170,7 @@ class TwinClient:
         self._on_call = on_call
         self._on_attempt = on_attempt
         self._pacer = pacer             # called before every attempt: waits for a slot of the call budget
+        self._reserved: set[str] = set()    # endpoints whose next attempt has its slot already (reserve_call)
         self._sleep = sleep
         self._timeout = (settings.twin24_connect_timeout, settings.twin24_read_timeout)
         self._random = random.Random()
@@ -221,6 +222,13 @@ class TwinClient:
         return text
 
     # ------------------------------------------------------------------ public calls
+    def reserve_call(self, endpoint: str) -> None:
+        """Take the call-budget slot of the next attempt at `endpoint` now. A send takes it before its rows
+        are marked in flight: a run stopped while it waits leaves them pending, not of unknown outcome."""
+        if self._pacer is not None and endpoint not in self._reserved:
+            self._pacer(endpoint)
+            self._reserved.add(endpoint)
+
     def send(self, payload: dict) -> list[dict]:
         """POST {notify}/messages; the answer list, one item per destination in order.
 
@@ -371,7 +379,9 @@ class TwinClient:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        if self._pacer is not None:
+        if endpoint in self._reserved:
+            self._reserved.discard(endpoint)
+        elif self._pacer is not None:
             self._pacer(endpoint)       # before anything leaves: a wait here cannot make TWIN take a send twice
         with self._count_lock:
             self.calls += 1

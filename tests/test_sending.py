@@ -185,6 +185,9 @@ class FlakyClient:
         self.dead.backoff_base = 0.001
         self.fail_at, self.count = fail_at, 0
 
+    def reserve_call(self, endpoint):
+        pass
+
     def send(self, payload):
         self.count += 1
         return (self.dead if self.count == self.fail_at else self.real).send(payload)
@@ -241,12 +244,32 @@ def test_an_answer_dropped_after_accept_is_unknown_and_not_resent(make_sim, make
     assert len(counts) == 12 and set(counts.values()) == {1}
 
 
+def test_a_run_stopped_while_it_waits_for_a_call_slot_leaves_the_rows_pending(sim, sim_app):
+    settings = sim_app.config["SETTINGS"]
+    chat = destinations.chat_settings(CHAT_JSON)
+    rows = destinations.read_csv(csv_text(3))
+
+    def interrupted_wait(endpoint):       # Ctrl-C (or a kill) while TWIN24_MAX_CALLS_PER_MINUTE is spent
+        raise KeyboardInterrupt
+
+    client = TwinClient(settings, pacer=interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        sending.Sender(settings, chat, callback_url="http://x/y", client=client).run(rows)
+    assert outbox_states() == {"pending": 3}, "nothing went out: the rows are not of unknown outcome"
+    report = sending.Sender(settings, chat, callback_url="http://x/y").run(rows)
+    assert report.complete and report.counts["sent"] == 3
+    assert set(sends_per_phone(sim).values()) == {1}
+
+
 def test_a_crash_while_the_request_is_out_leaves_the_rows_unknown(sim, sim_app):
     settings = sim_app.config["SETTINGS"]
     chat = destinations.chat_settings(CHAT_JSON)
     rows = destinations.read_csv(csv_text(3))
 
     class Crashing:
+        def reserve_call(self, endpoint):
+            pass
+
         def send(self, payload):
             raise KeyboardInterrupt
 
@@ -269,6 +292,9 @@ def test_a_callback_that_raced_ahead_keeps_its_status_and_gets_the_phone(sim, si
 
     class Racing:
         real = TwinClient(settings)
+
+        def reserve_call(self, endpoint):
+            pass
 
         def send(self, payload):
             answer = self.real.send(payload)
@@ -401,6 +427,9 @@ def test_a_request_that_comes_while_the_worker_sends_is_sent_next(sim, sim_app, 
 
     class SecondRequestMidway:
         real = TwinClient(settings)
+
+        def reserve_call(self, endpoint):
+            pass
 
         def send(self, payload):
             assert client.post("/api/sends", headers=send_headers, json=second).status_code == 202
@@ -577,6 +606,9 @@ def test_an_answer_item_with_neither_id_nor_error_is_unknown_and_stops_the_run(s
 
     class BlankedId:
         real = TwinClient(settings)
+
+        def reserve_call(self, endpoint):
+            pass
 
         def send(self, payload):
             answer = self.real.send(payload)
