@@ -14,11 +14,9 @@ from urllib.parse import quote
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
 
-from . import results, summaries
+from . import enrich, results, summaries
 from .models import (
-    ACTIVE_STAGES,
     ESTIMATE_ABOVE,
-    STAGE_NONE,
     Event,
     Message,
     Meta,
@@ -381,7 +379,7 @@ class DatabaseCollector:
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
             stage_counts, outcomes, counted_at = messages_by_stage_and_outcome()
-            report = due_report()
+            report = enrich.due_now()
             events = stored_rows(Event)
             rejected = stored_rows(Rejected)
             calls = list(TwinCall.select())
@@ -473,18 +471,6 @@ def messages_by_outcome() -> dict[str, int]:
         outcome = outcome_of_rank(rank)
         counts[outcome] = counts.get(outcome, 0) + count
     return counts
-
-
-def due_report(now: dt.datetime | None = None) -> dict:
-    """How many messages are due for a TWIN lookup and how overdue the oldest is: enrich.backlog()
-    without its count per stage (a GROUP BY over the whole table; the stored summaries have it)."""
-    now = now or utcnow()
-    due_filter = (Message.stage.in_(list(ACTIVE_STAGES) + [STAGE_NONE])) & (Message.next_check_at <= now)
-    # MIN() of a datetime column comes back from SQLite as text unless told what it is.
-    earliest = fn.MIN(Message.next_check_at).python_value(Message.next_check_at.python_value)
-    oldest = Message.select(earliest).where(due_filter).scalar()
-    return {"due": Message.select().where(due_filter).count(),
-            "oldest_due_seconds": (now - oldest).total_seconds() if oldest else None}
 
 
 ESTIMATE_HOW = "PostgreSQL's statistics; on SQLite the span of its ids, which only grow and go oldest first"

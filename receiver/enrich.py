@@ -626,17 +626,19 @@ def remember_twin_ok(endpoint: str, now: dt.datetime) -> None:
      .execute())
 
 
+def due_now(now: dt.datetime | None = None) -> dict:
+    """How many messages are due for a TWIN lookup, and how overdue the oldest is (no count per stage:
+    that is a GROUP BY over the whole table, which /metrics reads from the stored summaries instead)."""
+    now = now or utcnow()
+    due_filter = (Message.stage.in_(list(ACTIVE_STAGES) + [STAGE_NONE])) & (Message.next_check_at <= now)
+    oldest = Message.select(_earliest(Message.next_check_at)).where(due_filter).scalar()
+    return {"due": Message.select().where(due_filter).count(),
+            "oldest_due_seconds": (now - oldest).total_seconds() if oldest else None}
+
+
 def backlog(now: dt.datetime | None = None) -> dict:
     """Messages per stage, how many are due, how overdue the oldest is, the last TWIN errors."""
-    now = now or utcnow()
     stages = dict(Message.select(Message.stage, fn.COUNT(Message.id)).group_by(Message.stage).tuples())
-    due_filter = (Message.stage.in_(list(ACTIVE_STAGES) + [STAGE_NONE])) & (Message.next_check_at <= now)
-    due = Message.select().where(due_filter).count()
-    oldest = Message.select(_earliest(Message.next_check_at)).where(due_filter).scalar()
     errors = {row.endpoint: (row.last_error, row.last_error_at)
               for row in TwinCall.select().where(TwinCall.last_error.is_null(False))}
-    return {
-        "stages": stages, "due": due,
-        "oldest_due_seconds": (now - oldest).total_seconds() if oldest else None,
-        "twin_errors": errors,
-    }
+    return {"stages": stages, **due_now(now), "twin_errors": errors}

@@ -14,7 +14,7 @@ import pytest
 from peewee import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver import api, create_app, enrich, metrics, models
+from receiver import create_app, enrich, metrics, models
 from receiver.models import Message, TwinCall, utcnow
 
 from .conftest import API_TOKEN, CALLBACK_TOKEN, make_settings
@@ -111,7 +111,7 @@ def test_a_database_that_does_not_answer_is_a_gauge_not_a_500(client, monkeypatc
     def fail(*args, **kwargs):
         raise OperationalError("database is locked")
 
-    monkeypatch.setattr(api, "due_report", fail)
+    monkeypatch.setattr(enrich, "due_now", fail)
     samples = scrape(client)
     assert value(samples, "receiver_database_up") == 0
     assert ("receiver_messages", (("stage", "none"),)) not in samples
