@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     target = Target()
     target.thread.start()
     port = free_port()
-    env = receiver_env(twin, workdir, port, enrich_args(["--result-interval", "5"])) | {
+    env = receiver_env(twin, workdir, port, enrich_args([])) | {
+        "ENRICH_RESULT_INTERVAL": "5",
         "FORWARD_URL": target.url, "FORWARD_SECRET": SECRET,
         "FORWARD_POLL_INTERVAL": str(args.poll_interval), "FORWARD_BATCH": str(args.batch),
         "ENRICH_RESULT_HORIZON": "60", "ENRICH_CHAT_ID_HORIZON": "60"}
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         processes = start_receiver(env, workdir, port)
         started = time.monotonic()
-        ids = send_mailing(twin, f"http://127.0.0.1:{port}", args.messages)
-        settled_in = wait_settled(db_path, len(ids), twin, args.timeout, started)
+        ids = send_mailing(twin, f"http://127.0.0.1:{port}", args.messages, 1)
+        settled_in = wait_settled(db_path, ids, twin, args.timeout, started)
         wait_delivered(db_path, args.timeout)
         live = read_deliveries(db_path)
         drain_seconds, drained = drain(db_path, env, args.timeout)
