@@ -116,11 +116,7 @@ def run_case(case: Case, args) -> None:
     processes = []
     db_path = workdir / "receiver.db"
     try:
-        processes.append(start_process(["gunicorn", "-c", str(GUNICORN_CONF), "wsgi:app"], env,
-                                       workdir / "web.log"))
-        wait_healthy(f"http://127.0.0.1:{port}/healthz")
-        processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))
-
+        processes = start_receiver(env, workdir, port)
         started = time.monotonic()
         ids = send_mailing(twin, f"http://127.0.0.1:{port}", case.messages, case.groups)
         twin.configure(**case.quirks)
@@ -137,6 +133,20 @@ def run_case(case: Case, args) -> None:
         stop_processes(processes)
         twin.stop()
     print(f"  (logs and database kept in {workdir})")
+
+
+def start_receiver(env: dict, workdir: Path, port: int) -> list:
+    """Start the web side (gunicorn on `port`) and, once it answers /healthz, the worker, logging to
+    web.log and worker.log in `workdir`; their processes, for stop_processes. Stops what it started
+    if the start fails."""
+    processes = [start_process(["gunicorn", "-c", str(GUNICORN_CONF), "wsgi:app"], env, workdir / "web.log")]
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/healthz")
+        processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))
+    except BaseException:
+        stop_processes(processes)
+        raise
+    return processes
 
 
 def receiver_env(twin, workdir: Path, port: int, args) -> dict:

@@ -34,8 +34,8 @@ from standardwebhooks import Webhook
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from bench.enrich import parse_args as enrich_args
-from bench.enrich import quantile, receiver_env, send_mailing, wait_settled
-from receiver.demo import GUNICORN_CONF, free_port, start_process, stop_processes, wait_healthy
+from bench.enrich import quantile, receiver_env, send_mailing, start_receiver, wait_settled
+from receiver.demo import free_port, stop_processes
 from receiver.simulator import SimConfig, Simulator
 
 SECRET = "whsec_" + "YmVuY2gtZm9yd2FyZC1zZWNyZXQtMDEyMzQ1Njc4OWFi"    # base64 of 32 bytes
@@ -96,19 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     target = Target()
     target.thread.start()
     port = free_port()
-    env = receiver_env(twin, workdir, port, enrich_args(["--result-interval", "5"])) | {
+    env = receiver_env(twin, workdir, port, enrich_args([])) | {
+        "ENRICH_RESULT_INTERVAL": "5",
         "FORWARD_URL": target.url, "FORWARD_SECRET": SECRET,
         "FORWARD_POLL_INTERVAL": str(args.poll_interval), "FORWARD_BATCH": str(args.batch),
         "ENRICH_RESULT_HORIZON": "60", "ENRICH_CHAT_ID_HORIZON": "60"}
     processes = []
     try:
-        processes.append(start_process(["gunicorn", "-c", str(GUNICORN_CONF), "wsgi:app"], env,
-                                       workdir / "web.log"))
-        wait_healthy(f"http://127.0.0.1:{port}/healthz")
-        processes.append(start_process(["python", "-m", "receiver", "worker"], env, workdir / "worker.log"))
+        processes = start_receiver(env, workdir, port)
         started = time.monotonic()
-        ids = send_mailing(twin, f"http://127.0.0.1:{port}", args.messages)
-        settled_in = wait_settled(db_path, len(ids), twin, args.timeout, started)
+        ids = send_mailing(twin, f"http://127.0.0.1:{port}", args.messages, 1)
+        settled_in = wait_settled(db_path, ids, twin, args.timeout, started)
         wait_delivered(db_path, args.timeout)
         live = read_deliveries(db_path)
         drain_seconds, drained = drain(db_path, env, args.timeout)

@@ -1,6 +1,7 @@
 """The TWIN (twin24.ai) HTTP client: auth, the mailing send, the two statistics queries.
 
-What is retried, and why:
+What is retried, and why (each kind of call states these rules as a `RetryPolicy`: SEND_POLICY,
+READ_POLICY, LOGIN_POLICY; one loop, `TwinClient._with_retries`, applies them):
 
 * Statistics GETs (read-only, safe to repeat): connection errors, timeouts, 5xx and 429 are retried up
   to `twin24_retries` times with exponential backoff and jitter, or after `Retry-After` when TWIN gives
@@ -100,6 +101,50 @@ class _TransportError(Exception):
         self.outcome = outcome
         self.detail = detail
         self.before_send = before_send
+
+
+def _busy(status: int) -> bool:
+    """TWIN's rate limiter (429) or a server error (5xx): TWIN did not answer the request's question."""
+    return status == 429 or status >= 500
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """What one kind of TWIN call does with each outcome of an attempt; `TwinClient._with_retries`
+    applies it. Retries are counted from 0 up to `twin24_retries`; every pause is `_pause`'s
+    (Retry-After when TWIN gives one, else exponential backoff with jitter, capped by
+    `twin24_max_retry_wait`)."""
+    retried: Callable[[int], bool] = _busy
+    """HTTP statuses answered by another attempt. A transport error is retried too, unless
+    `may_take` says the request may have been taken."""
+    may_take: bool = False
+    """The call changes something at TWIN (a send). An attempt that went out and got no answer, or a
+    5xx, may have been taken: it raises SendOutcomeUnknown and is never retried, whatever `retried`
+    says. Only a connection never opened (and the statuses of `retried`) is tried again."""
+    bearer: bool = True
+    """The call carries the token; a 401 drops it and the call is repeated with a fresh one."""
+    one_reauth: bool = False
+    """One fresh token per call (a send); else a 401 after any other answer gets a fresh one again."""
+    long_wait_ends: bool = False
+    """A Retry-After beyond `twin24_max_retry_wait` ends the call at once (the error says the wait)."""
+    no_token: type[TwinError] | None = None
+    """Raised (naming the cause) when no token can be had; None: that error is raised as it is.
+    TwinAuthError always passes as it is."""
+    gave_up: type[TwinError] = TwinError
+    """Raised when the retries run out."""
+    gave_up_note: str = ""
+    """Put before TWIN's error text when the retries ran out on an answer ("rate limited: ")."""
+    gave_up_body: bool = True
+    """That error keeps TWIN's JSON error answer as `body`."""
+    gave_up_retry_after: bool = True
+    """That error keeps TWIN's Retry-After as `retry_after`."""
+
+
+SEND_POLICY = RetryPolicy(retried=lambda status: status == 429, may_take=True, one_reauth=True,
+                          no_token=SendNotTaken, gave_up=SendNotTaken, gave_up_note="rate limited: ",
+                          gave_up_retry_after=False)
+READ_POLICY = RetryPolicy(long_wait_ends=True)
+LOGIN_POLICY = RetryPolicy(bearer=False, gave_up_body=False, gave_up_retry_after=False)
 
 
 # --- secrets out of urllib3's debug log (it logs full URLs, and the refresh URL holds the refresh token)
@@ -235,51 +280,18 @@ class TwinClient:
         Raises SendRejected, SendOutcomeUnknown, SendNotTaken or TwinAuthError (nothing taken)."""
         endpoint, url = "send", f"{self.settings.twin24_notify_url}/messages"
         expected = _count_destinations(payload)
-        attempt, reauthed = 0, False
-        while True:
-            try:
-                token = self._current_token()
-            except TwinAuthError:
-                raise
-            except TwinError as exc:
-                raise SendNotTaken(endpoint, None, f"no token to send with: {exc.detail}") from None
-            try:
-                resp = self._attempt(endpoint, "POST", url, token=token, json_body=payload)
-            except _TransportError as failure:
-                if not failure.before_send:
-                    raise SendOutcomeUnknown(endpoint, None, f"{failure.detail}; the request had gone "
-                                             "out, TWIN may have taken it (not retried)") from None
-                if attempt >= self.settings.twin24_retries:
-                    raise SendNotTaken(endpoint, None, f"{failure.detail} "
-                                       f"(gave up after {attempt + 1} attempts)") from None
-                self._pause(endpoint, attempt, None, failure.outcome)
-                attempt += 1
-                continue
-            status = resp.status_code
-            if status == 401:
-                self._token_refused(endpoint, token, resp, reauthed)
-                reauthed = True
-                continue
-            if status == 429:
-                if attempt >= self.settings.twin24_retries:
-                    raise SendNotTaken(endpoint, status, f"rate limited: {self._error_text(resp)} "
-                                       f"(gave up after {attempt + 1} attempts)", _json_or_none(resp))
-                self._pause(endpoint, attempt, resp, "429")
-                attempt += 1
-                continue
-            if status >= 500:
-                raise SendOutcomeUnknown(endpoint, status, f"{self._error_text(resp)}; TWIN may have "
-                                         "taken it (not retried)", _json_or_none(resp))
-            if not 200 <= status < 300:
-                raise SendRejected(endpoint, status, self._error_text(resp), _json_or_none(resp))
-            answer = _json_or_none(resp)
-            if not isinstance(answer, list) or not all(isinstance(item, dict) for item in answer):
-                raise SendOutcomeUnknown(endpoint, status, "TWIN accepted the send but its answer is not "
-                                         f"a JSON list of objects: {_snippet(resp)}")
-            if expected is not None and len(answer) != expected:
-                raise SendOutcomeUnknown(endpoint, status, f"TWIN answered {len(answer)} items for "
-                                         f"{expected} destinations; ids cannot be matched", answer)
-            return answer
+        resp = self._with_retries(endpoint, "POST", url, SEND_POLICY, json_body=payload)
+        status = resp.status_code
+        if not 200 <= status < 300:
+            raise SendRejected(endpoint, status, self._error_text(resp), _json_or_none(resp))
+        answer = _json_or_none(resp)
+        if not isinstance(answer, list) or not all(isinstance(item, dict) for item in answer):
+            raise SendOutcomeUnknown(endpoint, status, "TWIN accepted the send but its answer is not "
+                                     f"a JSON list of objects: {_snippet(resp)}")
+        if expected is not None and len(answer) != expected:
+            raise SendOutcomeUnknown(endpoint, status, f"TWIN answered {len(answer)} items for "
+                                     f"{expected} destinations; ids cannot be matched", answer)
+        return answer
 
     def iter_messages(self, start: datetime, end: datetime,
                       fields: Iterable[str] = MESSAGE_FIELDS) -> Iterator[list[dict]]:
@@ -334,44 +346,74 @@ class TwinClient:
             shortest = len(items) if shortest is None else min(shortest, len(items))
             page += 1
 
-    # ------------------------------------------------------------------ GET with retries
+    # ------------------------------------------------------------------ retries
     def _get_json(self, endpoint: str, url: str, params: dict):
+        resp = self._with_retries(endpoint, "GET", url, READ_POLICY, params=params)
+        status = resp.status_code
+        if not 200 <= status < 300:
+            raise TwinError(endpoint, status, self._error_text(resp), _json_or_none(resp))
+        try:
+            return resp.json()
+        except ValueError:
+            raise TwinError(endpoint, status, f"answer is not JSON: {_snippet(resp)}") from None
+
+    def _with_retries(self, endpoint: str, method: str, url: str, policy: RetryPolicy, *,
+                      params: dict | None = None, json_body=None) -> requests.Response:
+        """Attempt the call until an answer `policy` neither retries nor refuses the token of, and
+        return that answer (2xx, or an error for the caller to read). Raises when the retries run
+        out, when a send's outcome became unknown, and on a token refused twice (or a static one)."""
         attempt, reauthed = 0, False
         while True:
-            token = self._current_token()
+            token = self._token_for(endpoint, policy) if policy.bearer else None
             try:
-                resp = self._attempt(endpoint, "GET", url, token=token, params=params)
+                resp = self._attempt(endpoint, method, url, token=token, params=params, json_body=json_body)
             except _TransportError as failure:
+                if policy.may_take and not failure.before_send:
+                    raise SendOutcomeUnknown(endpoint, None, f"{failure.detail}; the request had gone "
+                                             "out, TWIN may have taken it (not retried)") from None
                 if attempt >= self.settings.twin24_retries:
-                    raise TwinError(endpoint, None, f"{failure.detail} "
-                                    f"(gave up after {attempt + 1} attempts)") from None
+                    raise policy.gave_up(endpoint, None, f"{failure.detail} "
+                                         f"(gave up after {attempt + 1} attempts)") from None
                 self._pause(endpoint, attempt, None, failure.outcome)
                 attempt += 1
                 continue
             status = resp.status_code
-            if status == 401:
+            if status == 401 and policy.bearer:
                 self._token_refused(endpoint, token, resp, reauthed)
                 reauthed = True
                 continue
-            reauthed = False        # only a fresh token refused at once is final; tokens may expire again
-            if status == 429 or status >= 500:
-                wait = _retry_after(resp)
-                if wait is not None and wait > self.settings.twin24_max_retry_wait:
-                    raise TwinError(endpoint, status, f"{self._error_text(resp)} (TWIN asks us to wait "
-                                    f"{wait:.0f} s)", _json_or_none(resp), retry_after=wait)
-                if attempt >= self.settings.twin24_retries:
-                    raise TwinError(endpoint, status, f"{self._error_text(resp)} "
-                                    f"(gave up after {attempt + 1} attempts)", _json_or_none(resp),
-                                    retry_after=wait)
-                self._pause(endpoint, attempt, resp, str(status))
-                attempt += 1
-                continue
-            if not 200 <= status < 300:
-                raise TwinError(endpoint, status, self._error_text(resp), _json_or_none(resp))
-            try:
-                return resp.json()
-            except ValueError:
-                raise TwinError(endpoint, status, f"answer is not JSON: {_snippet(resp)}") from None
+            reauthed = reauthed and policy.one_reauth   # else a token may expire again: renewable again
+            if policy.may_take and status >= 500:
+                raise SendOutcomeUnknown(endpoint, status, f"{self._error_text(resp)}; TWIN may have "
+                                         "taken it (not retried)", _json_or_none(resp))
+            if not policy.retried(status):
+                return resp
+            self._pause_or_give_up(endpoint, attempt, resp, policy)
+            attempt += 1
+
+    def _token_for(self, endpoint: str, policy: RetryPolicy) -> str:
+        try:
+            return self._current_token()
+        except TwinAuthError:
+            raise
+        except TwinError as exc:
+            if policy.no_token is None:
+                raise
+            raise policy.no_token(endpoint, None, f"no token to send with: {exc.detail}") from None
+
+    def _pause_or_give_up(self, endpoint: str, attempt: int, resp: requests.Response,
+                          policy: RetryPolicy) -> None:
+        """Wait before retrying an answer `policy` retries, or raise `policy.gave_up` if it may not."""
+        status, wait = resp.status_code, _retry_after(resp)
+        if policy.long_wait_ends and wait is not None and wait > self.settings.twin24_max_retry_wait:
+            raise policy.gave_up(endpoint, status, f"{self._error_text(resp)} (TWIN asks us to wait "
+                                 f"{wait:.0f} s)", _json_or_none(resp), retry_after=wait)
+        if attempt >= self.settings.twin24_retries:
+            raise policy.gave_up(endpoint, status, f"{policy.gave_up_note}{self._error_text(resp)} "
+                                 f"(gave up after {attempt + 1} attempts)",
+                                 _json_or_none(resp) if policy.gave_up_body else None,
+                                 retry_after=wait if policy.gave_up_retry_after else None)
+        self._pause(endpoint, attempt, resp, str(status))
 
     # ------------------------------------------------------------------ one HTTP attempt
     def _attempt(self, endpoint: str, method: str, url: str, *, token: str | None,
@@ -499,32 +541,15 @@ class TwinClient:
         endpoint, url = "login", f"{self.settings.twin24_auth_url}/login"
         body = {"email": self.settings.twin24_login, "password": self.settings.twin24_password,
                 "ttl": self.settings.twin24_token_ttl}
-        attempt = 0
-        while True:
-            try:
-                resp = self._attempt(endpoint, "POST", url, token=None, json_body=body)
-            except _TransportError as failure:
-                if attempt >= self.settings.twin24_retries:
-                    raise TwinError(endpoint, None, f"{failure.detail} "
-                                    f"(gave up after {attempt + 1} attempts)") from None
-                self._pause(endpoint, attempt, None, failure.outcome)
-                attempt += 1
-                continue
-            status = resp.status_code
-            if status == 429 or status >= 500:
-                if attempt >= self.settings.twin24_retries:
-                    raise TwinError(endpoint, status, f"{self._error_text(resp)} "
-                                    f"(gave up after {attempt + 1} attempts)")
-                self._pause(endpoint, attempt, resp, str(status))
-                attempt += 1
-                continue
-            if 400 <= status < 500:
-                raise TwinAuthError(endpoint, status, "TWIN refused the login "
-                                    f"(TWIN24_LOGIN/TWIN24_PASSWORD): {self._error_text(resp)}",
-                                    _json_or_none(resp))
-            if not 200 <= status < 300:
-                raise TwinError(endpoint, status, self._error_text(resp))
-            return _token_pair(endpoint, resp)
+        resp = self._with_retries(endpoint, "POST", url, LOGIN_POLICY, json_body=body)
+        status = resp.status_code
+        if 400 <= status < 500:
+            raise TwinAuthError(endpoint, status, "TWIN refused the login "
+                                f"(TWIN24_LOGIN/TWIN24_PASSWORD): {self._error_text(resp)}",
+                                _json_or_none(resp))
+        if not 200 <= status < 300:
+            raise TwinError(endpoint, status, self._error_text(resp))
+        return _token_pair(endpoint, resp)
 
     def _store_pair(self, token: str, refresh_token: str | None) -> None:
         now_wall, now = time.time(), time.monotonic()

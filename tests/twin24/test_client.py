@@ -584,3 +584,46 @@ def test_jwt_expiry_read_from_payload():
     list(client.iter_messages(*window()))
     after = time.monotonic()
     assert before + 540 <= client._renew_at <= after + 540      # 60 s ahead of a 600 s life
+
+
+def test_a_send_gets_one_fresh_token_per_call_even_after_other_answers():
+    tokens = iter(["t1", "t2", "t3"])
+    script = iter([401, 429, 401])
+
+    def handler(method, url, params, body):
+        if url.endswith("/login"):
+            return 200, {"token": next(tokens)}, {}
+        return next(script), {"error": "x"}, {}
+    rec = Recorder()
+    client = TwinClient(scripted_settings(twin24_token=None, twin24_login="a@b.c", twin24_password="pw"),
+                        session=ScriptedSession(handler), sleep=rec.sleep, on_call=rec.on_call)
+    with pytest.raises(TwinAuthError, match="refused even with a fresh token"):
+        client.send(send_body(1))
+    assert rec.outcomes("send") == ["401", "429", "401"] and rec.outcomes("login") == ["200", "200"]
+
+
+def test_a_send_waits_out_a_long_retry_after_capped_and_its_give_up_keeps_the_body_only():
+    rec = Recorder()
+    client = TwinClient(scripted_settings(twin24_retries=1, twin24_max_retry_wait=2.0),
+                        session=ScriptedSession(lambda *a: (429, {"error": "slow down"}, {"Retry-After": "120"})),
+                        sleep=rec.sleep, on_call=rec.on_call)
+    with pytest.raises(SendNotTaken) as caught:
+        client.send(send_body(1))
+    assert rec.sleeps == [2.0] and rec.outcomes("send") == ["429", "429"]
+    assert str(caught.value) == "TWIN send: 429: rate limited: HTTP 429: slow down (gave up after 2 attempts)"
+    assert (caught.value.body, caught.value.retry_after) == ({"error": "slow down"}, None)
+
+
+def test_a_login_given_up_on_5xx_carries_neither_body_nor_retry_after():
+    def handler(method, url, params, body):
+        return 503, {"error": "down"}, {"Retry-After": "120"}
+    rec = Recorder()
+    client = TwinClient(scripted_settings(twin24_token=None, twin24_login="a@b.c", twin24_password="pw",
+                                          twin24_retries=2, twin24_max_retry_wait=2.0),
+                        session=ScriptedSession(handler), sleep=rec.sleep, on_call=rec.on_call)
+    with pytest.raises(TwinError) as caught:
+        list(client.iter_messages(*window()))
+    assert type(caught.value) is TwinError and caught.value.endpoint == "login"
+    assert str(caught.value) == "TWIN login: 503: HTTP 503: down (gave up after 3 attempts)"
+    assert (caught.value.body, caught.value.retry_after) == (None, None)
+    assert rec.sleeps == [2.0, 2.0] and rec.outcomes("login") == ["503"] * 3
