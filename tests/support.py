@@ -1,14 +1,292 @@
-"""Helpers shared by tests: sending a mailing straight to the simulator, waiting for a condition."""
+"""The tests' support module: constants, settings, servers and helpers that test modules import.
+
+conftest.py holds only fixtures (built from what is here); test modules import from here, never from
+conftest. Also here: seeding results through the real callback endpoint, the webhook targets of the
+forwarding tests (`RecordingTarget` verifies each delivery with the `standardwebhooks` package, not
+with our code; `StalledTarget` accepts connections and never answers), the TWIN client tests'
+`Recorder`, and running a worker as a child process.
+"""
 from __future__ import annotations
 
+import base64
+import dataclasses
+import datetime as dt
+import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psycopg2
 import requests
+from standardwebhooks import Webhook
+from werkzeug.serving import WSGIRequestHandler, make_server
 
-from .conftest import CALLBACK_TOKEN
+from receiver.models import STAGE_DONE, Message, utcnow
+from receiver.settings import Settings
+
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+BACKENDS = [b for b in os.environ.get("TEST_DATABASES", "sqlite,postgresql").split(",") if b]
+# A TWIN whose messages live and die in tenths of a second.
+FAST_TWIN = dict(pending_after=(0.01, 0.03), final_after=(0.02, 0.06), result_after=(0.05, 0.15),
+                 callback_retry_delay=0.05, session_close_after=2.0)
+CALLBACK_TOKEN = "test-callback-token-0123456789"
+API_TOKEN = "test-api-token-0123456789abcdef"
+SEND_TOKEN = "test-send-token-0123456789abcdef"
+
+
+# The simulator of the simulator, client and sending tests: quick lifecycles, sessions never close.
+SIM_QUICK = dict(pending_after=(0.01, 0.03), final_after=(0.02, 0.05), result_after=(0.05, 0.1),
+                 callback_retry_delay=0.05)
+
+
+def postgres_unavailable() -> str | None:
+    """Why PostgreSQL can't be used here, or None when it can."""
+    try:
+        psycopg2.connect(POSTGRES_URL, connect_timeout=3).close()
+    except psycopg2.OperationalError as error:
+        return f"PostgreSQL not reachable at {POSTGRES_URL}: {str(error).strip().splitlines()[0]}"
+    return None
+
+
+def make_settings(database_url: str, **overrides) -> Settings:
+    """Settings as a deployment would have them, with timings short enough for tests."""
+    values = dict(
+        database_url=database_url, callback_token=CALLBACK_TOKEN, api_token=API_TOKEN, send_token=SEND_TOKEN,
+        public_url="http://127.0.0.1:8000",
+        enrich_first_check=0.0, enrich_sweep_interval=0.0, enrich_result_interval=0.0,
+        enrich_batch_share=0.0, enrich_max_wait=0.0,
+        enrich_poll_interval=0.05,
+        enrich_backoff_start=0.05, enrich_backoff_max=0.5, enrich_window_margin=60.0,
+        enrich_stale_after=3600.0,
+        twin24_connect_timeout=2.0, twin24_read_timeout=5.0, twin24_max_retry_wait=1.0,
+        metrics_cache_seconds=0.0,      # /metrics reads the database at every scrape (test_metrics tests the cache)
+    )
+    values.update(overrides)
+    return Settings.from_env(environ={}, env_file=None, **values)
+
+
+def settings_for(simulator, database_url: str | None = None, *, auth: str | None = "static",
+                 **overrides) -> Settings:
+    """Settings pointed at `simulator` (anything with auth_url, notify_url and analyse_url).
+
+    With a database_url: a deployment's settings (make_settings). Without one: the TWIN side only, with
+    the TWIN client tests' short timeouts. auth is "static" (the simulator's static token), "login"
+    (its login and password) or None (none: give them in overrides).
+    """
+    values = dict(twin24_auth_url=simulator.auth_url, twin24_notify_url=simulator.notify_url,
+                  twin24_analyse_url=simulator.analyse_url)
+    if auth == "static":
+        values["twin24_token"] = simulator.static_token
+    elif auth == "login":
+        values.update(twin24_login=simulator.login, twin24_password=simulator.password)
+    if database_url is not None:
+        return make_settings(database_url, **{**values, **overrides})
+    values.update(twin24_connect_timeout=0.5, twin24_read_timeout=1.0, twin24_retries=3, twin24_max_retry_wait=2.0)
+    return Settings.from_env(environ={}, env_file=None, **{**values, **overrides})
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs):
+        pass
+
+
+class LiveServer:
+    """A WSGI app served over real HTTP from a background thread."""
+
+    def __init__(self, wsgi_app):
+        self.server = make_server("127.0.0.1", 0, wsgi_app, threaded=True, request_handler=QuietHandler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=5)
+
+
+# Results: messages arrive through the real callback endpoint; chat_id/result are set directly
+# where enrichment is not what is under test.
+
+CALLBACK_PATH = f"/callbacks/{CALLBACK_TOKEN}"
+
+
+def callback(client, message_id: str, status: str = "DELIVERED", callback_data: str | None = "mailing-1",
+             bulk_id: str | None = "bulk-1", old_status: str | None = None) -> None:
+    body = {"id": message_id, "newStatus": status, "oldStatus": old_status, "bulkId": bulk_id}
+    if callback_data is not None:
+        body["callbackData"] = callback_data
+    answer = client.post(CALLBACK_PATH, json=body)
+    assert answer.status_code == 200, answer.get_json()
+
+
+def seed(client, count: int, prefix: str = "m", start: int = 0, **kwargs) -> list[str]:
+    """`count` messages through the callback endpoint; their ids, in arrival order."""
+    ids = [f"{prefix}{n:05d}" for n in range(start, start + count)]
+    for message_id in ids:
+        callback(client, message_id, **kwargs)
+    return ids
+
+
+def answer(message_id: str, result, chat_id: str | None = None) -> None:
+    """What enrichment would store for a message whose bot answered `result`."""
+    Message.update(chat_id=chat_id or f"chat-{message_id}", chat_id_at=utcnow(), stage=STAGE_DONE,
+                   result=result if isinstance(result, str) else json.dumps(result, ensure_ascii=False),
+                   result_at=utcnow()).where(Message.id == message_id).execute()
+
+
+def bulk_messages(count: int, prefix: str = "bulk", first_seen_at: dt.datetime | None = None,
+                  callback_data: str = "big", result=None, same_time: bool = False) -> list[str]:
+    """Many rows at once, straight into the table (for volume tests, where callbacks would be slow)."""
+    base = first_seen_at or dt.datetime(2025, 1, 1)
+    text = None if result is None else json.dumps(result, ensure_ascii=False)
+    ids = [f"{prefix}{n:06d}" for n in range(count)]
+    rows = [{"id": message_id, "callback_data": callback_data, "status": "DELIVERED", "status_rank": 4,
+             "first_seen_at": base if same_time else base + dt.timedelta(milliseconds=n),
+             "last_seen_at": base, "stage": STAGE_DONE if text else "none", "result": text}
+            for n, message_id in enumerate(ids)]
+    for start in range(0, len(rows), 500):
+        Message.insert_many(rows[start:start + 500]).execute()
+    return ids
+
+
+# Webhook targets for the forwarding tests: what a user's system at FORWARD_URL would be.
+
+SIGNED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+
+def make_secret(seed: str) -> str:
+    """A "whsec_<base64>" secret, as the standardwebhooks library takes it."""
+    return "whsec_" + base64.b64encode(seed.encode().ljust(32, b"-")[:32]).decode()
+
+
+class RecordingTarget:
+    """Records every delivery whose signature verifies (webhook-id, body, arrival time); answers 401
+    to one that does not, 200 to the others once `hold` seconds have passed."""
+
+    def __init__(self, secret: str, hold: float = 0.0):
+        self.webhook = Webhook(secret)
+        self.hold = hold
+        self.lock = threading.Lock()
+        self.received: list[dict] = []     # {"id", "body", "at"} in order of arrival
+        self.refused: list[str] = []       # why a delivery failed verification
+        self.torn: list[str] = []          # event ids whose body arrived cut short (its sender died)
+        self.in_flight: dict[int, str] = {}    # request number -> webhook-id, while held
+        self.server = LiveServer(self.wsgi)
+        self.url = f"{self.server.url}/hooks"
+
+    def start(self) -> RecordingTarget:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def wsgi(self, environ, start_response):
+        expected = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(expected)
+        headers = {name: environ.get("HTTP_" + name.upper().replace("-", "_"), "") for name in SIGNED_HEADERS}
+        try:
+            payload = self.webhook.verify(body, headers)
+        except Exception as error:      # the library's own verdict: any failure is a refusal
+            with self.lock:
+                if len(body) < expected:
+                    # A sender killed while the body was on its way: refusing it is right, and the
+                    # event must come again whole (the tests check that it does).
+                    self.torn.append(headers["webhook-id"])
+                else:
+                    self.refused.append(f"{headers['webhook-id']}: {error!r}")
+            start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+            return [b"bad signature"]
+        with self.lock:
+            number = len(self.received)
+            self.received.append({"id": headers["webhook-id"], "body": payload, "raw": body.decode(),
+                                  "at": time.time()})
+            self.in_flight[number] = headers["webhook-id"]
+        try:
+            if self.hold:
+                time.sleep(self.hold)
+        finally:
+            with self.lock:
+                del self.in_flight[number]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps({"ok": True}).encode()]
+
+    def held(self) -> set[str]:
+        """The webhook-ids of the deliveries being held right now."""
+        with self.lock:
+            return set(self.in_flight.values())
+
+    def deliveries(self) -> list[dict]:
+        with self.lock:
+            return list(self.received)
+
+
+class StalledTarget:
+    """Accepts every connection and never answers (nor closes it) until stopped."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hooks"
+        self.connections: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def start(self) -> StalledTarget:
+        self.thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.connections.append(connection)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        for connection in [*self.connections, self.listener]:
+            connection.close()
+
+
+class Recorder:
+    """on_call and sleep hooks that remember what the client did."""
+
+    def __init__(self, real_sleep: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.sleeps: list[float] = []
+        self.real_sleep = real_sleep
+
+    def on_call(self, endpoint: str, outcome: str) -> None:
+        self.calls.append((endpoint, outcome))
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.real_sleep:
+            time.sleep(seconds)
+
+    def outcomes(self, endpoint: str) -> list[str]:
+        return [outcome for name, outcome in self.calls if name == endpoint]
+
+
+def send_body(count: int = 1, *, text: str = "Hello", start_phone: int = 79990000000) -> dict:
+    return {"messages": [{
+        "channels": {"chat": {"chatId": "chan-1", "botId": "bot-1", "messengerType": "WHATSAPP",
+                              "chatSessionName": "test", "text": text, "provider": "TWIN"}},
+        "callbackData": "cb-1",
+        "destinations": [{"phone": str(start_phone + i), "messengerUserId": str(start_phone + i)}
+                         for i in range(count)],
+    }]}
 
 
 def send_mailing(twin, receiver_url: str, phones: list[str], callback_data: str = "mailing-1") -> list[str]:
@@ -44,9 +322,6 @@ def wait_for(condition, timeout: float = 20.0, step=None, interval: float = 0.05
 
 def settings_env(settings) -> dict[str, str]:
     """The environment variables that make a child process build these same settings."""
-    import dataclasses
-    import os
-
     env = {key: value for key, value in os.environ.items() if not key.startswith(("TWIN24_", "ENRICH_"))}
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)

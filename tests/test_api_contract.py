@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from receiver import create_app, models
 from receiver.api import openapi_document
 
-from .conftest import API_TOKEN, CALLBACK_TOKEN, SEND_TOKEN, make_settings
+from .support import API_TOKEN, CALLBACK_TOKEN, SEND_TOKEN, make_settings
 
 METRICS_TOKEN = "test-metrics-token-0123456789abc"
 MAX_EXAMPLES = 50

@@ -7,8 +7,7 @@ import pytest
 from receiver import create_app, models
 from receiver.models import Rejected
 
-from .conftest import SEND_TOKEN, make_settings
-from .results_helpers import CALLBACK_PATH, seed
+from .support import CALLBACK_PATH, SEND_TOKEN, make_settings, seed
 
 SEND_AUTH = {"Authorization": f"Bearer {SEND_TOKEN}"}
 SEND = {"chat": {"chatId": "chat-1", "botId": "bot-1", "text": "Hello"},

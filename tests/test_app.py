@@ -3,7 +3,7 @@ import sqlite3
 
 from receiver import create_app
 
-from .conftest import make_settings
+from .support import make_settings
 
 
 def test_an_unset_callback_token_is_generated_once_kept_and_announced_once(tmp_path, capsys):

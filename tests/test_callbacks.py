@@ -12,7 +12,7 @@ import requests
 from receiver import callbacks
 from receiver.models import Event, Message, Meta, Rejected
 
-from .conftest import CALLBACK_TOKEN
+from .support import CALLBACK_TOKEN
 
 EXAMPLES = Path(__file__).with_name("examples")
 

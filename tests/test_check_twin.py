@@ -18,9 +18,7 @@ from receiver import create_app, models
 from receiver.enrich import Enricher
 from receiver.twin24 import TwinClient
 
-from .conftest import make_settings
-from .support import settings_env
-from .twin24.conftest import send_body
+from .support import make_settings, send_body, settings_env
 from .twin24.example_twin import LOGIN, PASSWORD, ExampleTwin
 
 ROOT = Path(__file__).resolve().parent.parent

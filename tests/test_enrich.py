@@ -153,7 +153,7 @@ def test_429_and_5xx_storms_are_ridden_out(twin, live_app, enricher):
 def test_tokens_that_expire_mid_run_are_renewed(database_url, twin):
     from receiver import create_app
 
-    from .conftest import LiveServer, make_settings
+    from .support import LiveServer, make_settings
 
     settings = make_settings(database_url, twin24_login=twin.login, twin24_password=twin.password,
                              twin24_auth_url=twin.auth_url, twin24_notify_url=twin.notify_url,

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from receiver import create_app
 
-from .conftest import LiveServer, make_settings
-from .support import settings_env
+from .support import LiveServer, make_settings, settings_env
 from .test_sending import CHAT_JSON
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,7 @@ from receiver import create_app, maintenance, models
 from receiver.models import Event, Message, Rejected, utcnow
 from receiver.settings import Settings
 
-from .conftest import make_settings
-from .support import settings_env, wait_for
+from .support import make_settings, settings_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from receiver import create_app, enrich, metrics, models
 from receiver.models import Message, TwinCall, utcnow
 
-from .conftest import API_TOKEN, CALLBACK_TOKEN, make_settings
-from .results_helpers import CALLBACK_PATH, seed
+from .support import API_TOKEN, CALLBACK_PATH, CALLBACK_TOKEN, make_settings, seed
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS_TOKEN = "test-metrics-token-0123456789abc"

@@ -15,7 +15,7 @@ from peewee import IntegerField, Model, OperationalError, TextField
 from receiver import models, results
 from receiver.models import Event, Message, QueuedSqliteDatabase
 
-from .conftest import make_settings
+from .support import make_settings
 from .test_callbacks import callback
 
 pytestmark = pytest.mark.timeout(60)

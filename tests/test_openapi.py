@@ -15,8 +15,7 @@ from receiver import sending
 from receiver.api import openapi_document
 from receiver.twin24 import TwinClient
 
-from .conftest import API_TOKEN, SEND_TOKEN
-from .results_helpers import CALLBACK_PATH, answer, seed
+from .support import API_TOKEN, CALLBACK_PATH, SEND_TOKEN, answer, seed
 
 # Routes that are not part of the API: the results page and its files.
 NOT_API = {"/", "/login", "/logout", "/results", "/results.csv", "/static/<path:filename>"}

@@ -9,8 +9,7 @@ import re
 
 import pytest
 
-from .conftest import API_TOKEN
-from .results_helpers import answer, seed
+from .support import API_TOKEN, answer, seed
 
 
 def basic(password: str, user: str = "anyone") -> dict:

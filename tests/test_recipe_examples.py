@@ -20,7 +20,7 @@ from flask import Flask, jsonify, request
 from receiver.enrich import Enricher
 from receiver.models import db
 
-from .conftest import LiveServer, make_settings
+from .support import LiveServer, make_settings
 
 EXAMPLES = Path(__file__).parent / "examples"
 # The recipe's final table: messageId | chatId | result (the bot's `confirmation`).

@@ -13,7 +13,7 @@ from receiver import results
 from receiver.models import Message
 from receiver.results import FilterError, Filters
 
-from .results_helpers import answer, bulk_messages, callback, seed
+from .support import answer, bulk_messages, callback, seed
 
 
 def walk(filters: Filters, limit: int, between=None) -> list[str]:

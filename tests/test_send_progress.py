@@ -7,7 +7,7 @@ import pytest
 from receiver import create_app, models
 from receiver.models import Outbox
 
-from .conftest import SEND_TOKEN, make_settings
+from .support import SEND_TOKEN, make_settings
 
 SEND_AUTH = {"Authorization": f"Bearer {SEND_TOKEN}"}
 

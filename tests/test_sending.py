@@ -18,7 +18,7 @@ from receiver.enrich import Enricher
 from receiver.models import Message, Outbox, Send
 from receiver.twin24 import TwinClient
 
-from .conftest import CALLBACK_TOKEN, SIM_QUICK, make_settings
+from .support import CALLBACK_TOKEN, SIM_QUICK, make_settings
 
 # Lifecycles far in the future: no callbacks while a test runs, unless it asks for them.
 QUIET = dict(pending_after=(60.0, 60.0), final_after=(60.0, 60.0))

@@ -18,7 +18,7 @@ from receiver.models import Message
 from receiver.settings import SettingsError
 from receiver.twin24 import TwinClient
 
-from .conftest import API_TOKEN, SEND_TOKEN, LiveServer, make_settings
+from .support import API_TOKEN, SEND_TOKEN, LiveServer, make_settings
 from .test_sending import CHAT_JSON
 
 ROOT = Path(__file__).resolve().parents[1]

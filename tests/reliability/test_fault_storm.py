@@ -50,8 +50,7 @@ from receiver import create_app, models
 from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
-from ..conftest import FAST_TWIN, SEND_TOKEN, LiveServer, make_settings
-from ..support import phones, settings_env, start_worker
+from ..support import FAST_TWIN, SEND_TOKEN, LiveServer, make_settings, phones, settings_env, start_worker
 from ..test_enrich import assert_matches_truth
 
 PHONES = phones(80)

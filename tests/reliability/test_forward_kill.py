@@ -25,9 +25,17 @@ from collections import Counter, defaultdict
 from receiver import create_app, forwarding, models
 from receiver.models import Delivery, Message, Subscription
 
-from ..conftest import LiveServer, make_settings
-from ..forward_targets import RecordingTarget, make_secret
-from ..support import phones, send_mailing, settings_env, start_worker, wait_for
+from ..support import (
+    LiveServer,
+    RecordingTarget,
+    make_secret,
+    make_settings,
+    phones,
+    send_mailing,
+    settings_env,
+    start_worker,
+    wait_for,
+)
 from ..test_enrich import assert_matches_truth
 
 SECRET = make_secret("forward-kill")

@@ -18,9 +18,18 @@ import requests
 from receiver import create_app, forwarding, models
 from receiver.models import Delivery, DeliveryAttempt, Message, Subscription
 
-from ..conftest import CALLBACK_TOKEN, LiveServer, make_settings
-from ..forward_targets import StalledTarget, make_secret
-from ..support import phones, send_mailing, settings_env, start_worker, wait_for
+from ..support import (
+    CALLBACK_TOKEN,
+    LiveServer,
+    StalledTarget,
+    make_secret,
+    make_settings,
+    phones,
+    send_mailing,
+    settings_env,
+    start_worker,
+    wait_for,
+)
 from ..test_callbacks import callback
 from ..test_enrich import assert_matches_truth
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from werkzeug.wrappers import Request, Response
 
-from ..conftest import LiveServer
+from ..support import LiveServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 LOGIN, PASSWORD = "user@example.com", "example-password-123"
