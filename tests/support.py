@@ -89,6 +89,13 @@ def settings_for(simulator, database_url: str | None = None, *, auth: str | None
     return Settings.from_env(environ={}, env_file=None, **{**values, **overrides})
 
 
+class TwinUrls:
+    """The three TWIN URLs of a server that serves them as /iam, /notify and /analyse (for settings_for)."""
+
+    def __init__(self, url: str) -> None:
+        self.auth_url, self.notify_url, self.analyse_url = f"{url}/iam", f"{url}/notify", f"{url}/analyse"
+
+
 class QuietHandler(WSGIRequestHandler):
     def log_request(self, *args, **kwargs):
         pass

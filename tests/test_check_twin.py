@@ -18,7 +18,7 @@ from receiver import create_app, models
 from receiver.enrich import Enricher
 from receiver.twin24 import TwinClient
 
-from .support import make_settings, send_body, settings_env
+from .support import send_body, settings_env, settings_for
 from .twin24.example_twin import LOGIN, PASSWORD, ExampleTwin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +59,8 @@ def login_sim(make_sim):
 
 
 def twin_settings(tmp_path, urls, **auth):
-    values = dict(twin24_auth_url=urls.auth_url, twin24_notify_url=urls.notify_url,
-                  twin24_analyse_url=urls.analyse_url, twin24_connect_timeout=1.0, twin24_read_timeout=5.0)
-    return make_settings(f"sqlite:///{tmp_path}/receiver.db", **{**values, **auth})
+    return settings_for(urls, f"sqlite:///{tmp_path}/receiver.db", auth=None,
+                        **{"twin24_connect_timeout": 1.0, "twin24_read_timeout": 5.0, **auth})
 
 
 def check(settings):

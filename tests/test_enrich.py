@@ -14,7 +14,7 @@ import pytest
 from receiver.enrich import MESSAGES_SWEEP, Enricher
 from receiver.models import Message
 
-from .support import phones, send_mailing, wait_for
+from .support import LiveServer, phones, send_mailing, settings_for, wait_for
 
 
 @pytest.fixture
@@ -153,11 +153,7 @@ def test_429_and_5xx_storms_are_ridden_out(twin, live_app, enricher):
 def test_tokens_that_expire_mid_run_are_renewed(database_url, twin):
     from receiver import create_app
 
-    from .support import LiveServer, make_settings
-
-    settings = make_settings(database_url, twin24_login=twin.login, twin24_password=twin.password,
-                             twin24_auth_url=twin.auth_url, twin24_notify_url=twin.notify_url,
-                             twin24_analyse_url=twin.analyse_url)
+    settings = settings_for(twin, database_url, auth="login")
     app = create_app(settings)
     server = LiveServer(app).start()
     try:

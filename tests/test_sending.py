@@ -18,7 +18,7 @@ from receiver.enrich import Enricher
 from receiver.models import Message, Outbox, Send
 from receiver.twin24 import TwinClient
 
-from .support import CALLBACK_TOKEN, SIM_QUICK, make_settings
+from .support import CALLBACK_TOKEN, SIM_QUICK, settings_for
 
 # Lifecycles far in the future: no callbacks while a test runs, unless it asks for them.
 QUIET = dict(pending_after=(60.0, 60.0), final_after=(60.0, 60.0))
@@ -39,12 +39,9 @@ def sim_defaults():
 
 
 def sim_settings(database_url, sim, **overrides):
-    values = dict(twin24_token=sim.static_token, twin24_auth_url=sim.auth_url,
-                  twin24_notify_url=sim.notify_url, twin24_analyse_url=sim.analyse_url,
-                  twin24_connect_timeout=0.5, twin24_read_timeout=1.0, twin24_retries=1,
+    values = dict(twin24_connect_timeout=0.5, twin24_read_timeout=1.0, twin24_retries=1,
                   twin24_max_retry_wait=0.05, public_url=f"http://127.0.0.1:{closed_port()}")
-    values.update(overrides)
-    return make_settings(database_url, **values)
+    return settings_for(sim, database_url, **{**values, **overrides})
 
 
 @pytest.fixture

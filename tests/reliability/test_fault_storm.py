@@ -50,7 +50,15 @@ from receiver import create_app, models
 from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
-from ..support import FAST_TWIN, SEND_TOKEN, LiveServer, make_settings, phones, settings_env, start_worker
+from ..support import (
+    FAST_TWIN,
+    SEND_TOKEN,
+    LiveServer,
+    phones,
+    settings_env,
+    settings_for,
+    start_worker,
+)
 from ..test_enrich import assert_matches_truth
 
 PHONES = phones(80)
@@ -169,10 +177,8 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
     # needs the app: the server dispatches to the app made once the URL is known.
     apps = []
     server = LiveServer(lambda environ, start_response: apps[0](environ, start_response))
-    settings = make_settings(
-        database_url, public_url=server.url,
-        twin24_login=twin.login, twin24_password=twin.password,
-        twin24_auth_url=twin.auth_url, twin24_notify_url=twin.notify_url, twin24_analyse_url=twin.analyse_url,
+    settings = settings_for(
+        twin, database_url, auth="login", public_url=server.url,
         twin24_connect_timeout=1.0, twin24_read_timeout=1.0, twin24_retries=5, twin24_max_retry_wait=1.0)
     apps.append(create_app(settings))
     server.start()

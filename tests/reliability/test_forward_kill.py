@@ -29,10 +29,10 @@ from ..support import (
     LiveServer,
     RecordingTarget,
     make_secret,
-    make_settings,
     phones,
     send_mailing,
     settings_env,
+    settings_for,
     start_worker,
     wait_for,
 )
@@ -69,10 +69,8 @@ def result_of(data: dict):
 
 def test_worker_killed_mid_delivery_again_and_again_loses_no_event(database_url, twin, tmp_path):
     target = RecordingTarget(SECRET, hold=HOLD).start()
-    settings = make_settings(
-        database_url, twin24_token=twin.static_token, twin24_auth_url=twin.auth_url,
-        twin24_notify_url=twin.notify_url, twin24_analyse_url=twin.analyse_url,
-        forward_url=target.url, forward_secret=SECRET, forward_timeout=5.0,
+    settings = settings_for(
+        twin, database_url, forward_url=target.url, forward_secret=SECRET, forward_timeout=5.0,
         forward_events="message.result,message.status,message.given_up")
     server = LiveServer(create_app(settings)).start()
     models.db.connect(reuse_if_open=True)

@@ -23,10 +23,10 @@ from ..support import (
     LiveServer,
     StalledTarget,
     make_secret,
-    make_settings,
     phones,
     send_mailing,
     settings_env,
+    settings_for,
     start_worker,
     wait_for,
 )
@@ -52,10 +52,8 @@ def post_callback(http, base_url: str, message_id: str) -> float:
 
 def test_a_target_that_never_answers_slows_neither_callbacks_nor_enrichment(database_url, twin, tmp_path):
     target = StalledTarget().start()
-    settings = make_settings(
-        database_url, twin24_token=twin.static_token, twin24_auth_url=twin.auth_url,
-        twin24_notify_url=twin.notify_url, twin24_analyse_url=twin.analyse_url,
-        forward_url=target.url, forward_secret=make_secret("stalled"), forward_timeout=TIMEOUT,
+    settings = settings_for(
+        twin, database_url, forward_url=target.url, forward_secret=make_secret("stalled"), forward_timeout=TIMEOUT,
         forward_events="message.result,message.status,message.given_up")
     server = LiveServer(create_app(settings)).start()
     models.db.connect(reuse_if_open=True)
