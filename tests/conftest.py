@@ -27,9 +27,11 @@ from .support import (
     SEND_TOKEN,
     SIM_QUICK,
     LiveServer,
+    closed_port,
     make_settings,
     postgres_unavailable,
     settings_for,
+    sim_settings,
 )
 
 
@@ -96,6 +98,28 @@ def make_sim(sim_defaults, _sim_stoppers):
 @pytest.fixture
 def sim(make_sim):
     return make_sim()
+
+
+@pytest.fixture(name="closed_port")
+def closed_port_fixture() -> int:
+    """A local port nothing listens on (bound then released)."""
+    return closed_port()
+
+
+@pytest.fixture
+def make_sim_app(database_url):
+    def make(sim, **overrides):
+        app = create_app(sim_settings(database_url, sim, **overrides))
+        app.config["TESTING"] = True
+        return app
+    yield make
+    if not models.db.is_closed():
+        models.db.close()
+
+
+@pytest.fixture
+def sim_app(make_sim_app, sim):
+    return make_sim_app(sim)
 
 
 @pytest.fixture

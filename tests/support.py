@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psycopg2
@@ -25,8 +26,10 @@ import requests
 from standardwebhooks import Webhook
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from receiver.models import STAGE_DONE, Message, utcnow
+from receiver import sending
+from receiver.models import STAGE_DONE, Message, Outbox, utcnow
 from receiver.settings import Settings
+from receiver.twin24 import TwinClient
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
 BACKENDS = [b for b in os.environ.get("TEST_DATABASES", "sqlite,postgresql").split(",") if b]
@@ -294,6 +297,75 @@ def send_body(count: int = 1, *, text: str = "Hello", start_phone: int = 7999000
         "destinations": [{"phone": str(start_phone + i), "messengerUserId": str(start_phone + i)}
                          for i in range(count)],
     }]}
+
+
+# Sending: the simulator, the `send` command and POST /api/sends (tests/test_sending*.py and others).
+
+# Lifecycles far in the future: no callbacks while a test runs, unless it asks for them.
+QUIET = dict(pending_after=(60.0, 60.0), final_after=(60.0, 60.0))
+# The chat settings of a mailing: as arguments of the `send` command, and as JSON.
+CHAT = ["--chat-id", "chan-1", "--bot-id", "bot-1", "--text", "Hello {{name}}",
+        "--chat-session-name", "spring", "--callback-data", "campaign-1"]
+CHAT_JSON = {"chatId": "chan-1", "botId": "bot-1", "text": "Hello", "chatSessionName": "spring"}
+
+REFUSAL = "Recipient 79990000001 cannot receive messages on this channel"     # the simulator's message
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sim_settings(database_url, sim, **overrides):
+    """Settings at `sim` that give up fast (short timeouts, one retry), with a PUBLIC_URL nothing answers at."""
+    values = dict(twin24_connect_timeout=0.5, twin24_read_timeout=1.0, twin24_retries=1,
+                  twin24_max_retry_wait=0.05, public_url=f"http://127.0.0.1:{closed_port()}")
+    return settings_for(sim, database_url, **{**values, **overrides})
+
+
+def csv_text(count: int, start: int = 79990000000) -> str:
+    rows = ["phone,messengerUserId,name,age"]
+    rows += [f"+{start + i},{start + i},Name {i},{20 + i % 50}" for i in range(count)]
+    return "\n".join(rows) + "\n"
+
+
+def write(tmp_path, text: str, name: str = "list.csv"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def run_cli(app, *args):
+    """`flask send ARGS` on `app`."""
+    # `flask` pushes an app context for every command; the test runner does not.
+    with app.app_context():
+        return app.test_cli_runner().invoke(args=["send", *args])
+
+
+def sends_per_phone(sim) -> Counter:
+    return Counter(item["phone"] for item in sim.truth())
+
+
+def send_requests(sim) -> int:
+    return sum(sim.calls().get("send", {}).values())
+
+
+def outbox_states() -> Counter:
+    return Counter(state for (state,) in Outbox.select(Outbox.state).tuples())
+
+
+def worker_pass(app) -> int:
+    """What the worker loop does for POST /api/sends, with a client like the worker's."""
+    settings = app.config["SETTINGS"]
+    return sending.send_pending(settings, TwinClient(settings))
+
+
+def api_body(count: int, **extra) -> dict:
+    return {"chat": CHAT_JSON, "callbackData": "api-1",
+            "destinations": [{"phone": f"+7999000000{i}", "variables": {"n": str(i)}} for i in range(count)],
+            **extra}
 
 
 def send_mailing(twin, receiver_url: str, phones: list[str], callback_data: str = "mailing-1") -> list[str]:

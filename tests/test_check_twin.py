@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,14 +40,6 @@ class TokenCatcher:
             answer = json.loads(body)
             self.secrets.update(value for value in answer.values() if isinstance(value, str) and len(value) > 8)
         return [body]
-
-
-@pytest.fixture
-def closed_port():
-    """A local port nothing listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from receiver.models import Message
 from receiver.settings import SettingsError
 from receiver.twin24 import TwinClient
 
-from .support import API_TOKEN, SEND_TOKEN, LiveServer, make_settings, settings_for
-from .test_sending import CHAT_JSON
+from .support import API_TOKEN, CHAT_JSON, SEND_TOKEN, LiveServer, make_settings, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_TOKEN = "old-callback-token-0123456789"

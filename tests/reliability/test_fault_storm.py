@@ -50,15 +50,7 @@ from receiver import create_app, models
 from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
-from ..support import (
-    FAST_TWIN,
-    SEND_TOKEN,
-    LiveServer,
-    phones,
-    settings_env,
-    settings_for,
-    start_worker,
-)
+from ..support import FAST_TWIN, SEND_TOKEN, LiveServer, phones, settings_env, settings_for, start_worker
 from ..test_enrich import assert_matches_truth
 
 PHONES = phones(80)

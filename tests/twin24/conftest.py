@@ -1,8 +1,6 @@
 """Fixtures for the TWIN client tests: a client that records calls (settings_for and Recorder are in tests/support.py)."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from receiver.twin24 import TwinClient
@@ -30,13 +28,4 @@ def make_client(recorder):
     yield make
     for client in clients:
         client._session.close()
-
-
-@pytest.fixture
-def closed_port():
-    """A local port nothing listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return port
 
