@@ -26,6 +26,7 @@ from .support import (
     POSTGRES_URL,
     SEND_TOKEN,
     SIM_QUICK,
+    TWIN_NEVER_CALLED,
     LiveServer,
     closed_port,
     make_settings,
@@ -64,9 +65,10 @@ def database_url(request, tmp_path):
 
 
 @pytest.fixture
-def sim_defaults() -> dict:
-    """SimConfig values of `make_sim`; a test folder or module overrides this fixture to change them."""
-    return {"seed": 1, **SIM_QUICK}
+def sim_defaults(request) -> dict:
+    """SimConfig values of `make_sim`: SIM_QUICK's, or a test module's SIM_DEFAULTS (the sending tests'
+    are QUIET); a test folder overrides this fixture to change them."""
+    return {"seed": 1, **getattr(request.module, "SIM_DEFAULTS", SIM_QUICK)}
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +150,15 @@ def app(settings):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def sends_client(database_url):
+    """A client of an app that takes sends (TWIN credentials set; no request calls TWIN)."""
+    app = create_app(make_settings(database_url, **TWIN_NEVER_CALLED))
+    yield app.test_client()
+    if not models.db.is_closed():
+        models.db.close()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,8 @@ FAST_TWIN = dict(pending_after=(0.01, 0.03), final_after=(0.02, 0.06), result_af
 CALLBACK_TOKEN = "test-callback-token-0123456789"
 API_TOKEN = "test-api-token-0123456789abcdef"
 SEND_TOKEN = "test-send-token-0123456789abcdef"
+# TWIN settings of an app that takes sends in tests where no request calls TWIN.
+TWIN_NEVER_CALLED = dict(twin24_token="never-used-no-request-calls-twin", twin24_notify_url="http://127.0.0.1:9")
 
 
 # The simulator of the simulator, client and sending tests: quick lifecycles, sessions never close.
@@ -407,6 +410,19 @@ def settings_env(settings) -> dict[str, str]:
         if value is not None:
             env[field.metadata["env"]] = str(value)
     return env
+
+
+def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, as systemd stops the worker; its exit code once it has stopped."""
+    worker.send_signal(signal.SIGTERM)
+    return worker.wait(timeout=timeout)
+
+
+def kill_if_running(worker: subprocess.Popen | None) -> None:
+    """For a test's `finally`: a worker still running (the test failed before it stopped) is killed."""
+    if worker is not None and worker.poll() is None:
+        worker.kill()
+        worker.wait(timeout=10)
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,10 +37,7 @@ from .support import (
     write,
 )
 
-
-@pytest.fixture
-def sim_defaults():
-    return {"seed": 1, **QUIET}
+SIM_DEFAULTS = QUIET        # no callbacks while a test runs, unless it asks for them
 
 
 # ---------------------------------------------------------------------------------------- reports
@@ -250,19 +247,26 @@ def test_a_killed_worker_leaves_its_rows_unknown_and_the_next_sends_the_rest(sim
     assert sorted(sends_per_phone(sim)) == ["79990000002", "79990000003"]
 
 
-def refuse_message_inserts(on: bool) -> None:
-    """A real database fault while TWIN's answer is stored: inserts into `message` fail (a full disk)."""
+def refuse_writes(trigger: str, on: bool, table: str, event: str, condition: str | None = None) -> None:
+    """A real database fault (a full disk): while on, `event` ("INSERT", "UPDATE OF answer") on `table`
+    fails, where `condition` (SQL on NEW) holds if given. Both backends, through a trigger named `trigger`."""
     sqlite = isinstance(models.db.obj, SqliteDatabase)
+    when = f" WHEN ({condition})" if condition else ""
     if not on:
-        models.db.execute_sql("DROP TRIGGER refuse_message" + ("" if sqlite else " ON message"))
+        models.db.execute_sql(f"DROP TRIGGER {trigger}" + ("" if sqlite else f" ON {table}"))
     elif sqlite:
-        models.db.execute_sql("CREATE TRIGGER refuse_message BEFORE INSERT ON message "
+        models.db.execute_sql(f"CREATE TRIGGER {trigger} BEFORE {event} ON {table}{when} "
                               "BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END")
     else:
-        models.db.execute_sql("CREATE OR REPLACE FUNCTION refuse_message() RETURNS trigger LANGUAGE plpgsql "
+        models.db.execute_sql(f"CREATE OR REPLACE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql "
                               "AS $$ BEGIN RAISE EXCEPTION 'disk full (test)'; END $$")
-        models.db.execute_sql("CREATE TRIGGER refuse_message BEFORE INSERT ON message "
-                              "FOR EACH ROW EXECUTE FUNCTION refuse_message()")
+        models.db.execute_sql(f"CREATE TRIGGER {trigger} BEFORE {event} ON {table} FOR EACH ROW{when} "
+                              f"EXECUTE FUNCTION {trigger}()")
+
+
+def refuse_message_inserts(on: bool) -> None:
+    """A real database fault while TWIN's answer is stored: inserts into `message` fail (a full disk)."""
+    refuse_writes("refuse_message", on, "message", "INSERT")
 
 
 def test_twins_answer_outlives_a_failed_store(sim, sim_app, api_headers, caplog, send_headers):
@@ -291,17 +295,7 @@ def test_twins_answer_outlives_a_failed_store(sim, sim_app, api_headers, caplog,
 
 def refuse_answer_writes(on: bool) -> None:
     """A real database fault on the small write that keeps TWIN's answer (outbox.answer) too."""
-    sqlite = isinstance(models.db.obj, SqliteDatabase)
-    if not on:
-        models.db.execute_sql("DROP TRIGGER refuse_answer" + ("" if sqlite else " ON outbox"))
-    elif sqlite:
-        models.db.execute_sql("CREATE TRIGGER refuse_answer BEFORE UPDATE OF answer ON outbox "
-                              "WHEN NEW.answer IS NOT NULL BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END")
-    else:
-        models.db.execute_sql("CREATE OR REPLACE FUNCTION refuse_answer() RETURNS trigger LANGUAGE plpgsql "
-                              "AS $$ BEGIN RAISE EXCEPTION 'disk full (test)'; END $$")
-        models.db.execute_sql("CREATE TRIGGER refuse_answer BEFORE UPDATE OF answer ON outbox FOR EACH ROW "
-                              "WHEN (NEW.answer IS NOT NULL) EXECUTE FUNCTION refuse_answer()")
+    refuse_writes("refuse_answer", on, "outbox", "UPDATE OF answer", "NEW.answer IS NOT NULL")
 
 
 def test_an_answer_kept_nowhere_is_logged_by_outbox_row_never_by_phone(sim, sim_app, send_headers, caplog):

@@ -5,16 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-import pytest
-
 from receiver.models import Message, Send
 
 from .support import CHAT_JSON, QUIET, REFUSAL, api_body, send_requests, sends_per_phone, worker_pass
 
-
-@pytest.fixture
-def sim_defaults():
-    return {"seed": 1, **QUIET}
+SIM_DEFAULTS = QUIET        # no callbacks while a test runs, unless it asks for them
 
 
 def test_api_records_at_once_and_the_worker_sends(sim, sim_app, api_headers, send_headers):

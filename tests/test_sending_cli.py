@@ -4,8 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-import pytest
-
 from receiver.callbudget import CallBudget
 from receiver.models import Message, Outbox, Send
 
@@ -24,10 +22,7 @@ from .support import (
     write,
 )
 
-
-@pytest.fixture
-def sim_defaults():
-    return {"seed": 1, **QUIET}
+SIM_DEFAULTS = QUIET        # no callbacks while a test runs, unless it asks for them
 
 
 def test_bad_input_sends_nothing(sim, sim_app, tmp_path):

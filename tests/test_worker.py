@@ -7,7 +7,7 @@ import time
 
 from receiver.models import Message
 
-from .support import phones, send_mailing, settings_env, start_worker, wait_for
+from .support import phones, send_mailing, settings_env, start_worker, stop_worker, wait_for
 from .test_enrich import assert_matches_truth
 
 
@@ -34,8 +34,7 @@ def test_a_worker_killed_mid_batch_again_and_again_loses_nothing(settings, twin,
     try:
         settled = wait_for(all_settled, timeout=60, interval=0.2)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        exit_code = worker.wait(timeout=15)
+        exit_code = stop_worker(worker, timeout=15)
 
     assert settled, (tmp_path / "worker.log").read_text()[-3000:]
     assert_matches_truth(twin, {m.id: m for m in Message.select()}, ids)

@@ -50,7 +50,17 @@ from receiver import create_app, models
 from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
-from ..support import FAST_TWIN, SEND_TOKEN, LiveServer, phones, settings_env, settings_for, start_worker
+from ..support import (
+    FAST_TWIN,
+    SEND_TOKEN,
+    LiveServer,
+    kill_if_running,
+    phones,
+    settings_env,
+    settings_for,
+    start_worker,
+    stop_worker,
+)
 from ..test_enrich import assert_matches_truth
 
 PHONES = phones(80)
@@ -229,8 +239,7 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
             worker = start_worker(env, log_path)
             last_kill = time.monotonic()
             gap = rng.uniform(0.5, 1.5)
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=30)
+        stop_worker(worker)
         assert (send_kills, enrich_kills) == (SEND_KILLS, ENRICH_KILLS), \
             f"only {send_kills} kills while rows were in flight, {enrich_kills} in the middle of a sweep"
 
@@ -289,9 +298,7 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
               f"sending + {enrich_kills} enriching; rows {dict(states)}, unknown taken by TWIN "
               f"{len(taken_unknown)}; TWIN calls {calls}")
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
+        kill_if_running(worker)
         server.stop()
         if not models.db.is_closed():
             models.db.close()

@@ -28,12 +28,14 @@ from receiver.models import Delivery, Message, Subscription
 from ..support import (
     LiveServer,
     RecordingTarget,
+    kill_if_running,
     make_secret,
     phones,
     send_mailing,
     settings_env,
     settings_for,
     start_worker,
+    stop_worker,
     wait_for,
 )
 from ..test_enrich import assert_matches_truth
@@ -105,12 +107,9 @@ def test_worker_killed_mid_delivery_again_and_again_loses_no_event(database_url,
         assert finished, (Counter(d.state for d in Delivery.select()),
                           Counter(m.stage for m in Message.select()),
                           log_path.read_text(errors="replace")[-3000:])
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=30) == 0
+        assert stop_worker(worker) == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
+        kill_if_running(worker)
         server.stop()
         target.stop()
 

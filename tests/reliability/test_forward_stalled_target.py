@@ -9,7 +9,6 @@ and FORWARD_BATCH, and the callback only writes a row.
 """
 from __future__ import annotations
 
-import signal
 import statistics
 import time
 
@@ -22,12 +21,14 @@ from ..support import (
     CALLBACK_TOKEN,
     LiveServer,
     StalledTarget,
+    kill_if_running,
     make_secret,
     phones,
     send_mailing,
     settings_env,
     settings_for,
     start_worker,
+    stop_worker,
     wait_for,
 )
 from ..test_callbacks import callback
@@ -81,13 +82,10 @@ def test_a_target_that_never_answers_slows_neither_callbacks_nor_enrichment(data
         assert wait_for(lambda: twin.idle() and settled(ids), timeout=TIMEOUT, interval=0.1), \
             log_path.read_text(errors="replace")[-3000:]
         enriched_in = time.monotonic() - started
-        worker.send_signal(signal.SIGTERM)
         # A stop waits FORWARD_TIMEOUT + 5 s for the forwarding turn at most (its leases then expire).
-        assert worker.wait(timeout=30) == 0
+        assert stop_worker(worker) == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
+        kill_if_running(worker)
         server.stop()
         target.stop()
 
