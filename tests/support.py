@@ -155,6 +155,16 @@ def answer(message_id: str, result, chat_id: str | None = None) -> None:
                    result_at=utcnow()).where(Message.id == message_id).execute()
 
 
+def seed_mailing(client, callback_data: str, delivered: int, undelivered: int = 0, answers=()) -> list[str]:
+    """A mailing through the callback endpoint: `delivered` DELIVERED messages and `undelivered`
+    UNDELIVERED ones (ids "u..."); `answers` go, in order, to the first delivered ones. The delivered ids."""
+    ids = seed(client, delivered, callback_data=callback_data)
+    seed(client, undelivered, prefix="u", callback_data=callback_data, status="UNDELIVERED")
+    for message_id, result in zip(ids, answers, strict=False):
+        answer(message_id, result)
+    return ids
+
+
 def bulk_messages(count: int, prefix: str = "bulk", first_seen_at: dt.datetime | None = None,
                   callback_data: str = "big", result=None, same_time: bool = False) -> list[str]:
     """Many rows at once, straight into the table (for volume tests, where callbacks would be slow)."""
