@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psycopg2
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks import Webhook
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -310,6 +311,68 @@ def send_body(count: int = 1, *, text: str = "Hello", start_phone: int = 7999000
         "destinations": [{"phone": str(start_phone + i), "messengerUserId": str(start_phone + i)}
                          for i in range(count)],
     }]}
+
+
+# Shared by several test modules: callbacks, TWIN's truth, /metrics, pages, the CLI.
+
+def callback_body(message_id="m-1", old="CREATED", new="PENDING", **extra):
+    """A status callback's body as TWIN sends it (extra fields added or replaced)."""
+    codes = {"CREATED": 1, "PENDING": 2, "DELIVERED": 6, "UNDELIVERED": 7, "ERROR": 8}
+    body = {
+        "id": message_id, "bulkId": "bulk-1", "groupId": "group-1", "flowId": "flow-1",
+        "oldStatus": old, "newStatus": new,
+        "oldStatusCode": codes.get(old), "newStatusCode": codes.get(new),
+        "price": 0.5, "partCount": 1, "callbackData": "mailing-7",
+    }
+    body.update(extra)
+    return body
+
+
+def assert_matches_truth(twin, stored, ids):
+    """Each of `ids` stored (`stored`: id -> Message) as the simulator says it ended: status, chat, result."""
+    truth = {t["id"]: t for t in twin.truth()}
+    for message_id in ids:
+        expected, message = truth[message_id], stored[message_id]
+        assert message.status == expected["finalStatus"], message_id
+        if expected["finalStatus"] != "DELIVERED":
+            continue
+        assert message.chat_id == expected["sessionId"], message_id
+        if expected["result"]:
+            assert message.stage == "done", (message_id, message.given_up_reason)
+            assert json.loads(message.result) == expected["result"], message_id
+            assert message.result_at is not None
+
+
+def all_settled():
+    """No message is left to enrich."""
+    return Message.select().where(Message.stage.not_in(["done", "given_up"])).count() == 0
+
+
+def scrape(client, **headers) -> dict:
+    """GET /metrics: {(sample name, sorted labels): value}."""
+    answer = client.get("/metrics", headers=headers)
+    assert answer.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(answer.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    """One sample of a scrape (0.0 when absent)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def basic(password: str, user: str = "anyone") -> dict:
+    """HTTP Basic authorization headers."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def run_command(settings, *args):
+    """`python -m receiver ARGS` in a child process with these settings; the finished process."""
+    return subprocess.run([sys.executable, "-m", "receiver", *args], cwd=ROOT, env=settings_env(settings),
+                          capture_output=True, text=True, timeout=60)
 
 
 # Sending: the simulator, the `send` command and POST /api/sends (tests/test_sending*.py and others).

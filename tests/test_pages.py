@@ -9,11 +9,7 @@ import re
 
 import pytest
 
-from .support import API_TOKEN, answer, seed, seed_mailing
-
-
-def basic(password: str, user: str = "anyone") -> dict:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+from .support import API_TOKEN, answer, basic, seed, seed_mailing
 
 
 def sign_in(client, token: str = API_TOKEN, next_: str = "/results"):

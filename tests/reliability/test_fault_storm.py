@@ -54,6 +54,7 @@ from ..support import (
     FAST_TWIN,
     SEND_TOKEN,
     LiveServer,
+    assert_matches_truth,
     kill_if_running,
     phones,
     settings_env,
@@ -61,7 +62,6 @@ from ..support import (
     start_worker,
     stop_worker,
 )
-from ..test_enrich import assert_matches_truth
 
 PHONES = phones(80)
 CHAT = {"chatId": "chat-channel-1", "botId": "bot-1", "messengerType": "WHATSAPP",

@@ -28,6 +28,7 @@ from receiver.models import Delivery, Message, Subscription
 from ..support import (
     LiveServer,
     RecordingTarget,
+    assert_matches_truth,
     kill_if_running,
     make_secret,
     phones,
@@ -38,7 +39,6 @@ from ..support import (
     stop_worker,
     wait_for,
 )
-from ..test_enrich import assert_matches_truth
 
 SECRET = make_secret("forward-kill")
 MESSAGES = 30

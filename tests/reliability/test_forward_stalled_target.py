@@ -21,6 +21,8 @@ from ..support import (
     CALLBACK_TOKEN,
     LiveServer,
     StalledTarget,
+    assert_matches_truth,
+    callback_body,
     kill_if_running,
     make_secret,
     phones,
@@ -31,8 +33,6 @@ from ..support import (
     stop_worker,
     wait_for,
 )
-from ..test_callbacks import callback
-from ..test_enrich import assert_matches_truth
 
 TIMEOUT = 5.0           # FORWARD_TIMEOUT: every POST to the stalled target takes this long, then fails
 CALLBACKS = 60
@@ -46,7 +46,7 @@ def post_callback(http, base_url: str, message_id: str) -> float:
     """POST a status callback to the receiver; the seconds it took to be answered 200."""
     began = time.monotonic()
     answer = http.post(f"{base_url}/callbacks/{CALLBACK_TOKEN}", timeout=30,
-                       json=callback(message_id=message_id, old="CREATED", new="PENDING"))
+                       json=callback_body(message_id=message_id, old="CREATED", new="PENDING"))
     assert answer.status_code == 200, answer.text
     return time.monotonic() - began
 
