@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from receiver import create_app, models
 from receiver.api import openapi_document
 
-from .conftest import API_TOKEN, CALLBACK_TOKEN, SEND_TOKEN, make_settings
+from .support import API_TOKEN, CALLBACK_TOKEN, SEND_TOKEN, TWIN_NEVER_CALLED, make_settings
 
 METRICS_TOKEN = "test-metrics-token-0123456789abc"
 MAX_EXAMPLES = 50
@@ -35,8 +35,7 @@ RESULTS_RULES = (("until", "must be after since"), ("since", "outside the years 
 
 @pytest.fixture
 def contract_app(database_url):
-    settings = make_settings(database_url, metrics_token=METRICS_TOKEN,
-                             twin24_token="never-used-no-request-calls-twin", twin24_notify_url="http://127.0.0.1:9")
+    settings = make_settings(database_url, metrics_token=METRICS_TOKEN, **TWIN_NEVER_CALLED)
     app = create_app(settings)
     # One stored send, so that GET /api/sends/{send_id} has something to find (send #1).
     queued = app.test_client().post("/api/sends", headers={"Authorization": f"Bearer {SEND_TOKEN}"}, json={

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from receiver import create_app, models
 from receiver.models import Rejected
 
-from .conftest import SEND_TOKEN, make_settings
-from .results_helpers import CALLBACK_PATH, seed
+from .support import CALLBACK_PATH, SEND_TOKEN, seed
 
 SEND_AUTH = {"Authorization": f"Bearer {SEND_TOKEN}"}
 SEND = {"chat": {"chatId": "chat-1", "botId": "bot-1", "text": "Hello"},
@@ -17,16 +15,6 @@ SEND = {"chat": {"chatId": "chat-1", "botId": "bot-1", "text": "Hello"},
 
 def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
-
-
-@pytest.fixture
-def sends_client(database_url):
-    """A client of an app that takes sends (TWIN credentials set; no request calls TWIN)."""
-    app = create_app(make_settings(database_url, twin24_token="never-used-no-request-calls-twin",
-                                   twin24_notify_url="http://127.0.0.1:9"))
-    yield app.test_client()
-    if not models.db.is_closed():
-        models.db.close()
 
 
 @pytest.mark.parametrize("body", [

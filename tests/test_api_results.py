@@ -11,8 +11,7 @@ import pytest
 
 from receiver.models import Message
 
-from .conftest import API_TOKEN
-from .results_helpers import answer, seed
+from .support import API_TOKEN, answer, seed
 
 ENDPOINTS = ("/api/results", "/api/results.csv", "/api/results.json", "/api/results/summary")
 EXAMPLES = Path(__file__).resolve().parent / "examples"

@@ -3,7 +3,7 @@ import sqlite3
 
 from receiver import create_app
 
-from .conftest import make_settings
+from .support import make_settings
 
 
 def test_an_unset_callback_token_is_generated_once_kept_and_announced_once(tmp_path, capsys):
@@ -38,11 +38,11 @@ def test_the_schema_and_results_view_exist_from_the_first_start(tmp_path):
 
 
 def test_a_database_from_an_earlier_version_gains_the_new_columns_and_keeps_its_rows(tmp_path):
-    from .test_callbacks import callback
+    from .support import callback_body
 
     settings = make_settings(f"sqlite:///{tmp_path}/r.db")
     app = create_app(settings)
-    app.test_client().post("/callbacks/test-callback-token-0123456789", json=callback())
+    app.test_client().post("/callbacks/test-callback-token-0123456789", json=callback_body())
     with sqlite3.connect(tmp_path / "r.db") as connection:
         connection.execute("alter table message drop column session_started_at")
 

@@ -12,21 +12,9 @@ import requests
 from receiver import callbacks
 from receiver.models import Event, Message, Meta, Rejected
 
-from .conftest import CALLBACK_TOKEN
+from .support import CALLBACK_TOKEN, callback_body
 
 EXAMPLES = Path(__file__).with_name("examples")
-
-
-def callback(message_id="m-1", old="CREATED", new="PENDING", **extra):
-    codes = {"CREATED": 1, "PENDING": 2, "DELIVERED": 6, "UNDELIVERED": 7, "ERROR": 8}
-    body = {
-        "id": message_id, "bulkId": "bulk-1", "groupId": "group-1", "flowId": "flow-1",
-        "oldStatus": old, "newStatus": new,
-        "oldStatusCode": codes.get(old), "newStatusCode": codes.get(new),
-        "price": 0.5, "partCount": 1, "callbackData": "mailing-7",
-    }
-    body.update(extra)
-    return body
 
 
 def stored_messages():
@@ -34,7 +22,7 @@ def stored_messages():
 
 
 def test_a_callback_is_stored_with_its_message(client, callback_path):
-    answer = client.post(callback_path, json=callback())
+    answer = client.post(callback_path, json=callback_body())
 
     assert answer.status_code == 200
     assert answer.json == {"stored": True, "duplicate": False}
@@ -44,7 +32,7 @@ def test_a_callback_is_stored_with_its_message(client, callback_path):
     assert message.stage == "none"
     event = Event.get()
     assert (event.message_id, event.old_status, event.new_status) == ("m-1", "CREATED", "PENDING")
-    assert json.loads(event.raw) == callback()
+    assert json.loads(event.raw) == callback_body()
 
 
 def test_the_raw_body_is_kept_byte_for_byte_with_unknown_fields(client, callback_path):
@@ -56,8 +44,8 @@ def test_the_raw_body_is_kept_byte_for_byte_with_unknown_fields(client, callback
 
 
 def test_an_exact_repeat_is_recorded_once(client, callback_path):
-    first = client.post(callback_path, json=callback())
-    again = client.post(callback_path, json=callback())
+    first = client.post(callback_path, json=callback_body())
+    again = client.post(callback_path, json=callback_body())
 
     assert first.json["duplicate"] is False
     assert again.status_code == 200 and again.json["duplicate"] is True
@@ -65,8 +53,8 @@ def test_an_exact_repeat_is_recorded_once(client, callback_path):
 
 
 def test_status_never_goes_backwards_when_callbacks_arrive_out_of_order(client, callback_path):
-    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
-    client.post(callback_path, json=callback(old="CREATED", new="PENDING"))
+    client.post(callback_path, json=callback_body(old="PENDING", new="DELIVERED"))
+    client.post(callback_path, json=callback_body(old="CREATED", new="PENDING"))
 
     message = Message.get_by_id("m-1")
     assert (message.status, message.status_code) == ("DELIVERED", 6)
@@ -75,18 +63,18 @@ def test_status_never_goes_backwards_when_callbacks_arrive_out_of_order(client, 
 
 
 def test_a_late_failure_does_not_undo_a_delivery(client, callback_path):
-    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
-    client.post(callback_path, json=callback(old="PENDING", new="UNDELIVERED"))
+    client.post(callback_path, json=callback_body(old="PENDING", new="DELIVERED"))
+    client.post(callback_path, json=callback_body(old="PENDING", new="UNDELIVERED"))
 
     assert Message.get_by_id("m-1").status == "DELIVERED"
 
 
 def test_an_unknown_status_is_stored_and_ranked_before_final_ones(client, callback_path):
-    client.post(callback_path, json=callback(old="PENDING", new="QUEUED_AT_OPERATOR"))
+    client.post(callback_path, json=callback_body(old="PENDING", new="QUEUED_AT_OPERATOR"))
     assert Message.get_by_id("m-1").status == "QUEUED_AT_OPERATOR"
 
-    client.post(callback_path, json=callback(old="QUEUED_AT_OPERATOR", new="DELIVERED"))
-    client.post(callback_path, json=callback(old="PENDING", new="SOMETHING_ELSE"))
+    client.post(callback_path, json=callback_body(old="QUEUED_AT_OPERATOR", new="DELIVERED"))
+    client.post(callback_path, json=callback_body(old="PENDING", new="SOMETHING_ELSE"))
     assert Message.get_by_id("m-1").status == "DELIVERED"
 
 
@@ -98,7 +86,7 @@ def test_an_unknown_status_is_stored_and_ranked_before_final_ones(client, callba
     (None, None),
 ])
 def test_callback_data_is_opaque_text_kept_verbatim(client, callback_path, value, stored):
-    client.post(callback_path, json=callback(callbackData=value))
+    client.post(callback_path, json=callback_body(callbackData=value))
 
     assert Message.get_by_id("m-1").callback_data == stored
     assert Event.get().callback_data == stored
@@ -106,8 +94,8 @@ def test_callback_data_is_opaque_text_kept_verbatim(client, callback_path, value
 
 def test_one_callback_data_covers_many_messages(client, callback_path, api_headers):
     for n in range(3):
-        client.post(callback_path, json=callback(message_id=f"m-{n}", callbackData="Акция 1"))
-    client.post(callback_path, json=callback(message_id="other", callbackData="Акция 2"))
+        client.post(callback_path, json=callback_body(message_id=f"m-{n}", callbackData="Акция 1"))
+    client.post(callback_path, json=callback_body(message_id="other", callbackData="Акция 2"))
 
     answer = client.get("/api/messages", query_string={"callbackData": "Акция 1"}, headers=api_headers)
 
@@ -134,15 +122,15 @@ BAD_INPUTS = [
     ("NaN price", dict(data='{"id":"m-1","newStatus":"PENDING","price":NaN}', content_type="application/json"),
      400, "unparsable_json"),
     ("missing id", dict(json={"newStatus": "PENDING"}), 422, "missing_field"),
-    ("empty id", dict(json=callback(id="")), 422, "missing_field"),
+    ("empty id", dict(json=callback_body(id="")), 422, "missing_field"),
     ("missing newStatus", dict(json={"id": "m-1", "oldStatus": "CREATED"}), 422, "missing_field"),
     # Only codes 2 and 6 are confirmed: another code does not name a status.
     ("missing newStatus, unconfirmed code", dict(json={"id": "m-1", "newStatusCode": 7}), 422, "missing_field"),
-    ("id is an object", dict(json=callback(id={"x": 1})), 422, "wrong_type"),
-    ("id is an array", dict(json=callback(id=["m-1"])), 422, "wrong_type"),
-    ("id is a boolean", dict(json=callback(id=True)), 422, "wrong_type"),
+    ("id is an object", dict(json=callback_body(id={"x": 1})), 422, "wrong_type"),
+    ("id is an array", dict(json=callback_body(id=["m-1"])), 422, "wrong_type"),
+    ("id is a boolean", dict(json=callback_body(id=True)), 422, "wrong_type"),
     ("newStatus is a number, no code", dict(json={"id": "m-1", "newStatus": 6}), 422, "wrong_type"),
-    ("id too long", dict(json=callback(id="x" * 500)), 422, "field_too_long"),
+    ("id too long", dict(json=callback_body(id="x" * 500)), 422, "field_too_long"),
     ("xml", dict(data="<id>m-1</id>", content_type="application/xml"), 415, "unsupported_content_type"),
     ("not utf-8", dict(data=b'{"id":"\xff\xfe"}', content_type="application/json"), 400, "bad_encoding"),
     ("empty form", dict(data="", content_type="application/x-www-form-urlencoded"), 422, "missing_field"),
@@ -156,7 +144,7 @@ BAD_INPUTS = [
     # The raw copy is text: a form body holding a NUL byte cannot be kept on PostgreSQL.
     ("NUL byte in a form", dict(data=b"id=m-1&newStatus=PENDING&note=\x00",
                                 content_type="application/x-www-form-urlencoded"), 422, "bad_character"),
-    ("too large", dict(data=json.dumps(callback(padding="x" * 70_000)), content_type="application/json"),
+    ("too large", dict(data=json.dumps(callback_body(padding="x" * 70_000)), content_type="application/json"),
      413, "payload_too_large"),
 ]
 
@@ -164,7 +152,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("name, kwargs, status, reason", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_refused_with_a_reason_kept_and_touches_no_message(
         client, callback_path, name, kwargs, status, reason):
-    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
+    client.post(callback_path, json=callback_body(old="PENDING", new="DELIVERED"))
     before = {m.id: m.__data__ for m in Message.select()}
 
     answer = client.post(callback_path, **kwargs)
@@ -187,18 +175,18 @@ def _as_bytes(data):
 
 TOLERATED = [
     # (name, the callback's body as sent, the message column that must be null, the field named unreadable)
-    ("price is a word", json.dumps(callback(price="два")), "price", "price"),
-    ("price is a boolean", json.dumps(callback(price=True)), "price", "price"),
-    ("price has 400 digits", json.dumps(callback(price=10**400)), "price", "price"),
+    ("price is a word", json.dumps(callback_body(price="два")), "price", "price"),
+    ("price is a boolean", json.dumps(callback_body(price=True)), "price", "price"),
+    ("price has 400 digits", json.dumps(callback_body(price=10**400)), "price", "price"),
     # A price PostgreSQL's REAL column cannot hold (over- or underflow) would be a 503 on every retry.
-    ("price beyond a REAL", json.dumps(callback(price=3.5e38)), "price", "price"),
-    ("price below a REAL", json.dumps(callback(price=-1e-46)), "price", "price"),
-    ("price is an object", json.dumps(callback(price={"value": 2.5})), "price", "price"),
-    ("partCount is a word", json.dumps(callback(partCount="x")), "part_count", "partCount"),
-    ("partCount is a superscript digit", json.dumps(callback(partCount="²")), "part_count", "partCount"),
-    ("partCount is huge", json.dumps(callback(partCount=10**30)), "part_count", "partCount"),
-    ("bulkId is an array", json.dumps(callback(bulkId=[1])), "bulk_id", "bulkId"),
-    ("flowId is too long", json.dumps(callback(flowId="f" * 500)), "flow_id", "flowId"),
+    ("price beyond a REAL", json.dumps(callback_body(price=3.5e38)), "price", "price"),
+    ("price below a REAL", json.dumps(callback_body(price=-1e-46)), "price", "price"),
+    ("price is an object", json.dumps(callback_body(price={"value": 2.5})), "price", "price"),
+    ("partCount is a word", json.dumps(callback_body(partCount="x")), "part_count", "partCount"),
+    ("partCount is a superscript digit", json.dumps(callback_body(partCount="²")), "part_count", "partCount"),
+    ("partCount is huge", json.dumps(callback_body(partCount=10**30)), "part_count", "partCount"),
+    ("bulkId is an array", json.dumps(callback_body(bulkId=[1])), "bulk_id", "bulkId"),
+    ("flowId is too long", json.dumps(callback_body(flowId="f" * 500)), "flow_id", "flowId"),
     ("groupId holds a NUL", r'{"id":"m-1","newStatus":"DELIVERED","groupId":"g\u0000"}', "group_id", "groupId"),
     ("callbackData holds a NUL", r'{"id":"m-1","newStatus":"DELIVERED","callbackData":"a\u0000b"}',
      "callback_data", "callbackData"),
@@ -223,7 +211,7 @@ def test_an_unreadable_optional_field_is_stored_as_null_and_the_status_kept(
 
 @pytest.mark.parametrize("price, stored", [("2,5", 2.5), ("0,35", 0.35), (" 1.75 ", 1.75), ("3", 3.0)])
 def test_a_price_written_with_a_decimal_comma_is_read(client, callback_path, price, stored):
-    answer = client.post(callback_path, json=callback(old="PENDING", new="DELIVERED", price=price))
+    answer = client.post(callback_path, json=callback_body(old="PENDING", new="DELIVERED", price=price))
 
     assert answer.status_code == 200 and answer.json == {"stored": True, "duplicate": False}
     assert Message.get_by_id("m-1").price == pytest.approx(stored)
@@ -241,7 +229,7 @@ def test_a_form_with_unreadable_numbers_keeps_its_status(client, callback_path):
 
 @pytest.mark.parametrize("sent, stored", [(12345, "12345"), (0, "0"), (-7, "-7")])
 def test_a_numeric_id_is_kept_as_its_text(client, callback_path, sent, stored):
-    answer = client.post(callback_path, json=callback(id=sent))
+    answer = client.post(callback_path, json=callback_body(id=sent))
 
     assert answer.status_code == 200
     assert Message.get_by_id(stored).status == "PENDING"
@@ -278,7 +266,7 @@ def test_an_unreadable_status_with_a_confirmed_code_is_read_from_the_code(client
 
 
 def test_an_array_of_callbacks_is_stored_item_by_item(client, callback_path):
-    items = [callback("m-1", old="PENDING", new="DELIVERED"), callback("m-2", old="CREATED", new="PENDING")]
+    items = [callback_body("m-1", old="PENDING", new="DELIVERED"), callback_body("m-2", old="CREATED", new="PENDING")]
 
     answer = client.post(callback_path, json=items)
 
@@ -290,7 +278,7 @@ def test_an_array_of_callbacks_is_stored_item_by_item(client, callback_path):
 
 
 def test_an_array_item_that_names_no_message_is_kept_and_the_others_stored(client, callback_path):
-    good = callback("m-1", old="PENDING", new="DELIVERED")
+    good = callback_body("m-1", old="PENDING", new="DELIVERED")
     nameless = {"newStatus": "DELIVERED", "callbackData": "без id"}
 
     answer = client.post(callback_path, json=[good, nameless, good, "DELIVERED"])
@@ -390,7 +378,7 @@ def test_a_long_content_type_or_client_address_is_cut_to_its_column(client, call
     address = "2001:db8::" + "1" * 100          # whatever a trusted proxy's X-Forwarded-For said
     sent = dict(content_type=content_type, environ_base={"REMOTE_ADDR": address})
 
-    stored = client.post(callback_path, data=json.dumps(callback()), **sent)
+    stored = client.post(callback_path, data=json.dumps(callback_body()), **sent)
     refused = client.post(callback_path, data="{nope", **sent)
 
     assert stored.status_code == 200 and refused.status_code == 400
@@ -401,20 +389,20 @@ def test_a_long_content_type_or_client_address_is_cut_to_its_column(client, call
 
 @pytest.mark.parametrize("method", ["TRACE", "PROPFIND"])
 def test_a_method_the_route_does_not_list_is_refused_like_get(client, callback_path, method):
-    answer = client.open(callback_path, method=method, json=callback())
+    answer = client.open(callback_path, method=method, json=callback_body())
 
     assert answer.status_code == 405 and answer.headers["Allow"] == "POST"
     assert answer.json == {"error": "method_not_allowed", "detail": f"use POST, not {method}"}
     assert Rejected.get().reason == "method_not_allowed" and Event.select().count() == 0
 
-    wrong = client.open("/callbacks/" + "x" * len(CALLBACK_TOKEN), method=method, json=callback())
+    wrong = client.open("/callbacks/" + "x" * len(CALLBACK_TOKEN), method=method, json=callback_body())
     assert wrong.status_code == 404 and wrong.json == {"error": "not_found"}
     assert Rejected.select().count() == 1
 
 
 @pytest.mark.parametrize("method", ["post", "get", "options"])
 def test_a_wrong_token_is_404_and_stores_nothing(client, method):
-    answer = getattr(client, method)("/callbacks/" + "x" * len(CALLBACK_TOKEN), json=callback())
+    answer = getattr(client, method)("/callbacks/" + "x" * len(CALLBACK_TOKEN), json=callback_body())
 
     assert answer.status_code == 404
     assert Event.select().count() == 0 and Rejected.select().count() == 0 and Message.select().count() == 0
@@ -423,7 +411,7 @@ def test_a_wrong_token_is_404_and_stores_nothing(client, method):
 def test_the_results_view_reads_like_the_recipe_table_from_the_sqlite_file(settings, client, callback_path):
     if not settings.is_sqlite:
         pytest.skip("reads the SQLite file itself")
-    client.post(callback_path, json=callback(old="PENDING", new="DELIVERED", callbackData="Опрос"))
+    client.post(callback_path, json=callback_body(old="PENDING", new="DELIVERED", callbackData="Опрос"))
 
     path = settings.database_url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as connection:
@@ -438,7 +426,7 @@ def test_the_results_view_reads_like_the_recipe_table_from_the_sqlite_file(setti
 def test_reading_a_mailing_by_callback_data_uses_an_index_in_the_sqlite_file(settings, client, callback_path):
     if not settings.is_sqlite:
         pytest.skip("asks SQLite for its query plan")
-    client.post(callback_path, json=callback(callbackData="Опрос"))
+    client.post(callback_path, json=callback_body(callbackData="Опрос"))
 
     path = settings.database_url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as connection:
@@ -454,7 +442,7 @@ def test_concurrent_callbacks_from_many_threads_are_all_stored(live_app):
     def post_many(thread_number):
         with requests.Session() as session:
             for n in range(40):
-                body = callback(message_id=f"t{thread_number}-{n}", old="PENDING", new="DELIVERED")
+                body = callback_body(message_id=f"t{thread_number}-{n}", old="PENDING", new="DELIVERED")
                 answer = session.post(url, json=body, timeout=30)
                 if answer.status_code != 200:
                     failures.append((answer.status_code, answer.text))

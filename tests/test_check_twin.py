@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,7 @@ from receiver import create_app, models
 from receiver.enrich import Enricher
 from receiver.twin24 import TwinClient
 
-from .conftest import make_settings
-from .support import settings_env
-from .twin24.conftest import send_body
+from .support import send_body, settings_env, settings_for
 from .twin24.example_twin import LOGIN, PASSWORD, ExampleTwin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,14 +43,6 @@ class TokenCatcher:
 
 
 @pytest.fixture
-def closed_port():
-    """A local port nothing listens on (bound then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
 def login_sim(make_sim):
     sim = make_sim(static_token=None, password=SECRET_PASSWORD)
     sim.catcher = TokenCatcher(sim.app)
@@ -61,9 +50,8 @@ def login_sim(make_sim):
 
 
 def twin_settings(tmp_path, urls, **auth):
-    values = dict(twin24_auth_url=urls.auth_url, twin24_notify_url=urls.notify_url,
-                  twin24_analyse_url=urls.analyse_url, twin24_connect_timeout=1.0, twin24_read_timeout=5.0)
-    return make_settings(f"sqlite:///{tmp_path}/receiver.db", **{**values, **auth})
+    return settings_for(urls, f"sqlite:///{tmp_path}/receiver.db", auth=None,
+                        **{"twin24_connect_timeout": 1.0, "twin24_read_timeout": 5.0, **auth})
 
 
 def check(settings):

@@ -1,19 +1,12 @@
 """Operator commands, run as the operator runs them: `python -m receiver <command>`."""
-import subprocess
-import sys
 from pathlib import Path
 
 from receiver.enrich import Enricher
 from receiver.twin24 import TwinClient
 
-from .support import settings_env
+from .support import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_command(settings, *args):
-    return subprocess.run([sys.executable, "-m", "receiver", *args], cwd=ROOT, env=settings_env(settings),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_status_shows_the_backlog_the_oldest_due_and_the_last_twin_error(settings, app, client, callback_path):

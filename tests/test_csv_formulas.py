@@ -19,8 +19,7 @@ from receiver.enrich import Enricher
 from receiver.models import Message
 from receiver.simulator import SimConfig, Simulator
 
-from .conftest import FAST_TWIN
-from .support import phones, send_mailing, wait_for
+from .support import FAST_TWIN, phones, send_mailing, wait_for
 
 FORMULA = '=HYPERLINK("http://x","y")'
 DEFUSED = "'" + FORMULA

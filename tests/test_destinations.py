@@ -11,14 +11,10 @@ import pytest
 from receiver import destinations
 from receiver.destinations import InputError, chat_settings, read_csv, read_json
 
+from .support import write
+
 CHAT = {"chatId": "c", "botId": "b", "text": "t"}
 FUTURE = (dt.datetime.now(dt.UTC) + dt.timedelta(days=3)).replace(microsecond=0)
-
-
-def write(tmp_path, text: str, name: str) -> str:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 def problems_of(call, *args, **kwargs) -> list[str]:

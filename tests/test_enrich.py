@@ -14,7 +14,7 @@ import pytest
 from receiver.enrich import MESSAGES_SWEEP, Enricher
 from receiver.models import Message
 
-from .support import phones, send_mailing, wait_for
+from .support import LiveServer, assert_matches_truth, phones, send_mailing, settings_for, wait_for
 
 
 @pytest.fixture
@@ -34,20 +34,6 @@ def enrich_until_settled(enricher, count, timeout=30.0):
     wait_for(lambda: Message.select().where(settled).count() >= count,
              step=lambda: enricher.run_once(force=True), timeout=timeout)
     return {m.id: m for m in Message.select()}
-
-
-def assert_matches_truth(twin, stored, ids):
-    truth = {t["id"]: t for t in twin.truth()}
-    for message_id in ids:
-        expected, message = truth[message_id], stored[message_id]
-        assert message.status == expected["finalStatus"], message_id
-        if expected["finalStatus"] != "DELIVERED":
-            continue
-        assert message.chat_id == expected["sessionId"], message_id
-        if expected["result"]:
-            assert message.stage == "done", (message_id, message.given_up_reason)
-            assert json.loads(message.result) == expected["result"], message_id
-            assert message.result_at is not None
 
 
 def test_a_clean_mailing_gets_every_chat_id_and_result(twin, live_app, enricher):
@@ -153,11 +139,7 @@ def test_429_and_5xx_storms_are_ridden_out(twin, live_app, enricher):
 def test_tokens_that_expire_mid_run_are_renewed(database_url, twin):
     from receiver import create_app
 
-    from .conftest import LiveServer, make_settings
-
-    settings = make_settings(database_url, twin24_login=twin.login, twin24_password=twin.password,
-                             twin24_auth_url=twin.auth_url, twin24_notify_url=twin.notify_url,
-                             twin24_analyse_url=twin.analyse_url)
+    settings = settings_for(twin, database_url, auth="login")
     app = create_app(settings)
     server = LiveServer(app).start()
     try:

@@ -12,9 +12,15 @@ from receiver.callbudget import CallBudget
 from receiver.models import Message, utcnow
 from receiver.simulator import most_calls_within
 
-from .support import phones, send_mailing, settings_env, start_worker, wait_for
-from .test_enrich import assert_matches_truth
-from .test_worker import all_settled
+from .support import (
+    all_settled,
+    assert_matches_truth,
+    phones,
+    send_mailing,
+    settings_env,
+    start_worker,
+    wait_for,
+)
 
 RECEIVER_CALLS = ("login", "refresh", "messages_stats", "sessions_stats", "send")
 

@@ -9,7 +9,7 @@ import pytest
 
 from receiver import models, results
 
-from .results_helpers import answer, bulk_messages, seed
+from .support import answer, bulk_messages, seed
 
 
 def run(app, *args):

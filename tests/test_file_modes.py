@@ -10,8 +10,7 @@ from pathlib import Path
 
 from receiver import create_app
 
-from .conftest import make_settings
-from .results_helpers import seed
+from .support import make_settings, seed
 
 ROOT = Path(__file__).resolve().parents[1]
 

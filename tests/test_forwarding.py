@@ -17,8 +17,7 @@ from receiver import forwarding
 from receiver.enrich import Enricher
 from receiver.models import Delivery, DeliveryAttempt, Message, Subscription, db, utcnow, write_transaction
 
-from .conftest import LiveServer
-from .support import phones, send_mailing, wait_for
+from .support import LiveServer, phones, send_mailing, wait_for
 
 
 def new_secret() -> str:

@@ -16,12 +16,18 @@ from standardwebhooks import Webhook
 from receiver import forwarding
 from receiver.models import Delivery, Subscription, write_transaction
 
-from .conftest import API_TOKEN, LiveServer
-from .forward_targets import RecordingTarget, make_secret
-from .results_helpers import answer, seed
-from .test_cli import run_command
-from .test_metrics import scrape, value
-from .test_pages import basic
+from .support import (
+    API_TOKEN,
+    LiveServer,
+    RecordingTarget,
+    answer,
+    basic,
+    make_secret,
+    run_command,
+    scrape,
+    seed,
+    value,
+)
 
 GOOD_SECRET = make_secret("the good target")
 

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from receiver import create_app
 
-from .conftest import LiveServer, make_settings
-from .support import settings_env
-from .test_sending import CHAT_JSON
+from .support import CHAT_JSON, LiveServer, make_settings, settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_TOKEN = "old-callback-token-0123456789"

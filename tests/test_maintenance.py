@@ -3,14 +3,10 @@ retention)."""
 from __future__ import annotations
 
 import datetime as dt
-import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +14,7 @@ from receiver import create_app, maintenance, models
 from receiver.models import Event, Message, Rejected, utcnow
 from receiver.settings import Settings
 
-from .conftest import make_settings
-from .support import settings_env, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from .support import make_settings, settings_env, start_worker, stop_worker, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -225,14 +218,11 @@ def run_worker_until_pruned(settings, tmp_path):
     env = settings_env(settings)
     env.pop("EVENT_RETENTION_DAYS")                            # the default applies
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT)
+    worker = start_worker(env, log)
     try:
         pruned = wait_for(lambda: Event.select().count() == 5, timeout=30, interval=0.1)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        exit_code = worker.wait(timeout=15)
+        exit_code = stop_worker(worker, timeout=15)
     output = log.read_text()
     assert pruned, output[-3000:]
     assert exit_code == 0, output[-3000:]

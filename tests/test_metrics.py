@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from receiver import create_app, enrich, metrics, models
 from receiver.models import Message, TwinCall, utcnow
 
-from .conftest import API_TOKEN, CALLBACK_TOKEN, make_settings
-from .results_helpers import CALLBACK_PATH, seed
+from .support import API_TOKEN, CALLBACK_PATH, CALLBACK_TOKEN, make_settings, scrape, seed, value
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS_TOKEN = "test-metrics-token-0123456789abc"
@@ -32,20 +31,6 @@ def make_client(database_url):
     yield make
     if not models.db.is_closed():
         models.db.close()
-
-
-def scrape(client, **headers) -> dict:
-    answer = client.get("/metrics", headers=headers)
-    assert answer.status_code == 200
-    samples = {}
-    for family in text_string_to_metric_families(answer.get_data(as_text=True)):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_are_open_and_count_what_happened(client):

@@ -15,8 +15,7 @@ from peewee import IntegerField, Model, OperationalError, TextField
 from receiver import models, results
 from receiver.models import Event, Message, QueuedSqliteDatabase
 
-from .conftest import make_settings
-from .test_callbacks import callback
+from .support import callback_body, make_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +45,7 @@ def index_sql(table):
 
 def test_a_schema_1_database_comes_up_current_with_its_events_still_deduplicated(app, client, callback_path):
     for old, new in ((None, "PENDING"), ("PENDING", "DELIVERED")):
-        assert client.post(callback_path, json=callback(old=old, new=new)).status_code == 200
+        assert client.post(callback_path, json=callback_body(old=old, new=new)).status_code == 200
     with models.db.connection_context():
         for statement in SCHEMA_1:
             models.db.execute_sql(statement)
@@ -61,8 +60,8 @@ def test_a_schema_1_database_comes_up_current_with_its_events_still_deduplicated
         assert set(index_sql("event")) == {"event_transition"}
         assert all("WHERE" in index_sql("message")[name].upper() for name in ("message_send_id", "message_chat_id"))
         assert models.Meta.get_by_id("schema_version").value == models.SCHEMA_VERSION == "3"
-    repeat = client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
-    fresh = client.post(callback_path, json=callback("m-2", old=None, new="PENDING"))
+    repeat = client.post(callback_path, json=callback_body(old="PENDING", new="DELIVERED"))
+    fresh = client.post(callback_path, json=callback_body("m-2", old=None, new="PENDING"))
     assert repeat.json == {"stored": True, "duplicate": True}
     assert fresh.json == {"stored": True, "duplicate": False}
     with models.db.connection_context():
@@ -94,14 +93,14 @@ def test_a_schema_2_database_comes_up_current_and_takes_a_long_callback_data(app
         expected = "message_callback_data_first_seen_at_id" if settings.is_sqlite else "message_callback_data_prefix"
         assert callback_data_indexes() == {expected}
         assert models.Meta.get_by_id("schema_version").value == models.SCHEMA_VERSION
-    assert client.post(callback_path, json=callback(callbackData=LONG_CALLBACK_DATA)).status_code == 200
+    assert client.post(callback_path, json=callback_body(callbackData=LONG_CALLBACK_DATA)).status_code == 200
 
 
 def test_a_long_callback_data_is_stored_whole_and_found_exactly(client, callback_path, api_headers):
     assert len(LONG_CALLBACK_DATA.encode()) == 10_000
     same_start = LONG_CALLBACK_DATA[:-5] + "иначе"       # differs only in its last characters
     for message_id, callback_data in (("m-1", LONG_CALLBACK_DATA), ("m-2", same_start), ("m-3", "short")):
-        answer = client.post(callback_path, json=callback(message_id, callbackData=callback_data))
+        answer = client.post(callback_path, json=callback_body(message_id, callbackData=callback_data))
         assert answer.status_code == 200, answer.get_json()
 
     for path in ("/api/results", "/api/messages"):
@@ -125,8 +124,8 @@ def test_reading_a_mailing_by_callback_data_uses_its_index(app, settings):
 
 
 def test_an_event_without_an_old_status_is_stored_once(client, callback_path):
-    first = client.post(callback_path, json=callback(old=None, new="PENDING"))
-    again = client.post(callback_path, json=callback(old=None, new="PENDING"))
+    first = client.post(callback_path, json=callback_body(old=None, new="PENDING"))
+    again = client.post(callback_path, json=callback_body(old=None, new="PENDING"))
 
     assert (first.json["duplicate"], again.json["duplicate"]) == (False, True)
     with models.db.connection_context():
@@ -296,7 +295,7 @@ def test_a_postgresql_connection_is_kept_between_requests(app, settings, client,
             return models.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
 
     first = server_process()
-    assert client.post(callback_path, json=callback()).status_code == 200
+    assert client.post(callback_path, json=callback_body()).status_code == 200
     assert server_process() == first
 
 

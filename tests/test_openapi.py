@@ -15,8 +15,7 @@ from receiver import sending
 from receiver.api import openapi_document
 from receiver.twin24 import TwinClient
 
-from .conftest import API_TOKEN, SEND_TOKEN
-from .results_helpers import CALLBACK_PATH, answer, seed
+from .support import API_TOKEN, CALLBACK_PATH, SEND_TOKEN, seed_mailing
 
 # Routes that are not part of the API: the results page and its files.
 NOT_API = {"/", "/login", "/logout", "/results", "/results.csv", "/static/<path:filename>"}
@@ -68,11 +67,8 @@ SEND = {"chat": {"chatId": "chat-1", "botId": "bot-1", "text": "Здравств
 
 
 def test_answers_match_the_description(client, spec):
-    ids = seed(client, 4, callback_data="Опрос")
-    seed(client, 1, prefix="u", callback_data="Опрос", status="UNDELIVERED")
-    answer(ids[0], {"confirmation": "Да", "nps": 9, "meta": {"a": [1]}})
-    answer(ids[1], {})
-    answer(ids[2], "plain text result")
+    ids = seed_mailing(client, "Опрос", 4, undelivered=1,
+                       answers=[{"confirmation": "Да", "nps": 9, "meta": {"a": [1]}}, {}, "plain text result"])
 
     cases = [
         ("GET", "/healthz", {}, 200),

@@ -8,8 +8,7 @@ import pytest
 
 from receiver import create_app
 
-from .conftest import API_TOKEN, CALLBACK_TOKEN, make_settings
-from .results_helpers import answer, seed
+from .support import API_TOKEN, CALLBACK_TOKEN, answer, make_settings, seed
 
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")

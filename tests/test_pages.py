@@ -9,12 +9,7 @@ import re
 
 import pytest
 
-from .conftest import API_TOKEN
-from .results_helpers import answer, seed
-
-
-def basic(password: str, user: str = "anyone") -> dict:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+from .support import API_TOKEN, answer, basic, seed, seed_mailing
 
 
 def sign_in(client, token: str = API_TOKEN, next_: str = "/results"):
@@ -71,11 +66,9 @@ def test_a_token_in_the_url_is_refused(client):
 
 
 def test_the_page_shows_the_mailing(client):
-    ids = seed(client, 4, callback_data="Опрос <весна>")
-    seed(client, 1, prefix="u", callback_data="Опрос <весна>", status="UNDELIVERED")
+    seed_mailing(client, "Опрос <весна>", 4, undelivered=1,
+                 answers=[{"confirmation": "Да", "nps": 9}, {"confirmation": "Отказ", "nps": 3}])
     seed(client, 2, prefix="o", callback_data="other")
-    answer(ids[0], {"confirmation": "Да", "nps": 9})
-    answer(ids[1], {"confirmation": "Отказ", "nps": 3})
     html = client.get("/results", query_string={"mailing": "c:Опрос <весна>"},
                       headers=basic(API_TOKEN)).get_data(as_text=True)
     assert '<dd id="count-sent">5</dd>' in html

@@ -20,7 +20,7 @@ from flask import Flask, jsonify, request
 from receiver.enrich import Enricher
 from receiver.models import db
 
-from .conftest import LiveServer, make_settings
+from .support import LiveServer, TwinUrls, settings_for
 
 EXAMPLES = Path(__file__).parent / "examples"
 # The recipe's final table: messageId | chatId | result (the bot's `confirmation`).
@@ -79,9 +79,8 @@ def example_twin():
 def recipe_app(database_url, example_twin):
     from receiver import create_app
     url = example_twin.server.url
-    settings = make_settings(database_url, twin24_login="you@example.com", twin24_password="secret-password",
-                             twin24_auth_url=f"{url}/iam", twin24_notify_url=f"{url}/notify",
-                             twin24_analyse_url=f"{url}/analyse")
+    settings = settings_for(TwinUrls(url), database_url, auth=None, twin24_login="you@example.com",
+                            twin24_password="secret-password")
     app = create_app(settings)
     yield app
     if not db.is_closed():

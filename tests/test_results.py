@@ -13,7 +13,7 @@ from receiver import results
 from receiver.models import Message
 from receiver.results import FilterError, Filters
 
-from .results_helpers import answer, bulk_messages, callback, seed
+from .support import answer, bulk_messages, callback, seed, seed_mailing
 
 
 def walk(filters: Filters, limit: int, between=None) -> list[str]:
@@ -195,13 +195,11 @@ def test_rows_flattened_for_csv_and_kept_whole_for_json(client):
 
 
 def test_summary_funnel_and_answers(client):
-    sent = seed(client, 6, callback_data="survey")
-    seed(client, 2, prefix="u", callback_data="survey", status="UNDELIVERED")
+    sent = seed_mailing(client, "survey", 6, undelivered=2, answers=[
+        {"confirmation": "Да", "nps": 10}, {"confirmation": "Да", "nps": 9},
+        {"confirmation": "Отказ", "nps": 10, "meta": {"a": 1}},
+        {}])                                  # session closed without an answer
     seed(client, 3, prefix="x", callback_data="elsewhere")
-    answer(sent[0], {"confirmation": "Да", "nps": 10})
-    answer(sent[1], {"confirmation": "Да", "nps": 9})
-    answer(sent[2], {"confirmation": "Отказ", "nps": 10, "meta": {"a": 1}})
-    answer(sent[3], {})                       # session closed without an answer
     Message.update(chat_id="chat-only").where(Message.id == sent[4]).execute()
 
     summary = results.summarize(Filters(callback_data="survey"))

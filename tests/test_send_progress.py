@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from receiver import create_app, models
 from receiver.models import Outbox
 
-from .conftest import SEND_TOKEN, make_settings
+from .support import SEND_TOKEN
 
 SEND_AUTH = {"Authorization": f"Bearer {SEND_TOKEN}"}
 
 
 @pytest.fixture
-def client(database_url):
+def client(sends_client):
     """An app that takes sends (TWIN credentials set; no request here calls TWIN)."""
-    app = create_app(make_settings(database_url, twin24_token="never-used-no-request-calls-twin",
-                                   twin24_notify_url="http://127.0.0.1:9"))
-    yield app.test_client()
-    if not models.db.is_closed():
-        models.db.close()
+    return sends_client
 
 
 def send(client, count: int) -> dict:

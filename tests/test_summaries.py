@@ -12,8 +12,7 @@ from receiver import results, summaries
 from receiver.maintenance import PeriodicSummaries
 from receiver.models import STAGE_CHAT_ID, STAGE_DONE, STAGE_GIVEN_UP, MailingSummary, Message, utcnow
 
-from .conftest import API_TOKEN
-from .results_helpers import answer, callback, seed
+from .support import API_TOKEN, answer, callback, seed
 
 
 def summary(client, api_headers, **query) -> dict:

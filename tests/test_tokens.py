@@ -18,8 +18,7 @@ from receiver.models import Message
 from receiver.settings import SettingsError
 from receiver.twin24 import TwinClient
 
-from .conftest import API_TOKEN, SEND_TOKEN, LiveServer, make_settings
-from .test_sending import CHAT_JSON
+from .support import API_TOKEN, CHAT_JSON, SEND_TOKEN, LiveServer, make_settings, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_TOKEN = "old-callback-token-0123456789"
@@ -84,9 +83,7 @@ def test_a_rotation_loses_no_callback_and_queued_sends_go_out_with_the_new_url(d
     server, target = receiver_server
     # Callbacks come a second after a send: the restart happens in between, as with late DELIVERED ones.
     sim = make_sim(pending_after=(1.0, 1.0), final_after=(1.2, 1.2))
-    twin = dict(twin24_token=sim.static_token, twin24_notify_url=sim.notify_url,
-                twin24_analyse_url=sim.analyse_url, twin24_auth_url=sim.auth_url, public_url=server.url)
-    before = create_app(make_settings(database_url, callback_token=OLD_TOKEN, **twin))
+    before = create_app(settings_for(sim, database_url, callback_token=OLD_TOKEN, public_url=server.url))
     target.app = before
     client = before.test_client()
     body = {"chat": CHAT_JSON, "destinations": [{"phone": "79990000001"}, {"phone": "79990000002"}]}
@@ -96,8 +93,8 @@ def test_a_rotation_loses_no_callback_and_queued_sends_go_out_with_the_new_url(d
     assert queued.status_code == 202
 
     # The rotation: CALLBACK_TOKEN_PREVIOUS=<old>, CALLBACK_TOKEN=<new>, restart web and worker.
-    after_settings = make_settings(database_url, callback_token=NEW_TOKEN, callback_token_previous=OLD_TOKEN,
-                                   **twin)
+    after_settings = settings_for(sim, database_url, callback_token=NEW_TOKEN, callback_token_previous=OLD_TOKEN,
+                                  public_url=server.url)
     target.app = create_app(after_settings)
     assert sending.send_pending(after_settings, TwinClient(after_settings)) == 2
     assert sim.wait_idle(timeout=20)

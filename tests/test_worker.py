@@ -7,12 +7,16 @@ import time
 
 from receiver.models import Message
 
-from .support import phones, send_mailing, settings_env, start_worker, wait_for
-from .test_enrich import assert_matches_truth
-
-
-def all_settled():
-    return Message.select().where(Message.stage.not_in(["done", "given_up"])).count() == 0
+from .support import (
+    all_settled,
+    assert_matches_truth,
+    phones,
+    send_mailing,
+    settings_env,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 
 def test_a_worker_killed_mid_batch_again_and_again_loses_nothing(settings, twin, live_app, tmp_path):
@@ -34,8 +38,7 @@ def test_a_worker_killed_mid_batch_again_and_again_loses_nothing(settings, twin,
     try:
         settled = wait_for(all_settled, timeout=60, interval=0.2)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        exit_code = worker.wait(timeout=15)
+        exit_code = stop_worker(worker, timeout=15)
 
     assert settled, (tmp_path / "worker.log").read_text()[-3000:]
     assert_matches_truth(twin, {m.id: m for m in Message.select()}, ids)

@@ -34,8 +34,7 @@ from pathlib import Path
 
 from receiver.models import Message
 
-from .support import phones, send_mailing, settings_env, wait_for
-from .test_enrich import assert_matches_truth
+from .support import assert_matches_truth, phones, send_mailing, settings_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from ..results_helpers import answer, seed
+from ..support import answer, seed
 from .test_results_page import sign_in
 
 

@@ -14,8 +14,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from receiver.enrich import Enricher
 from receiver.models import ACTIVE_STAGES, Message
 
-from ..conftest import API_TOKEN
-from ..support import phones, send_mailing, wait_for
+from ..support import API_TOKEN, phones, send_mailing, wait_for
 
 MAILING = "Опрос, март"
 

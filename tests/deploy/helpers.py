@@ -12,8 +12,7 @@ import requests
 
 from receiver.demo import free_port
 
-from ..conftest import make_settings
-from ..support import settings_env
+from ..support import make_settings, settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -16,7 +16,7 @@ import requests
 
 from receiver import models
 
-from ..conftest import CALLBACK_TOKEN, make_settings
+from ..support import CALLBACK_TOKEN, make_settings
 from .helpers import GUNICORN_CONF, Gunicorn
 
 pytestmark = pytest.mark.timeout(90)

@@ -16,8 +16,7 @@ import requests
 from receiver import create_app, models
 from receiver.models import Message
 
-from ..conftest import API_TOKEN, make_settings
-from ..results_helpers import bulk_messages
+from ..support import API_TOKEN, bulk_messages, make_settings
 from .helpers import Gunicorn
 
 pytestmark = pytest.mark.timeout(180)

@@ -26,7 +26,7 @@ import urllib3
 
 from receiver import models
 
-from ..conftest import CALLBACK_TOKEN, make_settings
+from ..support import CALLBACK_TOKEN, make_settings
 from .helpers import DEPLOY, Gunicorn, free_port
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")

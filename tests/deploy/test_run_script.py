@@ -14,8 +14,7 @@ import requests
 from receiver.demo import free_port
 from receiver.simulator import SimConfig, Simulator
 
-from ..conftest import API_TOKEN, CALLBACK_TOKEN, FAST_TWIN
-from ..support import phones, send_mailing, wait_for
+from ..support import API_TOKEN, CALLBACK_TOKEN, FAST_TWIN, phones, send_mailing, wait_for
 from .helpers import ROOT
 
 pytestmark = pytest.mark.timeout(120)

@@ -29,7 +29,7 @@ import pytest
 from receiver import create_app, models
 from receiver.models import Event, Message
 
-from ..conftest import CALLBACK_TOKEN, make_settings
+from ..support import CALLBACK_TOKEN, make_settings
 
 PATH = f"/callbacks/{CALLBACK_TOKEN}"
 

@@ -50,9 +50,18 @@ from receiver import create_app, models
 from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
-from ..conftest import FAST_TWIN, SEND_TOKEN, LiveServer, make_settings
-from ..support import phones, settings_env, start_worker
-from ..test_enrich import assert_matches_truth
+from ..support import (
+    FAST_TWIN,
+    SEND_TOKEN,
+    LiveServer,
+    assert_matches_truth,
+    kill_if_running,
+    phones,
+    settings_env,
+    settings_for,
+    start_worker,
+    stop_worker,
+)
 
 PHONES = phones(80)
 CHAT = {"chatId": "chat-channel-1", "botId": "bot-1", "messengerType": "WHATSAPP",
@@ -170,10 +179,8 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
     # needs the app: the server dispatches to the app made once the URL is known.
     apps = []
     server = LiveServer(lambda environ, start_response: apps[0](environ, start_response))
-    settings = make_settings(
-        database_url, public_url=server.url,
-        twin24_login=twin.login, twin24_password=twin.password,
-        twin24_auth_url=twin.auth_url, twin24_notify_url=twin.notify_url, twin24_analyse_url=twin.analyse_url,
+    settings = settings_for(
+        twin, database_url, auth="login", public_url=server.url,
         twin24_connect_timeout=1.0, twin24_read_timeout=1.0, twin24_retries=5, twin24_max_retry_wait=1.0)
     apps.append(create_app(settings))
     server.start()
@@ -232,8 +239,7 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
             worker = start_worker(env, log_path)
             last_kill = time.monotonic()
             gap = rng.uniform(0.5, 1.5)
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=30)
+        stop_worker(worker)
         assert (send_kills, enrich_kills) == (SEND_KILLS, ENRICH_KILLS), \
             f"only {send_kills} kills while rows were in flight, {enrich_kills} in the middle of a sweep"
 
@@ -292,9 +298,7 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
               f"sending + {enrich_kills} enriching; rows {dict(states)}, unknown taken by TWIN "
               f"{len(taken_unknown)}; TWIN calls {calls}")
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
+        kill_if_running(worker)
         server.stop()
         if not models.db.is_closed():
             models.db.close()

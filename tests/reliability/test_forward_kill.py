@@ -25,10 +25,20 @@ from collections import Counter, defaultdict
 from receiver import create_app, forwarding, models
 from receiver.models import Delivery, Message, Subscription
 
-from ..conftest import LiveServer, make_settings
-from ..forward_targets import RecordingTarget, make_secret
-from ..support import phones, send_mailing, settings_env, start_worker, wait_for
-from ..test_enrich import assert_matches_truth
+from ..support import (
+    LiveServer,
+    RecordingTarget,
+    assert_matches_truth,
+    kill_if_running,
+    make_secret,
+    phones,
+    send_mailing,
+    settings_env,
+    settings_for,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 SECRET = make_secret("forward-kill")
 MESSAGES = 30
@@ -61,10 +71,8 @@ def result_of(data: dict):
 
 def test_worker_killed_mid_delivery_again_and_again_loses_no_event(database_url, twin, tmp_path):
     target = RecordingTarget(SECRET, hold=HOLD).start()
-    settings = make_settings(
-        database_url, twin24_token=twin.static_token, twin24_auth_url=twin.auth_url,
-        twin24_notify_url=twin.notify_url, twin24_analyse_url=twin.analyse_url,
-        forward_url=target.url, forward_secret=SECRET, forward_timeout=5.0,
+    settings = settings_for(
+        twin, database_url, forward_url=target.url, forward_secret=SECRET, forward_timeout=5.0,
         forward_events="message.result,message.status,message.given_up")
     server = LiveServer(create_app(settings)).start()
     models.db.connect(reuse_if_open=True)
@@ -99,12 +107,9 @@ def test_worker_killed_mid_delivery_again_and_again_loses_no_event(database_url,
         assert finished, (Counter(d.state for d in Delivery.select()),
                           Counter(m.stage for m in Message.select()),
                           log_path.read_text(errors="replace")[-3000:])
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=30) == 0
+        assert stop_worker(worker) == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
+        kill_if_running(worker)
         server.stop()
         target.stop()
 

@@ -9,7 +9,6 @@ and FORWARD_BATCH, and the callback only writes a row.
 """
 from __future__ import annotations
 
-import signal
 import statistics
 import time
 
@@ -18,11 +17,22 @@ import requests
 from receiver import create_app, forwarding, models
 from receiver.models import Delivery, DeliveryAttempt, Message, Subscription
 
-from ..conftest import CALLBACK_TOKEN, LiveServer, make_settings
-from ..forward_targets import StalledTarget, make_secret
-from ..support import phones, send_mailing, settings_env, start_worker, wait_for
-from ..test_callbacks import callback
-from ..test_enrich import assert_matches_truth
+from ..support import (
+    CALLBACK_TOKEN,
+    LiveServer,
+    StalledTarget,
+    assert_matches_truth,
+    callback_body,
+    kill_if_running,
+    make_secret,
+    phones,
+    send_mailing,
+    settings_env,
+    settings_for,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 TIMEOUT = 5.0           # FORWARD_TIMEOUT: every POST to the stalled target takes this long, then fails
 CALLBACKS = 60
@@ -36,17 +46,15 @@ def post_callback(http, base_url: str, message_id: str) -> float:
     """POST a status callback to the receiver; the seconds it took to be answered 200."""
     began = time.monotonic()
     answer = http.post(f"{base_url}/callbacks/{CALLBACK_TOKEN}", timeout=30,
-                       json=callback(message_id=message_id, old="CREATED", new="PENDING"))
+                       json=callback_body(message_id=message_id, old="CREATED", new="PENDING"))
     assert answer.status_code == 200, answer.text
     return time.monotonic() - began
 
 
 def test_a_target_that_never_answers_slows_neither_callbacks_nor_enrichment(database_url, twin, tmp_path):
     target = StalledTarget().start()
-    settings = make_settings(
-        database_url, twin24_token=twin.static_token, twin24_auth_url=twin.auth_url,
-        twin24_notify_url=twin.notify_url, twin24_analyse_url=twin.analyse_url,
-        forward_url=target.url, forward_secret=make_secret("stalled"), forward_timeout=TIMEOUT,
+    settings = settings_for(
+        twin, database_url, forward_url=target.url, forward_secret=make_secret("stalled"), forward_timeout=TIMEOUT,
         forward_events="message.result,message.status,message.given_up")
     server = LiveServer(create_app(settings)).start()
     models.db.connect(reuse_if_open=True)
@@ -74,13 +82,10 @@ def test_a_target_that_never_answers_slows_neither_callbacks_nor_enrichment(data
         assert wait_for(lambda: twin.idle() and settled(ids), timeout=TIMEOUT, interval=0.1), \
             log_path.read_text(errors="replace")[-3000:]
         enriched_in = time.monotonic() - started
-        worker.send_signal(signal.SIGTERM)
         # A stop waits FORWARD_TIMEOUT + 5 s for the forwarding turn at most (its leases then expire).
-        assert worker.wait(timeout=30) == 0
+        assert stop_worker(worker) == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
+        kill_if_running(worker)
         server.stop()
         target.stop()
 

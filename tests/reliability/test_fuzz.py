@@ -17,7 +17,7 @@ from hypothesis.errors import HypothesisWarning
 
 from receiver.models import Event, Message
 
-from ..conftest import CALLBACK_TOKEN
+from ..support import CALLBACK_TOKEN
 
 warnings.filterwarnings("ignore", "Generating overly large repr", HypothesisWarning)
 PATH = f"/callbacks/{CALLBACK_TOKEN}"

@@ -19,8 +19,8 @@ from bench.loadgen import run_load
 from receiver import models
 from receiver.models import Event
 
-from ..conftest import CALLBACK_TOKEN, make_settings
 from ..deploy.helpers import Gunicorn
+from ..support import CALLBACK_TOKEN, make_settings
 
 
 def kill_all(server: Gunicorn) -> None:

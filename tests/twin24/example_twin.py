@@ -10,7 +10,7 @@ from pathlib import Path
 
 from werkzeug.wrappers import Request, Response
 
-from ..conftest import LiveServer
+from ..support import LiveServer, TwinUrls
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 LOGIN, PASSWORD = "user@example.com", "example-password-123"
@@ -56,7 +56,7 @@ class ExampleTwin:
     def __enter__(self) -> ExampleTwin:
         self.server = LiveServer(self).start()
         self.url = self.server.url
-        self.urls = Urls(self.url)
+        self.urls = TwinUrls(self.url)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -90,10 +90,3 @@ class ExampleTwin:
         if path == "/analyse/statistics/chat/sessions":
             return 200, example("sessions-statistics-answer.json")
         return 404, {"error": "Not Found"}
-
-
-class Urls:
-    """The three TWIN URLs of a server that serves them as /iam, /notify and /analyse."""
-
-    def __init__(self, url: str) -> None:
-        self.auth_url, self.notify_url, self.analyse_url = f"{url}/iam", f"{url}/notify", f"{url}/analyse"

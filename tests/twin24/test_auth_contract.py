@@ -9,7 +9,7 @@ import pytest
 
 from receiver.twin24 import TwinError
 
-from .conftest import Recorder, settings_for
+from ..support import Recorder, settings_for
 from .example_twin import LOGIN, PASSWORD, ExampleTwin, example
 
 

@@ -21,7 +21,7 @@ from receiver.twin24 import (
     TwinError,
 )
 
-from .conftest import Recorder, send_body, settings_for
+from ..support import Recorder, send_body, settings_for
 
 
 def window():
