@@ -36,7 +36,8 @@ from operator import itemgetter
 
 from peewee import Case, SqliteDatabase, Tuple, fn
 
-from .models import STAGES, Message, callback_data_is, db
+from .db import db
+from .models import STAGES, Message, callback_data_is
 from .status import FAILED_STATUSES
 
 # Output columns, in order, and the Message field each comes from.

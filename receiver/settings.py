@@ -189,7 +189,7 @@ class Settings:
                                 f"(known: {', '.join(FORWARD_EVENT_TYPES)})")
 
     def _check_database_url(self) -> None:
-        """Refuse here, in one line, what models.make_database could not open."""
+        """Refuse here, in one line, what db.make_database could not open."""
         url = self.database_url
         scheme = url.partition(":")[0]
         if scheme not in ("sqlite", "postgres", "postgresql"):

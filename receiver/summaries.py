@@ -19,17 +19,8 @@ from dataclasses import dataclass, field
 from peewee import fn
 
 from . import results
-from .models import (
-    ACTIVE_STAGES,
-    STAGE_NONE,
-    Event,
-    MailingSummary,
-    Message,
-    Meta,
-    callback_data_is,
-    utcnow,
-    write_transaction,
-)
+from .db import utcnow, write_transaction
+from .models import ACTIVE_STAGES, STAGE_NONE, Event, MailingSummary, Message, Meta, callback_data_is
 
 CALLBACK_DATA, BULK_ID = "callbackData", "bulkId"
 KINDS = {CALLBACK_DATA: Message.callback_data, BULK_ID: Message.bulk_id}

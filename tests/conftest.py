@@ -16,6 +16,7 @@ import pytest
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from receiver import create_app, models
+from receiver.db import bind
 from receiver.settings import Settings
 from receiver.simulator import SimConfig, Simulator
 
@@ -61,7 +62,7 @@ def database_url(request, tmp_path):
     url = request.getfixturevalue("postgres_schema_url")
     yield url
     # The next test starts from nothing: drop what this one made.
-    models.bind(make_settings(url))
+    bind(make_settings(url))
     models.reset_for_tests()
     models.db.close()
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from receiver.models import STAGE_DONE, Message, utcnow
+from receiver.db import utcnow
+from receiver.models import STAGE_DONE, Message
 
 from .conftest import CALLBACK_TOKEN
 

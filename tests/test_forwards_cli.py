@@ -14,7 +14,8 @@ import pytest
 from standardwebhooks import Webhook
 
 from receiver import forwarding
-from receiver.models import Delivery, Subscription, write_transaction
+from receiver.db import write_transaction
+from receiver.models import Delivery, Subscription
 
 from .conftest import API_TOKEN, LiveServer
 from .forward_targets import RecordingTarget, make_secret

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from receiver import create_app, maintenance, models
-from receiver.models import Event, Message, Rejected, utcnow
+from receiver.db import utcnow
+from receiver.models import Event, Message, Rejected
 from receiver.settings import Settings
 
 from .conftest import make_settings

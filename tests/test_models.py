@@ -13,7 +13,8 @@ import pytest
 from peewee import IntegerField, Model, OperationalError, TextField
 
 from receiver import models, results
-from receiver.models import Event, Message, QueuedSqliteDatabase
+from receiver.db import QueuedSqliteDatabase, sqlite_pragmas
+from receiver.models import Event, Message
 
 from .conftest import make_settings
 from .test_callbacks import callback
@@ -144,7 +145,7 @@ class Row(Model):
 def queued(tmp_path):
     """A QueuedSqliteDatabase with a table, bound to `models.db` as the app binds it."""
     settings = make_settings(f"sqlite:///{tmp_path}/turns.db")
-    database = QueuedSqliteDatabase(settings.sqlite_path, pragmas=models.sqlite_pragmas(settings),
+    database = QueuedSqliteDatabase(settings.sqlite_path, pragmas=sqlite_pragmas(settings),
                                     timeout=30, check_same_thread=False)
     models.db.initialize(database)
     Row.bind(database)
@@ -167,7 +168,7 @@ def in_thread(target, *args) -> threading.Thread:
 
 HOLD_A_TURN = textwrap.dedent("""
     import sys
-    from receiver.models import WriterQueue
+    from receiver.db import WriterQueue
     with WriterQueue(sys.argv[1] + "-writers.lock", sys.argv[1]).turn():
         print("holding", flush=True)
         sys.stdin.readline()
@@ -240,7 +241,7 @@ def test_a_write_inside_a_write_does_not_wait_for_itself(queued):
 
 def test_writes_go_on_when_the_turn_file_cannot_be_opened(tmp_path, caplog):
     (tmp_path / "turns.db-writers.lock").mkdir()        # a directory where the file would be
-    with caplog.at_level(logging.WARNING, logger="receiver.models"):
+    with caplog.at_level(logging.WARNING, logger="receiver.db"):
         database = QueuedSqliteDatabase(str(tmp_path / "turns.db"), pragmas={"journal_mode": "wal"})
         models.db.initialize(database)
         Row.bind(database)
@@ -248,7 +249,7 @@ def test_writes_go_on_when_the_turn_file_cannot_be_opened(tmp_path, caplog):
         insert(1)
         insert(2)
     assert Row.select().count() == 2
-    warnings = [r.getMessage() for r in caplog.records if r.name == "receiver.models"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "receiver.db"]
     assert len(warnings) == 1 and "cannot open" in warnings[0] and "busy handler" in warnings[0]
     database.close()
 
@@ -274,7 +275,7 @@ def test_a_failed_checkpoint_does_not_undo_the_write_before_it(queued, monkeypat
         return execute_sql(sql, *args, **kwargs)
 
     monkeypatch.setattr(queued, "execute_sql", disk_full_at_checkpoint)
-    with caplog.at_level(logging.WARNING, logger="receiver.models"):
+    with caplog.at_level(logging.WARNING, logger="receiver.db"):
         for n in range(QueuedSqliteDatabase.CHECKPOINT_EVERY):
             insert(n)
     assert Row.select().count() == QueuedSqliteDatabase.CHECKPOINT_EVERY

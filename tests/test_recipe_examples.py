@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from flask import Flask, jsonify, request
 
+from receiver.db import db
 from receiver.enrich import Enricher
-from receiver.models import db
 
 from .conftest import LiveServer, make_settings
 
