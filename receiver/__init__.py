@@ -63,7 +63,7 @@ def current_callback_url(settings: Settings) -> str:
     """The callback URL as of now, for a send going out now: CALLBACK_TOKEN, else the token generated
     and kept in the database (create_app made it). Read at send time, so that sends queued before a
     rotation go out with the new token."""
-    token = settings.callback_token or models.Meta.get_by_id("callback_token").value
+    token = settings.callback_token or models.Fact.get_by_id("callback_token").value
     return callback_url(settings, token)
 
 

@@ -16,7 +16,7 @@ from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
 
 from . import enrich, results, summaries
 from .db import ESTIMATE_ABOVE, db, row_count, utcnow
-from .models import Event, Message, Meta, callback_data_is
+from .models import Event, Fact, Message, callback_data_is
 from .status import OUTCOMES, outcome_of, outcome_of_rank
 
 bp = Blueprint("api", __name__)
@@ -78,7 +78,7 @@ def require_send_token(view):
 def healthz():
     try:
         # A real table: SELECT 1 answers even when the SQLite file is unreadable or the schema is gone.
-        Meta.select(Meta.value).where(Meta.key == "schema_version").scalar()
+        Fact.select(Fact.value).where(Fact.key == "schema_version").scalar()
     except (DatabaseError, InterfaceError) as error:
         return jsonify(status="unavailable", database=type(error).__name__), 503
     return jsonify(status="ok", database="ok")

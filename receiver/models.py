@@ -162,10 +162,13 @@ class Rejected(BaseModel):
     replay_outcome = CharField(null=True, max_length=255)
 
 
-class Meta(BaseModel):
+class Fact(BaseModel):
     """Small key/value facts the service keeps: generated tokens, the schema version."""
     key = CharField(primary_key=True, max_length=64)
     value = TextField()
+
+    class Meta:
+        table_name = "meta"
 
 
 class TwinCall(BaseModel):
@@ -184,7 +187,7 @@ class PageSession(BaseModel):
     expires_at = DateTimeField(index=True)
 
 
-MODELS = [Message, Event, Rejected, Meta, TwinCall, PageSession]
+MODELS = [Message, Event, Rejected, Fact, TwinCall, PageSession]
 
 RESULTS_VIEW = """
 CREATE VIEW results AS
@@ -222,8 +225,8 @@ def create_schema() -> None:
             create_callback_data_index()
             if "results" not in [view.name for view in db.get_views()]:
                 db.execute_sql(RESULTS_VIEW)
-            Meta.insert(key="schema_version", value=SCHEMA_VERSION).on_conflict(
-                conflict_target=[Meta.key], update={Meta.value: SCHEMA_VERSION}).execute()
+            Fact.insert(key="schema_version", value=SCHEMA_VERSION).on_conflict(
+                conflict_target=[Fact.key], update={Fact.value: SCHEMA_VERSION}).execute()
 
 
 def add_missing_columns() -> None:
@@ -300,8 +303,8 @@ def ensure_token(key: str, configured: str | None) -> tuple[str, bool]:
         return configured, False
     candidate = secrets.token_urlsafe(32)
     with db.connection_context():
-        inserted = Meta.insert(key=key, value=candidate).on_conflict_ignore().execute()
-        stored = Meta.get_by_id(key).value
+        inserted = Fact.insert(key=key, value=candidate).on_conflict_ignore().execute()
+        stored = Fact.get_by_id(key).value
     return stored, bool(inserted) and stored == candidate
 
 

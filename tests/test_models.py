@@ -61,7 +61,7 @@ def test_a_schema_1_database_comes_up_current_with_its_events_still_deduplicated
         assert event_rows() == before
         assert set(index_sql("event")) == {"event_transition"}
         assert all("WHERE" in index_sql("message")[name].upper() for name in ("message_send_id", "message_chat_id"))
-        assert models.Meta.get_by_id("schema_version").value == models.SCHEMA_VERSION == "3"
+        assert models.Fact.get_by_id("schema_version").value == models.SCHEMA_VERSION == "3"
     repeat = client.post(callback_path, json=callback(old="PENDING", new="DELIVERED"))
     fresh = client.post(callback_path, json=callback("m-2", old=None, new="PENDING"))
     assert repeat.json == {"stored": True, "duplicate": True}
@@ -94,7 +94,7 @@ def test_a_schema_2_database_comes_up_current_and_takes_a_long_callback_data(app
     with models.db.connection_context():
         expected = "message_callback_data_first_seen_at_id" if settings.is_sqlite else "message_callback_data_prefix"
         assert callback_data_indexes() == {expected}
-        assert models.Meta.get_by_id("schema_version").value == models.SCHEMA_VERSION
+        assert models.Fact.get_by_id("schema_version").value == models.SCHEMA_VERSION
     assert client.post(callback_path, json=callback(callbackData=LONG_CALLBACK_DATA)).status_code == 200
 
 
