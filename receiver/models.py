@@ -41,6 +41,16 @@ class BaseModel(Model):
         legacy_table_names = False
 
 
+MODELS: list[type[BaseModel]] = []     # every table, in the order declared (create_schema makes them)
+
+
+def register(model: type[BaseModel]) -> type[BaseModel]:
+    """Declare a model as one of the receiver's tables: add it to MODELS."""
+    MODELS.append(model)
+    return model
+
+
+@register
 class Message(BaseModel):
     """One TWIN message (one destination of a send), with its current status and what enrichment found."""
     id = CharField(primary_key=True, max_length=128)          # TWIN's message id
@@ -93,6 +103,8 @@ class Message(BaseModel):
 
 # The index that finds a mailing's messages in order (results, exports, /api/messages). On SQLite it holds
 # the whole callback_data: SQLite has no limit on a key, and the results page's list of mailings groups by
+
+
 # it. A PostgreSQL btree key holds at most about 2,700 bytes and a callbackData may have TWIN's 10,240, so
 # there it holds the first CALLBACK_DATA_PREFIX characters (at most 1 KB of UTF-8): callback_data_is()
 # finds a mailing's rows by that prefix, then compares the whole value.
@@ -125,6 +137,7 @@ for _column in SPARSE_COLUMNS:
     Message.add_index(Message.index(_field, where=_field.is_null(False), name=f"message_{_column}"))
 
 
+@register
 class Event(BaseModel):
     """Every status callback as received. Exact repeats (same message, old and new status) once: the
     unique transition key below, which also finds a message's events."""
@@ -146,6 +159,7 @@ Event.add_index(Event.index(Event.message_id, fn.COALESCE(Event.old_status, ""),
                             unique=True, name="event_transition"))
 
 
+@register
 class Rejected(BaseModel):
     """A callback we refused, kept so that nothing is lost silently and an operator can replay it."""
     received_at = DateTimeField(default=utcnow, index=True)
@@ -162,6 +176,7 @@ class Rejected(BaseModel):
     replay_outcome = CharField(null=True, max_length=255)
 
 
+@register
 class Fact(BaseModel):
     """Small key/value facts the service keeps: generated tokens, the schema version."""
     key = CharField(primary_key=True, max_length=64)
@@ -171,6 +186,7 @@ class Fact(BaseModel):
         table_name = "meta"
 
 
+@register
 class TwinCall(BaseModel):
     """The last TWIN error per endpoint, shared by every worker process (for `flask status`)."""
     endpoint = CharField(primary_key=True, max_length=32)
@@ -179,6 +195,7 @@ class TwinCall(BaseModel):
     last_ok_at = DateTimeField(null=True)
 
 
+@register
 class PageSession(BaseModel):
     """A signed-in session of the results page (receiver/pages.py). The cookie holds a random id and
     this table only its hash; signing out deletes the row, so a copied cookie dies with it."""
@@ -187,7 +204,152 @@ class PageSession(BaseModel):
     expires_at = DateTimeField(index=True)
 
 
-MODELS = [Message, Event, Rejected, Fact, TwinCall, PageSession]
+def ensure_token(key: str, configured: str | None) -> tuple[str, bool]:
+    """The token from the settings, or one generated once and kept in the database.
+
+    Returns (token, generated_now); generated_now is True in exactly one process, the one that
+    should tell the operator.
+    """
+    if configured:
+        return configured, False
+    candidate = secrets.token_urlsafe(32)
+    with db.connection_context():
+        inserted = Fact.insert(key=key, value=candidate).on_conflict_ignore().execute()
+        stored = Fact.get_by_id(key).value
+    return stored, bool(inserted) and stored == candidate
+
+
+# --- Sending through the receiver (receiver/sending.py, docs/sending.md) ---------------------------
+@register
+class Send(BaseModel):
+    """One mailing sent through the receiver. `key` names it (chat settings + callbackData), so a rerun
+    finds it; `lease_*` is the claim of the one process sending it right now; `queued` > 0 asks the
+    worker to send its pending rows (POST /api/sends)."""
+    key = CharField(max_length=64, unique=True)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+    source = CharField(null=True, max_length=255)             # the file name, or "api"
+    chat = TextField()                                         # channels.chat as sent (JSON)
+    callback_data = TextField(null=True)
+    total = IntegerField(default=0)                            # outbox rows
+    batches = IntegerField(default=0)                          # requests made so far
+    lease_owner = CharField(null=True, max_length=64)
+    lease_until = DateTimeField(null=True)
+    # POST /api/sends records the work, the worker does it (sending.send_pending) with these settings.
+    queued = IntegerField(default=0)                           # requests not yet taken up by a worker
+    batch_size = IntegerField(null=True)
+    callback_url = TextField(null=True)
+    failure = TextField(null=True)                             # why the last run stopped, if it did
+    failure_kind = CharField(null=True, max_length=16)         # rejected / not_taken / unknown
+    options = TextField(null=True)         # the message object's send options (sendAt, ...) as sent (JSON)
+
+
+@register
+class Outbox(BaseModel):
+    """One destination of a send: pending -> in_flight -> sent | refused | rejected | not_taken | unknown."""
+    send = IntegerField(column_name="send_id", index=True)    # Send.id
+    row_index = IntegerField()                                 # 0-based position in the input
+    line = IntegerField()                                      # the input's line (or item number)
+    # The destination's identity in its send: the phone, or "muid:<messengerUserId>" for a destination
+    # addressed without one (destinations.destination_key), so (send, phone) stays its unique key.
+    phone = CharField(max_length=32)
+    messenger_user_id = CharField(null=True, max_length=128)
+    external_id = CharField(null=True, max_length=128)        # the destination's externalId, as sent
+    variables = TextField(null=True)                           # JSON object
+    state = CharField(max_length=16, default="pending")
+    batch = IntegerField(null=True)                            # which request carried it
+    attempts = IntegerField(default=0)
+    message_id = CharField(null=True, max_length=128, index=True)
+    error = TextField(null=True)
+    answer = TextField(null=True)                              # TWIN's answer item (JSON), kept first
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("send", "phone"), True), (("send", "state"), False))
+
+
+# --- Forwarding results to the operator's systems (receiver/forwarding.py) -------------------------
+@register
+class Subscription(BaseModel):
+    """A target URL and the events it wants, signed the Standard Webhooks way with `secret`."""
+    url = TextField()
+    secret = TextField()                                       # "whsec_<base64>", as standardwebhooks takes it
+    previous_secret = TextField(null=True)                     # while set, both signatures are sent (rotation)
+    events = TextField(default="message.result,message.given_up")   # comma list
+    filter_callback_data = TextField(null=True)                # exact callbackData
+    filter_callback_data_prefix = TextField(null=True)
+    filter_bulk_id = TextField(null=True)
+    from_settings = BooleanField(default=False)                # the one FORWARD_URL made (ensure_settings_subscription)
+    failing_since = DateTimeField(null=True)                   # first failure of the current run of failures
+    paused_at = DateTimeField(null=True)                       # failing for FORWARD_PAUSE_AFTER: probed only
+    paused_reason = TextField(null=True)
+    disabled_at = DateTimeField(null=True)                     # the target answered 410 Gone
+    created_at = DateTimeField(default=utcnow)
+
+
+@register
+class Delivery(BaseModel):
+    """The outbox: one event for one subscription, written in the transaction of the change that caused
+    it. id is the order of events; event_id the receiver's idempotency key (a replay keeps it)."""
+    event_id = CharField(max_length=64, unique=True)
+    subscription = IntegerField(column_name="subscription_id")
+    message_id = CharField(max_length=128)
+    event_type = CharField(max_length=32)
+    payload = TextField()                                      # the JSON body, exactly as signed and sent
+    state = CharField(max_length=16, default="pending")        # pending / delivered / dead
+    attempts = IntegerField(default=0)
+    next_attempt_at = DateTimeField(null=True)
+    lease_owner = CharField(null=True, max_length=64)
+    lease_until = DateTimeField(null=True)
+    last_status = IntegerField(null=True)
+    last_error = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)                 # the event's time
+    queued_at = DateTimeField(default=utcnow)                  # FORWARD_MAX_AGE counts from here (a retry resets it)
+    delivered_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            (("state", "next_attempt_at"), False),             # what is due
+            (("subscription", "message_id", "state"), False),  # the oldest pending of a message goes first
+        )
+
+
+@register
+class DeliveryAttempt(BaseModel):
+    """Every POST of a delivery: what the target answered (or the error) and how long it took."""
+    delivery = IntegerField(column_name="delivery_id", index=True)
+    at = DateTimeField(default=utcnow)
+    status_code = IntegerField(null=True)
+    error = TextField(null=True)
+    seconds = FloatField(null=True)
+
+
+# --- Stored summaries of the mailings (receiver/summaries.py, docs/results.md) ----------------------
+@register
+class MailingSummary(BaseModel):
+    """The tally (results.Tally) of one mailing, one callbackData or one bulkId, as the worker last
+    counted it; the results page and the summary add these up instead of reading every message."""
+    key = CharField(primary_key=True, max_length=80)           # kind + ":" + sha256 of the value
+    kind = CharField(max_length=16)                            # "callbackData" or "bulkId"
+    value = TextField()
+    messages = IntegerField()
+    open = IntegerField()            # messages enrichment may still change without a callback
+    last_first_seen_at = DateTimeField(null=True)              # the newest message's first_seen_at
+    tally = TextField()                                        # results.Tally.as_json(), as JSON
+    counted_at = DateTimeField()                               # when its count began
+
+    class Meta:
+        indexes = ((("kind", "last_first_seen_at"), False),)
+
+
+# --- The TWIN call budget (receiver/callbudget.py) --------------------------------------------------
+@register
+class TwinCallSlot(BaseModel):
+    """One TWIN call reserved before it was made: the rows of the last minute are what every worker
+    process has spent of TWIN24_MAX_CALLS_PER_MINUTE."""
+    at = DateTimeField(index=True)
+    endpoint = CharField(max_length=32)
+
 
 RESULTS_VIEW = """
 CREATE VIEW results AS
@@ -212,7 +374,6 @@ SELECT m.id AS message_id,
 FROM message AS m
 """
 SCHEMA_VERSION = "3"
-
 
 
 def create_schema() -> None:
@@ -291,162 +452,3 @@ class _schema_lock:
 
     def __exit__(self, *exc):
         return self.txn.__exit__(*exc)
-
-
-def ensure_token(key: str, configured: str | None) -> tuple[str, bool]:
-    """The token from the settings, or one generated once and kept in the database.
-
-    Returns (token, generated_now); generated_now is True in exactly one process, the one that
-    should tell the operator.
-    """
-    if configured:
-        return configured, False
-    candidate = secrets.token_urlsafe(32)
-    with db.connection_context():
-        inserted = Fact.insert(key=key, value=candidate).on_conflict_ignore().execute()
-        stored = Fact.get_by_id(key).value
-    return stored, bool(inserted) and stored == candidate
-
-
-def reset_for_tests() -> None:
-    """Drop everything (used by test fixtures on throw-away databases only)."""
-    with db.connection_context():
-        db.execute_sql("DROP VIEW IF EXISTS results")
-        db.drop_tables(MODELS, safe=True)
-
-
-# --- Sending through the receiver (receiver/sending.py, docs/sending.md) ---------------------------
-class Send(BaseModel):
-    """One mailing sent through the receiver. `key` names it (chat settings + callbackData), so a rerun
-    finds it; `lease_*` is the claim of the one process sending it right now; `queued` > 0 asks the
-    worker to send its pending rows (POST /api/sends)."""
-    key = CharField(max_length=64, unique=True)
-    created_at = DateTimeField(default=utcnow)
-    updated_at = DateTimeField(default=utcnow)
-    source = CharField(null=True, max_length=255)             # the file name, or "api"
-    chat = TextField()                                         # channels.chat as sent (JSON)
-    callback_data = TextField(null=True)
-    total = IntegerField(default=0)                            # outbox rows
-    batches = IntegerField(default=0)                          # requests made so far
-    lease_owner = CharField(null=True, max_length=64)
-    lease_until = DateTimeField(null=True)
-    # POST /api/sends records the work, the worker does it (sending.send_pending) with these settings.
-    queued = IntegerField(default=0)                           # requests not yet taken up by a worker
-    batch_size = IntegerField(null=True)
-    callback_url = TextField(null=True)
-    failure = TextField(null=True)                             # why the last run stopped, if it did
-    failure_kind = CharField(null=True, max_length=16)         # rejected / not_taken / unknown
-    options = TextField(null=True)         # the message object's send options (sendAt, ...) as sent (JSON)
-
-
-class Outbox(BaseModel):
-    """One destination of a send: pending -> in_flight -> sent | refused | rejected | not_taken | unknown."""
-    send = IntegerField(column_name="send_id", index=True)    # Send.id
-    row_index = IntegerField()                                 # 0-based position in the input
-    line = IntegerField()                                      # the input's line (or item number)
-    # The destination's identity in its send: the phone, or "muid:<messengerUserId>" for a destination
-    # addressed without one (destinations.destination_key), so (send, phone) stays its unique key.
-    phone = CharField(max_length=32)
-    messenger_user_id = CharField(null=True, max_length=128)
-    external_id = CharField(null=True, max_length=128)        # the destination's externalId, as sent
-    variables = TextField(null=True)                           # JSON object
-    state = CharField(max_length=16, default="pending")
-    batch = IntegerField(null=True)                            # which request carried it
-    attempts = IntegerField(default=0)
-    message_id = CharField(null=True, max_length=128, index=True)
-    error = TextField(null=True)
-    answer = TextField(null=True)                              # TWIN's answer item (JSON), kept first
-    updated_at = DateTimeField(default=utcnow)
-
-    class Meta:
-        indexes = ((("send", "phone"), True), (("send", "state"), False))
-
-
-MODELS.extend([Send, Outbox])
-
-
-# --- Forwarding results to the operator's systems (receiver/forwarding.py) -------------------------
-class Subscription(BaseModel):
-    """A target URL and the events it wants, signed the Standard Webhooks way with `secret`."""
-    url = TextField()
-    secret = TextField()                                       # "whsec_<base64>", as standardwebhooks takes it
-    previous_secret = TextField(null=True)                     # while set, both signatures are sent (rotation)
-    events = TextField(default="message.result,message.given_up")   # comma list
-    filter_callback_data = TextField(null=True)                # exact callbackData
-    filter_callback_data_prefix = TextField(null=True)
-    filter_bulk_id = TextField(null=True)
-    from_settings = BooleanField(default=False)                # the one FORWARD_URL made (ensure_settings_subscription)
-    failing_since = DateTimeField(null=True)                   # first failure of the current run of failures
-    paused_at = DateTimeField(null=True)                       # failing for FORWARD_PAUSE_AFTER: probed only
-    paused_reason = TextField(null=True)
-    disabled_at = DateTimeField(null=True)                     # the target answered 410 Gone
-    created_at = DateTimeField(default=utcnow)
-
-
-class Delivery(BaseModel):
-    """The outbox: one event for one subscription, written in the transaction of the change that caused
-    it. id is the order of events; event_id the receiver's idempotency key (a replay keeps it)."""
-    event_id = CharField(max_length=64, unique=True)
-    subscription = IntegerField(column_name="subscription_id")
-    message_id = CharField(max_length=128)
-    event_type = CharField(max_length=32)
-    payload = TextField()                                      # the JSON body, exactly as signed and sent
-    state = CharField(max_length=16, default="pending")        # pending / delivered / dead
-    attempts = IntegerField(default=0)
-    next_attempt_at = DateTimeField(null=True)
-    lease_owner = CharField(null=True, max_length=64)
-    lease_until = DateTimeField(null=True)
-    last_status = IntegerField(null=True)
-    last_error = TextField(null=True)
-    created_at = DateTimeField(default=utcnow)                 # the event's time
-    queued_at = DateTimeField(default=utcnow)                  # FORWARD_MAX_AGE counts from here (a retry resets it)
-    delivered_at = DateTimeField(null=True)
-
-    class Meta:
-        indexes = (
-            (("state", "next_attempt_at"), False),             # what is due
-            (("subscription", "message_id", "state"), False),  # the oldest pending of a message goes first
-        )
-
-
-class DeliveryAttempt(BaseModel):
-    """Every POST of a delivery: what the target answered (or the error) and how long it took."""
-    delivery = IntegerField(column_name="delivery_id", index=True)
-    at = DateTimeField(default=utcnow)
-    status_code = IntegerField(null=True)
-    error = TextField(null=True)
-    seconds = FloatField(null=True)
-
-
-MODELS.extend([Subscription, Delivery, DeliveryAttempt])
-
-
-# --- Stored summaries of the mailings (receiver/summaries.py, docs/results.md) ----------------------
-class MailingSummary(BaseModel):
-    """The tally (results.Tally) of one mailing, one callbackData or one bulkId, as the worker last
-    counted it; the results page and the summary add these up instead of reading every message."""
-    key = CharField(primary_key=True, max_length=80)           # kind + ":" + sha256 of the value
-    kind = CharField(max_length=16)                            # "callbackData" or "bulkId"
-    value = TextField()
-    messages = IntegerField()
-    open = IntegerField()            # messages enrichment may still change without a callback
-    last_first_seen_at = DateTimeField(null=True)              # the newest message's first_seen_at
-    tally = TextField()                                        # results.Tally.as_json(), as JSON
-    counted_at = DateTimeField()                               # when its count began
-
-    class Meta:
-        indexes = ((("kind", "last_first_seen_at"), False),)
-
-
-MODELS.append(MailingSummary)
-
-
-# --- The TWIN call budget (receiver/callbudget.py) --------------------------------------------------
-class TwinCallSlot(BaseModel):
-    """One TWIN call reserved before it was made: the rows of the last minute are what every worker
-    process has spent of TWIN24_MAX_CALLS_PER_MINUTE."""
-    at = DateTimeField(index=True)
-    endpoint = CharField(max_length=32)
-
-
-MODELS.append(TwinCallSlot)

@@ -62,8 +62,10 @@ def database_url(request, tmp_path):
     url = request.getfixturevalue("postgres_schema_url")
     yield url
     # The next test starts from nothing: drop what this one made.
+    from .support import reset_for_tests  # support imports this module: not at the top
+
     bind(make_settings(url))
-    models.reset_for_tests()
+    reset_for_tests()
     models.db.close()
 
 

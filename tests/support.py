@@ -62,3 +62,13 @@ def start_worker(env: dict, log_path) -> subprocess.Popen:
     """`python -m receiver worker` with exactly `env`, its output appended to `log_path`."""
     return subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def reset_for_tests() -> None:
+    """Drop every table and the results view (test fixtures, on throw-away databases only)."""
+    from receiver.db import db
+    from receiver.models import MODELS
+
+    with db.connection_context():
+        db.execute_sql("DROP VIEW IF EXISTS results")
+        db.drop_tables(MODELS, safe=True)
