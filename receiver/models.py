@@ -351,28 +351,39 @@ class TwinCallSlot(BaseModel):
     endpoint = CharField(max_length=32)
 
 
-RESULTS_VIEW = """
-CREATE VIEW results AS
-SELECT m.id AS message_id,
-       m.callback_data,
-       m.phone,
-       m.status,
-       m.chat_id,
-       m.result,
-       m.stage,
-       m.given_up_reason,
-       m.status_code,
-       m.bulk_id,
-       m.destination_index,
-       m.session_status,
-       m.bot_status,
-       m.first_seen_at,
-       m.delivered_at,
-       m.chat_id_at,
-       m.result_at,
-       m.last_seen_at
-FROM message AS m
-"""
+# The `results` view: one row per message, these columns in this order (`select * from results`,
+# docs/results.md), each read from a Message field. The exports (receiver/results.py) give the same
+# columns from this mapping, in an order of their own.
+RESULTS_COLUMNS = {
+    "message_id": Message.id,
+    "callback_data": Message.callback_data,
+    "phone": Message.phone,
+    "status": Message.status,
+    "chat_id": Message.chat_id,
+    "result": Message.result,
+    "stage": Message.stage,
+    "given_up_reason": Message.given_up_reason,
+    "status_code": Message.status_code,
+    "bulk_id": Message.bulk_id,
+    "destination_index": Message.destination_index,
+    "session_status": Message.session_status,
+    "bot_status": Message.bot_status,
+    "first_seen_at": Message.first_seen_at,
+    "delivered_at": Message.delivered_at,
+    "chat_id_at": Message.chat_id_at,
+    "result_at": Message.result_at,
+    "last_seen_at": Message.last_seen_at,
+}
+
+
+def _view_column(name: str, field) -> str:
+    column = f"m.{field.column_name}"
+    return column if field.column_name == name else f"{column} AS {name}"
+
+
+RESULTS_VIEW = ("\nCREATE VIEW results AS\nSELECT "
+                + ",\n       ".join(_view_column(name, field) for name, field in RESULTS_COLUMNS.items())
+                + "\nFROM message AS m\n")
 SCHEMA_VERSION = "3"
 
 
