@@ -142,9 +142,10 @@ def read_deliveries(db_path: Path) -> list[dict]:
 def drain(db_path: Path, env: dict, timeout: float) -> tuple[float, int]:
     """Every delivered event replayed at once; seconds until the worker has delivered them all again."""
     from receiver import forwarding, models
+    from receiver.db import bind
     from receiver.settings import Settings
 
-    models.bind(Settings.from_env(environ=env, env_file=None))
+    bind(Settings.from_env(environ=env, env_file=None))
     models.db.connect(reuse_if_open=True)
     try:
         count = forwarding.replay()

@@ -72,10 +72,11 @@ def row(rng: random.Random, mailing: int, index: int) -> tuple:
 def build(database_url: str, messages: int) -> None:
     """Fill an empty database (schema made by the receiver) with `messages` rows, indexes made after."""
     from receiver import models
+    from receiver.db import bind
     from receiver.settings import Settings
 
     settings = Settings.from_env(env_file=None, environ={"DATABASE_URL": database_url, "CALLBACK_TOKEN": "x" * 32, "API_TOKEN": API_TOKEN})
-    database = models.bind(settings)
+    database = bind(settings)
     models.create_schema()
     with database.connection_context():
         indexes = [i.name for i in database.get_indexes("message") if not i.name.startswith("sqlite_autoindex")]
@@ -182,10 +183,11 @@ def refresh_summaries(url: str) -> None:
     """A round of the worker's stored summaries (the first one counts every mailing; later ones only
     what changed, so a rerun on the cached file is quick)."""
     from receiver import models, summaries
+    from receiver.db import bind
     from receiver.settings import Settings
 
     settings = Settings.from_env(env_file=None, environ={"DATABASE_URL": url, "CALLBACK_TOKEN": "x" * 32, "API_TOKEN": API_TOKEN})
-    database = models.bind(settings)
+    database = bind(settings)
     models.create_schema()
     started = time.monotonic()
     with database.connection_context():

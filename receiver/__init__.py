@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, callbacks, cli, forwards_api, models, pages, redaction, sending_api
+from .db import bind
 from .settings import Settings, SettingsError
 
 __all__ = ["create_app", "callback_url", "current_callback_url", "Settings", "SettingsError"]
@@ -30,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.ensure_ascii = False     # Cyrillic stays readable in JSON answers
     app.json.sort_keys = False
 
-    models.bind(settings)
+    bind(settings)
     models.create_schema()
     app.config["CALLBACK_TOKEN"] = _token(settings, "callback_token", settings.callback_token)
     app.config["CALLBACK_TOKEN_PREVIOUS"] = settings.callback_token_previous
@@ -62,7 +63,7 @@ def current_callback_url(settings: Settings) -> str:
     """The callback URL as of now, for a send going out now: CALLBACK_TOKEN, else the token generated
     and kept in the database (create_app made it). Read at send time, so that sends queued before a
     rotation go out with the new token."""
-    token = settings.callback_token or models.Meta.get_by_id("callback_token").value
+    token = settings.callback_token or models.Fact.get_by_id("callback_token").value
     return callback_url(settings, token)
 
 

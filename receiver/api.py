@@ -15,16 +15,8 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
 
 from . import enrich, results, summaries
-from .models import (
-    ESTIMATE_ABOVE,
-    Event,
-    Message,
-    Meta,
-    callback_data_is,
-    db,
-    row_count,
-    utcnow,
-)
+from .db import ESTIMATE_ABOVE, db, row_count, utcnow
+from .models import Event, Fact, Message, callback_data_is
 from .status import OUTCOMES, outcome_of, outcome_of_rank
 
 bp = Blueprint("api", __name__)
@@ -86,7 +78,7 @@ def require_send_token(view):
 def healthz():
     try:
         # A real table: SELECT 1 answers even when the SQLite file is unreadable or the schema is gone.
-        Meta.select(Meta.value).where(Meta.key == "schema_version").scalar()
+        Fact.select(Fact.value).where(Fact.key == "schema_version").scalar()
     except (DatabaseError, InterfaceError) as error:
         return jsonify(status="unavailable", database=type(error).__name__), 503
     return jsonify(status="ok", database="ok")
@@ -478,7 +470,7 @@ ESTIMATE_HOW = "PostgreSQL's statistics; on SQLite the span of its ids, which on
 
 def stored_rows(model) -> int:
     """How many rows the table holds, without counting a large one: COUNT(*) reads the whole table.
-    models.row_count takes PostgreSQL's estimate; on SQLite rows are appended with growing ids and
+    db.row_count takes PostgreSQL's estimate; on SQLite rows are appended with growing ids and
     deleted oldest first (retention), so the span of the ids is the count, give or take the few a
     failed insert or an out-of-order prune leaves."""
     if isinstance(db.obj, SqliteDatabase):

@@ -27,7 +27,8 @@ from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
 from . import forwarding, jsonbody, metrics
-from .models import Event, Message, Prepared, Rejected, db, slot, utcnow, write_transaction
+from .db import Prepared, db, slot, utcnow, write_transaction
+from .models import Event, Message, Rejected
 from .status import STATUS_OF_CODE, check_times, forward_update_for, new_fields_for, variant
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 from peewee import PostgresqlDatabase
 
-from .models import TwinCallSlot, db, utcnow, write_transaction
+from .db import db, utcnow, write_transaction
+from .models import TwinCallSlot
 
 log = logging.getLogger(__name__)
 

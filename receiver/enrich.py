@@ -32,6 +32,7 @@ from peewee import Case, DatabaseError, InterfaceError, PostgresqlDatabase, fn
 
 from . import forwarding, metrics
 from .callbudget import CallBudget
+from .db import db, utcnow, write_transaction
 from .maintenance import PeriodicPrune, PeriodicSummaries
 from .models import (
     ACTIVE_STAGES,
@@ -42,9 +43,6 @@ from .models import (
     STAGE_RESULT,
     Message,
     TwinCall,
-    db,
-    utcnow,
-    write_transaction,
 )
 from .sending import send_pending
 from .status import forward_update, is_final

@@ -31,7 +31,8 @@ from peewee import SQL, PostgresqlDatabase, fn
 from standardwebhooks.webhooks import Webhook
 
 from . import results
-from .models import Delivery, DeliveryAttempt, Message, Subscription, db, utcnow, write_transaction
+from .db import db, utcnow, write_transaction
+from .models import Delivery, DeliveryAttempt, Message, Subscription
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from peewee import SqliteDatabase
 
 from . import models
-from .models import Event, Rejected, utcnow, write_transaction
+from .db import utcnow, write_transaction
+from .models import Event, Rejected
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from . import results, summaries
 from .api import SECRET_QUERY_NAMES, api_token_ok, csv_response
-from .models import PageSession, utcnow, write_transaction
+from .db import utcnow, write_transaction
+from .models import PageSession
 
 bp = Blueprint("pages", __name__)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from peewee import Case, fn
 
 from . import callbacks
-from .models import Rejected, db, utcnow
+from .db import db, utcnow
+from .models import Rejected
 
 # A replay that stored everything in the row (new or already there) resolves it.
 RESOLVED = ("stored", "duplicate")

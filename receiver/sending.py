@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 
 from peewee import Case, fn
 
+from .db import db, utcnow, write_transaction
 from .destinations import ChatSettings, Destination, chat_settings, destination_item, phone_of_key
-from .models import Message, Outbox, Send, db, utcnow, write_transaction
+from .models import Message, Outbox, Send
 from .status import forward_update, new_message_fields
 
 log = logging.getLogger(__name__)

@@ -63,7 +63,7 @@ class Settings:
                                    choices=SQLITE_SYNCHRONOUS_LEVELS)
     sqlite_busy_timeout: float = _env("SQLITE_BUSY_TIMEOUT", kind="float", default=30.0, minimum=0)
 
-    # Secrets. Unset tokens are generated on first start and kept in the database (see models.Meta).
+    # Secrets. Unset tokens are generated on first start and kept in the database (see models.Fact).
     callback_token: str | None = _env("CALLBACK_TOKEN", secret=True)
     # The callback token before a rotation: callbacks of sends made with it keep being stored until
     # it is removed (README, "Rotating the callback token").
@@ -189,7 +189,7 @@ class Settings:
                                 f"(known: {', '.join(FORWARD_EVENT_TYPES)})")
 
     def _check_database_url(self) -> None:
-        """Refuse here, in one line, what models.make_database could not open."""
+        """Refuse here, in one line, what db.make_database could not open."""
         url = self.database_url
         scheme = url.partition(":")[0]
         if scheme not in ("sqlite", "postgres", "postgresql"):

@@ -19,22 +19,13 @@ from dataclasses import dataclass, field
 from peewee import fn
 
 from . import results
-from .models import (
-    ACTIVE_STAGES,
-    STAGE_NONE,
-    Event,
-    MailingSummary,
-    Message,
-    Meta,
-    callback_data_is,
-    utcnow,
-    write_transaction,
-)
+from .db import utcnow, write_transaction
+from .models import ACTIVE_STAGES, STAGE_NONE, Event, Fact, MailingSummary, Message, callback_data_is
 
 CALLBACK_DATA, BULK_ID = "callbackData", "bulkId"
 KINDS = {CALLBACK_DATA: Message.callback_data, BULK_ID: Message.bulk_id}
 SLACK = dt.timedelta(minutes=1)
-# Meta keys: where the last finished round began.
+# Fact keys: where the last finished round began.
 EVENT_MARK, TIME_MARK = "summaries_event_id", "summaries_as_of"
 
 
@@ -77,7 +68,7 @@ def plan(now: dt.datetime | None = None) -> Round:
     # The last event older than SLACK: walking the ids down from the newest reads only the last minute's.
     event_id = (Event.select(Event.id).where(Event.received_at < started_at - SLACK)
                 .order_by(Event.id.desc()).limit(1).scalar()) or 0
-    marks = dict(Meta.select(Meta.key, Meta.value).where(Meta.key.in_([EVENT_MARK, TIME_MARK])).tuples())
+    marks = dict(Fact.select(Fact.key, Fact.value).where(Fact.key.in_([EVENT_MARK, TIME_MARK])).tuples())
     units: dict[tuple[str, str], None] = {}
     if TIME_MARK not in marks:
         units.update(dict.fromkeys(_every_unit()))
@@ -127,8 +118,8 @@ def finish(done: Round) -> None:
     """The round is over: the next one looks only at what changed since it began."""
     with write_transaction():
         for key, value in ((EVENT_MARK, str(done.event_id)), (TIME_MARK, done.started_at.isoformat())):
-            Meta.insert(key=key, value=value).on_conflict(
-                conflict_target=[Meta.key], update={Meta.value: value}).execute()
+            Fact.insert(key=key, value=value).on_conflict(
+                conflict_target=[Fact.key], update={Fact.value: value}).execute()
 
 
 def refresh(now: dt.datetime | None = None) -> int:
@@ -145,7 +136,7 @@ def refresh(now: dt.datetime | None = None) -> int:
 def as_of() -> dt.datetime | None:
     """When the last finished round began: the stored rows hold every change before it. None: no
     round has finished yet (the readers count live)."""
-    value = Meta.select(Meta.value).where(Meta.key == TIME_MARK).scalar()
+    value = Fact.select(Fact.value).where(Fact.key == TIME_MARK).scalar()
     return dt.datetime.fromisoformat(value) if value else None
 
 

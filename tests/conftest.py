@@ -15,7 +15,8 @@ import uuid
 import psycopg2
 import pytest
 
-from receiver import create_app, models
+from receiver import create_app
+from receiver.db import bind, db
 from receiver.simulator import SimConfig, Simulator
 
 from .support import (
@@ -31,6 +32,7 @@ from .support import (
     closed_port,
     make_settings,
     postgres_unavailable,
+    reset_for_tests,
     settings_for,
     sim_settings,
 )
@@ -59,9 +61,10 @@ def database_url(request, tmp_path):
     url = request.getfixturevalue("postgres_schema_url")
     yield url
     # The next test starts from nothing: drop what this one made.
-    models.bind(make_settings(url))
-    models.reset_for_tests()
-    models.db.close()
+
+    bind(make_settings(url))
+    reset_for_tests()
+    db.close()
 
 
 @pytest.fixture
@@ -115,8 +118,8 @@ def make_sim_app(database_url):
         app.config["TESTING"] = True
         return app
     yield make
-    if not models.db.is_closed():
-        models.db.close()
+    if not db.is_closed():
+        db.close()
 
 
 @pytest.fixture
@@ -143,8 +146,8 @@ def app(settings):
     app = create_app(settings)
     app.config["TESTING"] = True
     yield app
-    if not models.db.is_closed():
-        models.db.close()
+    if not db.is_closed():
+        db.close()
 
 
 @pytest.fixture
@@ -157,8 +160,8 @@ def sends_client(database_url):
     """A client of an app that takes sends (TWIN credentials set; no request calls TWIN)."""
     app = create_app(make_settings(database_url, **TWIN_NEVER_CALLED))
     yield app.test_client()
-    if not models.db.is_closed():
-        models.db.close()
+    if not db.is_closed():
+        db.close()
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from standardwebhooks import Webhook
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from receiver import sending
-from receiver.models import STAGE_DONE, Message, Outbox, utcnow
+from receiver.db import db, utcnow
+from receiver.models import MODELS, STAGE_DONE, Message, Outbox
 from receiver.settings import Settings
 from receiver.twin24 import TwinClient
 
@@ -505,3 +506,10 @@ def start_worker(env: dict, log_path) -> subprocess.Popen:
     """`python -m receiver worker` with exactly `env`, its output appended to `log_path`."""
     return subprocess.Popen([sys.executable, "-m", "receiver", "worker"], cwd=ROOT, env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def reset_for_tests() -> None:
+    """Drop every table and the results view (test fixtures, on throw-away databases only)."""
+    with db.connection_context():
+        db.execute_sql("DROP VIEW IF EXISTS results")
+        db.drop_tables(MODELS, safe=True)

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from receiver import callbacks
-from receiver.models import Event, Message, Meta, Rejected
+from receiver.models import Event, Fact, Message, Rejected
 
 from .support import CALLBACK_TOKEN, callback_body
 
@@ -466,7 +466,7 @@ def test_healthz_checks_the_database(client):
 
 
 def test_healthz_is_503_when_the_schema_is_gone(client):
-    Meta.drop_table()
+    Fact.drop_table()
 
     answer = client.get("/healthz")
 

@@ -205,8 +205,8 @@ def test_a_result_that_changes_while_the_dialog_is_open_is_updated(twin, live_ap
 def test_workers_claiming_at_the_same_moment_never_share_a_message(twin, live_app):
     from concurrent.futures import ThreadPoolExecutor
 
+    from receiver.db import db, utcnow
     from receiver.enrich import MESSAGES_SWEEP, claim_due
-    from receiver.models import db, utcnow
 
     send_mailing(twin, live_app.url, phones(60))
     assert twin.wait_idle(timeout=20)
@@ -226,8 +226,9 @@ def test_workers_claiming_at_the_same_moment_never_share_a_message(twin, live_ap
 def test_an_expired_lease_is_claimed_again(twin, live_app):
     import datetime as dt
 
+    from receiver.db import utcnow
     from receiver.enrich import MESSAGES_SWEEP, claim_due, release
-    from receiver.models import Message, utcnow
+    from receiver.models import Message
 
     send_mailing(twin, live_app.url, phones(3))
     assert twin.wait_idle(timeout=20)
@@ -253,7 +254,7 @@ def patient_enricher(settings) -> Enricher:
 def test_a_sweep_waits_until_enough_is_due_or_the_oldest_has_waited(settings, client, callback_path):
     import datetime as dt
 
-    from receiver.models import utcnow
+    from receiver.db import utcnow
 
     enricher = patient_enricher(settings)
 
@@ -280,7 +281,7 @@ def test_a_sweep_waits_until_enough_is_due_or_the_oldest_has_waited(settings, cl
 def test_a_small_mailing_after_a_big_one_is_looked_up_at_once(settings, client, callback_path):
     import datetime as dt
 
-    from receiver.models import utcnow
+    from receiver.db import utcnow
 
     enricher = patient_enricher(settings)
     for n in range(100):                                # a big mailing, an hour ago, all done
@@ -326,7 +327,7 @@ def test_a_message_delivered_long_after_it_was_sent_is_still_found(twin, app, li
 def test_a_long_retry_after_reschedules_the_sweep_instead_of_hammering(twin, live_app, enricher):
     import datetime as dt
 
-    from receiver.models import utcnow
+    from receiver.db import utcnow
 
     send_mailing(twin, live_app.url, phones(6))
     assert twin.wait_idle(timeout=20)
@@ -346,8 +347,8 @@ def test_a_long_retry_after_reschedules_the_sweep_instead_of_hammering(twin, liv
 def test_a_long_sweep_renews_its_lease(twin, live_app):
     import datetime as dt
 
+    from receiver.db import utcnow
     from receiver.enrich import MESSAGES_SWEEP, claim_due, renew_lease
-    from receiver.models import utcnow
 
     send_mailing(twin, live_app.url, phones(3))
     assert twin.wait_idle(timeout=20)
@@ -368,7 +369,7 @@ def test_a_long_sweep_renews_its_lease(twin, live_app):
 def test_a_delivery_after_giving_up_on_the_status_starts_enrichment(app, twin, client, callback_path):
     import datetime as dt
 
-    from receiver.models import utcnow
+    from receiver.db import utcnow
 
     # TWIN never tells us the final status of m-late in time, so we give up on it; its DELIVERED
     # callback comes after all (TWIN retried for hours): enrichment starts from the beginning.
@@ -389,7 +390,7 @@ def test_a_delivery_after_giving_up_on_the_status_starts_enrichment(app, twin, c
 def test_a_message_not_found_is_looked_at_again_after_a_share_of_its_age(twin, app, live_app):
     import datetime as dt
 
-    from receiver.models import utcnow
+    from receiver.db import utcnow
 
     # The statistics lag a minute behind the callbacks: the sweep finds neither chat id.
     twin.configure(stats_lag=60.0)

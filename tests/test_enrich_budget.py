@@ -9,7 +9,8 @@ import datetime as dt
 import signal
 
 from receiver.callbudget import CallBudget
-from receiver.models import Message, utcnow
+from receiver.db import utcnow
+from receiver.models import Message
 from receiver.simulator import most_calls_within
 
 from .support import (

@@ -14,8 +14,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from werkzeug.wrappers import Request, Response
 
 from receiver import forwarding
+from receiver.db import db, utcnow, write_transaction
 from receiver.enrich import Enricher
-from receiver.models import Delivery, DeliveryAttempt, Message, Subscription, db, utcnow, write_transaction
+from receiver.models import Delivery, DeliveryAttempt, Message, Subscription
 
 from .support import LiveServer, phones, send_mailing, wait_for
 

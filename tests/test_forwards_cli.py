@@ -14,7 +14,8 @@ import pytest
 from standardwebhooks import Webhook
 
 from receiver import forwarding
-from receiver.models import Delivery, Subscription, write_transaction
+from receiver.db import write_transaction
+from receiver.models import Delivery, Subscription
 
 from .support import (
     API_TOKEN,

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from receiver import create_app, maintenance, models
-from receiver.models import Event, Message, Rejected, utcnow
+from receiver.db import utcnow
+from receiver.models import Event, Message, Rejected
 from receiver.settings import Settings
 
 from .support import make_settings, settings_env, start_worker, stop_worker, wait_for

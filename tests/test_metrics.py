@@ -15,7 +15,8 @@ from peewee import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver import create_app, enrich, metrics, models
-from receiver.models import Message, TwinCall, utcnow
+from receiver.db import utcnow
+from receiver.models import Message, TwinCall
 
 from .support import API_TOKEN, CALLBACK_PATH, CALLBACK_TOKEN, make_settings, scrape, seed, value
 
@@ -172,5 +173,5 @@ def test_large_postgresql_tables_are_counted_from_their_statistics(settings, cli
     seed(client, 2, start=3)                        # not in the statistics yet
     assert value(scrape(client), "receiver_events_stored") == 5
 
-    monkeypatch.setattr(models, "ESTIMATE_ABOVE", 1)      # as if 3 rows were past the threshold
+    monkeypatch.setattr("receiver.db.ESTIMATE_ABOVE", 1)    # as if 3 rows were past the threshold
     assert value(scrape(client), "receiver_events_stored") == 3

@@ -13,7 +13,8 @@ import pytest
 from peewee import IntegerField, Model, OperationalError, TextField
 
 from receiver import models, results
-from receiver.models import Event, Message, QueuedSqliteDatabase
+from receiver.db import QueuedSqliteDatabase, sqlite_pragmas
+from receiver.models import Event, Message
 
 from .support import callback_body, make_settings
 
@@ -59,7 +60,7 @@ def test_a_schema_1_database_comes_up_current_with_its_events_still_deduplicated
         assert event_rows() == before
         assert set(index_sql("event")) == {"event_transition"}
         assert all("WHERE" in index_sql("message")[name].upper() for name in ("message_send_id", "message_chat_id"))
-        assert models.Meta.get_by_id("schema_version").value == models.SCHEMA_VERSION == "3"
+        assert models.Fact.get_by_id("schema_version").value == models.SCHEMA_VERSION == "3"
     repeat = client.post(callback_path, json=callback_body(old="PENDING", new="DELIVERED"))
     fresh = client.post(callback_path, json=callback_body("m-2", old=None, new="PENDING"))
     assert repeat.json == {"stored": True, "duplicate": True}
@@ -92,7 +93,7 @@ def test_a_schema_2_database_comes_up_current_and_takes_a_long_callback_data(app
     with models.db.connection_context():
         expected = "message_callback_data_first_seen_at_id" if settings.is_sqlite else "message_callback_data_prefix"
         assert callback_data_indexes() == {expected}
-        assert models.Meta.get_by_id("schema_version").value == models.SCHEMA_VERSION
+        assert models.Fact.get_by_id("schema_version").value == models.SCHEMA_VERSION
     assert client.post(callback_path, json=callback_body(callbackData=LONG_CALLBACK_DATA)).status_code == 200
 
 
@@ -143,7 +144,7 @@ class Row(Model):
 def queued(tmp_path):
     """A QueuedSqliteDatabase with a table, bound to `models.db` as the app binds it."""
     settings = make_settings(f"sqlite:///{tmp_path}/turns.db")
-    database = QueuedSqliteDatabase(settings.sqlite_path, pragmas=models.sqlite_pragmas(settings),
+    database = QueuedSqliteDatabase(settings.sqlite_path, pragmas=sqlite_pragmas(settings),
                                     timeout=30, check_same_thread=False)
     models.db.initialize(database)
     Row.bind(database)
@@ -166,7 +167,7 @@ def in_thread(target, *args) -> threading.Thread:
 
 HOLD_A_TURN = textwrap.dedent("""
     import sys
-    from receiver.models import WriterQueue
+    from receiver.db import WriterQueue
     with WriterQueue(sys.argv[1] + "-writers.lock", sys.argv[1]).turn():
         print("holding", flush=True)
         sys.stdin.readline()
@@ -239,7 +240,7 @@ def test_a_write_inside_a_write_does_not_wait_for_itself(queued):
 
 def test_writes_go_on_when_the_turn_file_cannot_be_opened(tmp_path, caplog):
     (tmp_path / "turns.db-writers.lock").mkdir()        # a directory where the file would be
-    with caplog.at_level(logging.WARNING, logger="receiver.models"):
+    with caplog.at_level(logging.WARNING, logger="receiver.db"):
         database = QueuedSqliteDatabase(str(tmp_path / "turns.db"), pragmas={"journal_mode": "wal"})
         models.db.initialize(database)
         Row.bind(database)
@@ -247,7 +248,7 @@ def test_writes_go_on_when_the_turn_file_cannot_be_opened(tmp_path, caplog):
         insert(1)
         insert(2)
     assert Row.select().count() == 2
-    warnings = [r.getMessage() for r in caplog.records if r.name == "receiver.models"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "receiver.db"]
     assert len(warnings) == 1 and "cannot open" in warnings[0] and "busy handler" in warnings[0]
     database.close()
 
@@ -273,7 +274,7 @@ def test_a_failed_checkpoint_does_not_undo_the_write_before_it(queued, monkeypat
         return execute_sql(sql, *args, **kwargs)
 
     monkeypatch.setattr(queued, "execute_sql", disk_full_at_checkpoint)
-    with caplog.at_level(logging.WARNING, logger="receiver.models"):
+    with caplog.at_level(logging.WARNING, logger="receiver.db"):
         for n in range(QueuedSqliteDatabase.CHECKPOINT_EVERY):
             insert(n)
     assert Row.select().count() == QueuedSqliteDatabase.CHECKPOINT_EVERY

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from flask import Flask, jsonify, request
 
+from receiver.db import db
 from receiver.enrich import Enricher
-from receiver.models import db
 
 from .support import LiveServer, TwinUrls, settings_for
 

@@ -7,8 +7,9 @@ import datetime as dt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from receiver.db import utcnow
 from receiver.enrich import Enricher, apply_messages, claim_due
-from receiver.models import STAGE_NONE, Message, utcnow
+from receiver.models import STAGE_NONE, Message
 from receiver.status import FAILED_STATUSES, is_final, outcome_of, rank_of
 
 from .support import phones, send_mailing

@@ -9,8 +9,9 @@ import json
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver import results, summaries
+from receiver.db import utcnow
 from receiver.maintenance import PeriodicSummaries
-from receiver.models import STAGE_CHAT_ID, STAGE_DONE, STAGE_GIVEN_UP, MailingSummary, Message, utcnow
+from receiver.models import STAGE_CHAT_ID, STAGE_DONE, STAGE_GIVEN_UP, MailingSummary, Message
 
 from .support import API_TOKEN, answer, callback, seed
 

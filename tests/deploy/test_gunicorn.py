@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from receiver import models
+from receiver.db import bind
 
 from ..support import CALLBACK_TOKEN, make_settings
 from .helpers import GUNICORN_CONF, Gunicorn
@@ -42,7 +43,7 @@ def post_callbacks(url: str, prefix: str, count: int) -> list[tuple[str, int, st
 
 
 def stored_event_ids(database_url: str, prefix: str) -> set[str]:
-    models.bind(make_settings(database_url))
+    bind(make_settings(database_url))
     try:
         with models.db.connection_context():
             query = models.Event.select(models.Event.message_id).where(

@@ -25,6 +25,7 @@ import requests
 import urllib3
 
 from receiver import models
+from receiver.db import bind
 
 from ..support import CALLBACK_TOKEN, make_settings
 from .helpers import DEPLOY, Gunicorn, free_port
@@ -204,7 +205,7 @@ def test_a_callback_through_nginx_reaches_the_app_with_the_clients_address(nginx
                                   verify=False, timeout=10)
         assert answer.status_code == 400
 
-    models.bind(make_settings(f"sqlite:///{tmp_path}/receiver.db"))
+    bind(make_settings(f"sqlite:///{tmp_path}/receiver.db"))
     try:
         with models.db.connection_context():
             event = models.Event.get(models.Event.message_id == "via-nginx-1")
@@ -277,7 +278,7 @@ def test_a_burst_of_callbacks_like_twins_all_pass(nginx_site, tmp_path):
     with site_in_front_of_gunicorn(nginx_site, tmp_path):
         answers = concurrently(nginx_site[2], [callback(f"burst-{n}") for n in range(2000)], clients=16)
     assert Counter(answer.status for answer in answers) == {200: 2000}
-    models.bind(make_settings(f"sqlite:///{tmp_path}/receiver.db"))
+    bind(make_settings(f"sqlite:///{tmp_path}/receiver.db"))
     try:
         with models.db.connection_context():
             assert models.Event.select().where(models.Event.callback_data == "burst").count() == 2000

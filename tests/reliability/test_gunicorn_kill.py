@@ -17,6 +17,7 @@ import time
 from bench.ingest import children_of
 from bench.loadgen import run_load
 from receiver import models
+from receiver.db import bind
 from receiver.models import Event
 
 from ..deploy.helpers import Gunicorn
@@ -37,7 +38,7 @@ def kill_workers(server: Gunicorn) -> list[int]:
 
 
 def stored_keys(database_url: str) -> set[str]:
-    models.bind(make_settings(database_url))
+    bind(make_settings(database_url))
     try:
         with models.db.connection_context():
             return {f"{e.message_id}|{e.old_status or ''}|{e.new_status}"
