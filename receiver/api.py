@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hmac
 import os
 import threading
 import time
@@ -15,6 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
 
 from . import enrich, results, summaries
+from .auth import bearer_token, require_api_token, same_secret
 from .models import (
     ESTIMATE_ABOVE,
     Event,
@@ -28,59 +28,6 @@ from .models import (
 from .status import OUTCOMES, outcome_of, outcome_of_rank
 
 bp = Blueprint("api", __name__)
-
-SECRET_QUERY_NAMES = ("token", "api_token", "access_token", "apikey", "api_key")
-
-
-def token_ok(presented: str | None, name: str = "API_TOKEN") -> bool:
-    """Whether `presented` is the token app.config[name] (API_TOKEN, SEND_TOKEN); never when it is unset."""
-    expected = current_app.config.get(name)
-    return bool(presented and expected) and hmac.compare_digest(presented.encode(), expected.encode())
-
-
-def api_token_ok(presented: str | None) -> bool:
-    return token_ok(presented, "API_TOKEN")
-
-
-def bearer_token() -> str | None:
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
-
-
-def require_token(*names: str):
-    """Let a request through only with `Authorization: Bearer <token>`, one of the tokens `names`."""
-    def decorate(view):
-        @functools.wraps(view)
-        def guarded(*args, **kwargs):
-            if any(name in request.args for name in SECRET_QUERY_NAMES):
-                # A token in a URL ends up in logs and browser history: refuse it even when right.
-                return jsonify(error="token_in_query",
-                               detail="send the token in the Authorization header, never in the URL"), 400
-            presented = bearer_token()
-            if not any(token_ok(presented, name) for name in names):
-                wanted = " or ".join(f"<{name}>" for name in names)
-                return (jsonify(error="unauthorized", detail=f"send Authorization: Bearer {wanted}"), 401,
-                        {"WWW-Authenticate": 'Bearer realm="twin24-receiver"'})
-            return view(*args, **kwargs)
-        return guarded
-    return decorate
-
-
-require_api_token = require_token("API_TOKEN")
-
-
-def require_send_token(view):
-    """Sending (paid mailings) takes SEND_TOKEN, never the reading API_TOKEN; without a SEND_TOKEN
-    set, sending over HTTP is off (403)."""
-    checked = require_token("SEND_TOKEN")(view)
-
-    @functools.wraps(view)
-    def guarded(*args, **kwargs):
-        if not current_app.config.get("SEND_TOKEN"):
-            return jsonify(error="sending_off", detail="sending over HTTP is off: set SEND_TOKEN"), 403
-        return checked(*args, **kwargs)
-    return guarded
-
 
 @bp.get("/healthz")
 def healthz():
@@ -303,7 +250,7 @@ def prometheus_metrics():
     from prometheus_client.exposition import choose_encoder
 
     settings = current_app.config["SETTINGS"]
-    if settings.metrics_token and not _presented(settings.metrics_token):
+    if settings.metrics_token and not same_secret(bearer_token(), settings.metrics_token):
         return (jsonify(error="unauthorized", detail="send Authorization: Bearer <METRICS_TOKEN>"), 401,
                 {"WWW-Authenticate": 'Bearer realm="twin24-receiver metrics"'})
     registry = CollectorRegistry(auto_describe=False)
@@ -316,12 +263,6 @@ def prometheus_metrics():
     registry.register(_database_collector(settings.metrics_cache_seconds))
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     return Response(encoder(registry), headers={"Content-Type": content_type, "Cache-Control": "no-store"})
-
-
-def _presented(token: str) -> bool:
-    """Whether the request's bearer token is `token` (compared in constant time)."""
-    presented = bearer_token()
-    return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
 
 def _database_collector(seconds: float) -> CachedCollector:

@@ -13,7 +13,7 @@ import re
 from flask import Blueprint, jsonify, request
 
 from . import jsonbody
-from .api import require_api_token
+from .auth import require_api_token
 from .settings import masked_url
 
 bp = Blueprint("forwards_api", __name__)

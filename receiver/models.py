@@ -9,7 +9,6 @@ import datetime as dt
 import fcntl
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -552,21 +551,6 @@ class _schema_lock:
 
     def __exit__(self, *exc):
         return self.txn.__exit__(*exc)
-
-
-def ensure_token(key: str, configured: str | None) -> tuple[str, bool]:
-    """The token from the settings, or one generated once and kept in the database.
-
-    Returns (token, generated_now); generated_now is True in exactly one process, the one that
-    should tell the operator.
-    """
-    if configured:
-        return configured, False
-    candidate = secrets.token_urlsafe(32)
-    with db.connection_context():
-        inserted = Meta.insert(key=key, value=candidate).on_conflict_ignore().execute()
-        stored = Meta.get_by_id(key).value
-    return stored, bool(inserted) and stored == candidate
 
 
 def reset_for_tests() -> None:

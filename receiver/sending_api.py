@@ -22,7 +22,8 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from . import destinations, jsonbody, sending
-from .api import bad_parameter, require_send_token, require_token
+from .api import bad_parameter
+from .auth import require_send_token, require_token
 
 bp = Blueprint("sending_api", __name__)
 
@@ -36,7 +37,6 @@ MAX_SEND_ID = 2**63 - 1
 @bp.post("/api/sends")
 @require_send_token
 def create_send():
-    from . import callback_url
     request.max_content_length = MAX_BODY_BYTES          # this view only; callbacks keep their small cap
     body, refusal = _json_body()
     if refusal:
@@ -83,7 +83,7 @@ def create_send():
                                               p.field if p.where != "file" else "destinations", p.message)
                          for p in error.problems]
     settings = current_app.config["SETTINGS"]
-    url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
+    url = settings.callback_url(current_app.config["CALLBACK_TOKEN"])
     problems += destinations.callback_url_problems(url)
     if problems:
         return _invalid(problems)
