@@ -5,7 +5,7 @@ registers the HTTP face (callbacks, api, sending_api, pages) and the CLI command
 """
 from __future__ import annotations
 
-from flask import Flask, jsonify, request
+from flask import Flask, request
 from flask.logging import default_handler
 from peewee import SqliteDatabase
 from werkzeug.exceptions import HTTPException
@@ -13,6 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, callbacks, cli, errors, forwards_api, models, pages, redaction, sending_api
 from .auth import secrets_of, startup_token
+from .errors import ApiError
 from .settings import Settings, SettingsError
 
 __all__ = ["create_app", "Settings", "SettingsError"]
@@ -69,11 +70,11 @@ def _routing_error(error: HTTPException):
     if parts[1] not in ("api", "callbacks"):
         return error
     if error.code == 404:
-        return jsonify(error="not_found", detail=f"nothing here: {request.path}"), 404
+        return errors.answer(ApiError(404, "not_found", f"nothing here: {request.path}"))
     methods = sorted(error.valid_methods or ())        # a set: sorted, so the answer is always the same
     allowed = [m for m in methods if m not in ("HEAD", "OPTIONS")]
-    return (jsonify(error="method_not_allowed", detail=f"use {' or '.join(allowed)}, not {request.method}"), 405,
-            {"Allow": ", ".join(methods)})
+    return errors.answer(ApiError(405, "method_not_allowed", f"use {' or '.join(allowed)}, not {request.method}",
+                                  headers={"Allow": ", ".join(methods)}))
 
 
 def _connect():

@@ -15,6 +15,7 @@ from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
 
 from . import enrich, results, summaries
 from .auth import bearer_token, require_api_token, same_secret
+from .errors import ApiError, bad_parameter
 from .models import (
     ESTIMATE_ABOVE,
     Event,
@@ -39,10 +40,6 @@ def healthz():
     return jsonify(status="ok", database="ok")
 
 
-def bad_parameter(name: str, detail: str):
-    return jsonify(error="bad_parameter", parameter=name, detail=detail), 400
-
-
 MESSAGE_LIMIT = 1000
 MESSAGE_PARAMS = ("callbackData", "id")
 
@@ -54,13 +51,13 @@ def messages():
     callbackData), each with its status history."""
     for name in request.args:
         if name not in MESSAGE_PARAMS:
-            return bad_parameter(name, "unknown parameter; known: callbackData, id")
+            raise bad_parameter(name, "unknown parameter; known: callbackData, id")
         if "\x00" in request.args[name]:     # nothing stored holds one, and PostgreSQL cannot compare it
-            return bad_parameter(name, "contains a NUL character")
+            raise bad_parameter(name, "contains a NUL character")
     callback_data = request.args.get("callbackData")
     message_id = request.args.get("id")
     if callback_data is None and message_id is None:
-        return jsonify(error="missing_parameter", detail="give callbackData=... or id=..."), 400
+        raise ApiError(400, "missing_parameter", "give callbackData=... or id=...")
     query = Message.select().order_by(Message.first_seen_at, Message.id).limit(MESSAGE_LIMIT)
     if callback_data is not None:
         query = query.where(callback_data_is(callback_data))
@@ -113,12 +110,12 @@ def _iso(value) -> str | None:
 
 # ---- results ------------------------------------------------------------------------------------
 
-def _filters_or_400(allowed=()):
-    """(Filters, None) from the query string, or (None, a 400 answer naming the bad parameter)."""
+def _filters(allowed=()) -> results.Filters:
+    """The Filters of the query string; a 400 naming the bad parameter for one it cannot read."""
     try:
-        return results.Filters.from_args(request.args, allowed=allowed), None
+        return results.Filters.from_args(request.args, allowed=allowed)
     except results.FilterError as error:
-        return None, (jsonify(error="bad_parameter", parameter=error.param, detail=error.detail), 400)
+        raise bad_parameter(error.param, error.detail) from None
 
 
 def _truthy(name: str) -> bool:
@@ -129,20 +126,17 @@ def _truthy(name: str) -> bool:
 @require_api_token
 def results_page():
     """One page of results, oldest first; follow next_cursor for the next."""
-    filters, refusal = _filters_or_400(allowed=("limit", "cursor"))
-    if refusal:
-        return refusal
+    filters = _filters(allowed=("limit", "cursor"))
     try:
         limit = int(request.args.get("limit", results.DEFAULT_LIMIT))
     except ValueError:
         limit = 0
     if not 1 <= limit <= results.MAX_LIMIT:
-        return jsonify(error="bad_parameter", parameter="limit",
-                       detail=f"a whole number from 1 to {results.MAX_LIMIT}"), 400
+        raise bad_parameter("limit", f"a whole number from 1 to {results.MAX_LIMIT}")
     try:
         found = results.page(filters, limit=limit, cursor=request.args.get("cursor") or None)
     except results.FilterError as error:
-        return jsonify(error="bad_parameter", parameter=error.param, detail=error.detail), 400
+        raise bad_parameter(error.param, error.detail) from None
     return jsonify(results=[results.row_json(row) for row in found.rows], next_cursor=found.next_cursor,
                    limit=limit)
 
@@ -151,9 +145,7 @@ def results_page():
 @require_api_token
 def results_csv():
     """Every matching result as CSV, streamed, with formulas defused (raw=1: as stored; excel=1: with a BOM)."""
-    filters, refusal = _filters_or_400(allowed=("excel", "raw"))
-    if refusal:
-        return refusal
+    filters = _filters(allowed=("excel", "raw"))
     return csv_response(filters, excel=_truthy("excel"), raw=_truthy("raw"))
 
 
@@ -161,9 +153,7 @@ def results_csv():
 @require_api_token
 def results_json():
     """Every matching result as one JSON array, streamed (a cut download lacks the closing `]`)."""
-    filters, refusal = _filters_or_400()
-    if refusal:
-        return refusal
+    filters = _filters()
     keep_alive = current_app.config.get("HEARTBEAT") or _no_heartbeat
     return stream_response(results.json_stream(filters, keep_alive=keep_alive), "application/json", "results.json")
 
@@ -211,9 +201,7 @@ def _attachment(name: str) -> str:
 @require_api_token
 def results_summary():
     """The funnel, statuses, stages and the distribution of the bot's answers for the filters."""
-    filters, refusal = _filters_or_400()
-    if refusal:
-        return refusal
+    filters = _filters()
     counted = summaries.summary(filters)
     return jsonify({**counted.summary.as_json(), "as_of": _iso(counted.as_of)})
 
@@ -251,8 +239,8 @@ def prometheus_metrics():
 
     settings = current_app.config["SETTINGS"]
     if settings.metrics_token and not same_secret(bearer_token(), settings.metrics_token):
-        return (jsonify(error="unauthorized", detail="send Authorization: Bearer <METRICS_TOKEN>"), 401,
-                {"WWW-Authenticate": 'Bearer realm="twin24-receiver metrics"'})
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <METRICS_TOKEN>",
+                       headers={"WWW-Authenticate": 'Bearer realm="twin24-receiver metrics"'})
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Under gunicorn every worker counts in its own files there; add them all up.

@@ -2,7 +2,9 @@
 factory registers answers it as `{"error": reason, "parameter": ..., "detail": ..., ...}`."""
 from __future__ import annotations
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
+
+from . import jsonbody
 
 
 class ApiError(Exception):
@@ -23,6 +25,22 @@ class ApiError(Exception):
         if self.detail is not None:
             body["detail"] = self.detail
         return {**body, **self.fields}
+
+
+def bad_parameter(name: str, detail: str) -> ApiError:
+    """A query parameter or body field this API does not take (400)."""
+    return ApiError(400, "bad_parameter", detail, parameter=name)
+
+
+def json_body(unsupported: str):
+    """The request's JSON body: 415 (saying `unsupported`) for another media type, 400 for a body that
+    is not JSON or nests too deeply to be anything this API takes."""
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", unsupported)
+    try:
+        return jsonbody.loads(request.get_data().decode("utf-8"), parse_float=jsonbody.number)
+    except ValueError as error:         # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ApiError(400, "invalid_json", f"the body is not usable JSON: {error}") from None
 
 
 def answer(error: ApiError) -> Response:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
-from . import jsonbody
 from .auth import require_api_token
+from .errors import ApiError, json_body
 from .settings import masked_url
 
 bp = Blueprint("forwards_api", __name__)
@@ -24,12 +24,11 @@ RETRY_FIELDS = ("ids", "subscription", "since", "until")
 REPLAY_FIELDS = ("subscription", "since", "until", "messages")
 
 
-class Refusal(Exception):
-    """A body this API does not take: `field` names what is wrong."""
+class Refusal(ApiError):
+    """A body this API does not take (400): `field` names what is wrong."""
 
     def __init__(self, field: str | None, detail: str):
-        super().__init__(detail)
-        self.field, self.detail = field, detail
+        super().__init__(400, "bad_parameter", detail, parameter=field)
 
 
 @bp.get("/api/forwards")
@@ -54,9 +53,7 @@ def subscription_json(row: dict) -> dict:
 def retry():
     """Dead events back to pending, to be delivered again from their first try."""
     from . import forwarding
-    filters, refusal = _filters(RETRY_FIELDS)
-    if refusal:
-        return refusal
+    filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), RETRY_FIELDS)
     if "ids" in filters:
         filters["ids"] = _delivery_ids(filters["ids"])
     return jsonify(retried=forwarding.retry_dead(**filters))
@@ -68,9 +65,7 @@ def replay():
     """Delivered events sent again, each with its same event id (a target that deduplicates sees each once;
     dead ones go through /retry)."""
     from . import forwarding
-    filters, refusal = _filters(REPLAY_FIELDS)
-    if refusal:
-        return refusal
+    filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), REPLAY_FIELDS)
     filters["message_ids"] = filters.pop("messages", None)
     return jsonify(replayed=forwarding.replay(**filters))
 
@@ -83,24 +78,6 @@ def _delivery_ids(event_ids: list[str]) -> list[int]:
         chunk = event_ids[start:start + 500]
         found += [row.id for row in Delivery.select(Delivery.id).where(Delivery.event_id.in_(chunk))]
     return found
-
-
-def _filters(known: tuple[str, ...]):
-    """(keyword arguments for forwarding.retry_dead / replay, None), or (None, the 4xx refusing the body)."""
-    if not request.is_json:
-        return None, (jsonify(error="unsupported_media_type", detail="send a JSON object "
-                              "(Content-Type: application/json)"), 415)
-    try:
-        body = jsonbody.loads(request.get_data().decode("utf-8"), parse_float=jsonbody.number)
-    except ValueError as error:             # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return None, (jsonify(error="invalid_json", detail=f"the body is not usable JSON: {error}"), 400)
-    try:
-        return read_filters(body, known), None
-    except Refusal as error:
-        answer = {"error": "bad_parameter", "detail": error.detail}
-        if error.field:
-            answer["parameter"] = error.field
-        return None, (jsonify(answer), 400)
 
 
 def read_filters(body, known: tuple[str, ...]) -> dict:
