@@ -12,15 +12,22 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 
 from . import enrich, results, summaries
 from .auth import bearer_token, require_api_token, same_secret
 from .errors import ApiError, bad_parameter
+from .forwarding import stats
 from .models import (
     ESTIMATE_ABOVE,
+    STAGES,
     Event,
     Message,
     Meta,
+    Rejected,
+    TwinCall,
     callback_data_is,
     db,
     row_count,
@@ -234,9 +241,6 @@ def prometheus_metrics():
     it takes `Authorization: Bearer <METRICS_TOKEN>` (Prometheus: `authorization: {credentials: ...}`),
     whether it is reached through nginx or straight at gunicorn.
     """
-    from prometheus_client import REGISTRY, CollectorRegistry
-    from prometheus_client.exposition import choose_encoder
-
     settings = current_app.config["SETTINGS"]
     if settings.metrics_token and not same_secret(bearer_token(), settings.metrics_token):
         raise ApiError(401, "unauthorized", "send Authorization: Bearer <METRICS_TOKEN>",
@@ -300,11 +304,6 @@ class DatabaseCollector:
     is asked."""
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
-        from .forwarding import stats
-        from .models import STAGES, Rejected, TwinCall
-
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
             stage_counts, outcomes, counted_at = messages_by_stage_and_outcome()
@@ -361,8 +360,6 @@ class DatabaseCollector:
 
 def forward_metrics(forwards: list[dict]):
     """The webhooks' gauges, per subscription (its id: a URL may hold a secret)."""
-    from prometheus_client.core import GaugeMetricFamily
-
     deliveries = GaugeMetricFamily("receiver_forward_deliveries",
                                    "Webhook events by subscription and state (pending, delivered, dead).",
                                    labels=["subscription", "state"])

@@ -12,8 +12,11 @@ import re
 
 from flask import Blueprint, jsonify
 
+from . import forwarding
+from .api import openapi_document
 from .auth import require_api_token
 from .errors import ApiError, json_body
+from .models import Delivery
 from .settings import masked_url
 
 bp = Blueprint("forwards_api", __name__)
@@ -35,7 +38,6 @@ class Refusal(ApiError):
 @require_api_token
 def forwards():
     """Every subscription with its delivery counts (the same as `python -m receiver forwards list`)."""
-    from . import forwarding
     return jsonify(subscriptions=[subscription_json(row) for row in forwarding.stats()])
 
 
@@ -52,7 +54,6 @@ def subscription_json(row: dict) -> dict:
 @require_api_token
 def retry():
     """Dead events back to pending, to be delivered again from their first try."""
-    from . import forwarding
     filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), RETRY_FIELDS)
     if "ids" in filters:
         filters["ids"] = _delivery_ids(filters["ids"])
@@ -64,7 +65,6 @@ def retry():
 def replay():
     """Delivered events sent again, each with its same event id (a target that deduplicates sees each once;
     dead ones go through /retry)."""
-    from . import forwarding
     filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), REPLAY_FIELDS)
     filters["message_ids"] = filters.pop("messages", None)
     return jsonify(replayed=forwarding.replay(**filters))
@@ -72,7 +72,6 @@ def replay():
 
 def _delivery_ids(event_ids: list[str]) -> list[int]:
     """The deliveries of these event ids (evt_...); an id no event has matches nothing."""
-    from .models import Delivery
     found = []
     for start in range(0, len(event_ids), 500):         # stay under SQLite's variable limit
         chunk = event_ids[start:start + 500]
@@ -113,7 +112,6 @@ def _ids(name: str, value) -> list[str]:
 
 def _time_pattern() -> str:
     """The forms of time the OpenAPI document promises to take (EventTime), and only those."""
-    from .api import openapi_document
     return openapi_document()["components"]["schemas"]["EventTime"]["pattern"]
 
 

@@ -30,6 +30,8 @@ from .auth import (
     signed_in,
     start_session,
 )
+from .forwarding import stats
+from .forwards_api import subscription_json
 
 bp = Blueprint("pages", __name__)
 
@@ -153,8 +155,6 @@ def results_page():
 
 def _forwards() -> list[dict]:
     """The webhooks' counts for the page's box (its URLs without passwords); empty without subscriptions."""
-    from .forwarding import stats
-    from .forwards_api import subscription_json
     return [subscription_json(row) for row in stats()]
 
 
