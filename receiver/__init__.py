@@ -5,19 +5,19 @@ registers the HTTP face (callbacks, api, sending_api, pages) and the CLI command
 """
 from __future__ import annotations
 
-import sys
-
-from flask import Flask, jsonify, request
+from flask import Flask, request
 from flask.logging import default_handler
 from peewee import SqliteDatabase
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, callbacks, cli, forwards_api, models, pages, redaction, sending_api
+from . import api, callbacks, cli, errors, forwards_api, models, pages, redaction, sending_api
+from .auth import secrets_of, startup_token
 from .db import bind
+from .errors import ApiError
 from .settings import Settings, SettingsError
 
-__all__ = ["create_app", "callback_url", "current_callback_url", "Settings", "SettingsError"]
+__all__ = ["create_app", "Settings", "SettingsError"]
 
 # The pages use no JavaScript, no inline style and nothing from elsewhere; the charts are inline SVG.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
@@ -33,9 +33,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     bind(settings)
     models.create_schema()
-    app.config["CALLBACK_TOKEN"] = _token(settings, "callback_token", settings.callback_token)
+    app.config["CALLBACK_TOKEN"] = startup_token(settings, "callback_token", settings.callback_token)
     app.config["CALLBACK_TOKEN_PREVIOUS"] = settings.callback_token_previous
-    app.config["API_TOKEN"] = _token(settings, "api_token", settings.api_token)
+    app.config["API_TOKEN"] = startup_token(settings, "api_token", settings.api_token)
     app.config["SEND_TOKEN"] = settings.send_token
     redaction.install(secrets_of(app), handlers=[default_handler])
 
@@ -49,60 +49,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.teardown_appcontext(_release)
     for module in (callbacks, api, sending_api, forwards_api, pages):
         app.register_blueprint(module.bp)
+    errors.register(app)
     for code in (404, 405):
         app.register_error_handler(code, _routing_error)
     cli.register(app)
     return app
-
-
-def callback_url(settings: Settings, token: str) -> str:
-    return f"{settings.public_url}/callbacks/{token}"
-
-
-def current_callback_url(settings: Settings) -> str:
-    """The callback URL as of now, for a send going out now: CALLBACK_TOKEN, else the token generated
-    and kept in the database (create_app made it). Read at send time, so that sends queued before a
-    rotation go out with the new token."""
-    token = settings.callback_token or models.Fact.get_by_id("callback_token").value
-    return callback_url(settings, token)
-
-
-def secrets_of(app: Flask) -> list[str]:
-    """Every secret value the app knows, for the log redaction."""
-    settings = app.config["SETTINGS"]
-    return [value for value in (app.config["CALLBACK_TOKEN"], settings.callback_token_previous,
-                                app.config["API_TOKEN"], settings.send_token, settings.twin24_token,
-                                settings.twin24_password) if value]
-
-
-def _token(settings: Settings, key: str, configured: str | None) -> str:
-    token, generated = models.ensure_token(key, configured)
-    if generated:
-        _announce(settings, key, token)
-    return token
-
-
-def _announce(settings: Settings, key: str, token: str) -> None:
-    """Say once, in the process that generated it, that a token was made. The token itself only goes
-    to a terminal: a service's stderr is a log (journald, docker logs) that others may read."""
-    name = key.upper()
-    if not _stderr_is_a_terminal():
-        print(f"twin24-receiver: generated {name} and kept it in the database; "
-              "see it with `python -m receiver show-token` in a terminal", file=sys.stderr)
-        return
-    print(f"twin24-receiver: generated {name} and kept it in the database.", file=sys.stderr)
-    if key == "callback_token":
-        print(f"twin24-receiver: set callbackUrl in your TWIN sends to {callback_url(settings, token)}",
-              file=sys.stderr)
-    else:
-        print(f"twin24-receiver: API token (Authorization: Bearer ...): {token}", file=sys.stderr)
-
-
-def _stderr_is_a_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):        # replaced by something without isatty, or closed
-        return False
 
 
 def _security_headers(response):
@@ -120,11 +71,11 @@ def _routing_error(error: HTTPException):
     if parts[1] not in ("api", "callbacks"):
         return error
     if error.code == 404:
-        return jsonify(error="not_found", detail=f"nothing here: {request.path}"), 404
+        return errors.answer(ApiError(404, "not_found", f"nothing here: {request.path}"))
     methods = sorted(error.valid_methods or ())        # a set: sorted, so the answer is always the same
     allowed = [m for m in methods if m not in ("HEAD", "OPTIONS")]
-    return (jsonify(error="method_not_allowed", detail=f"use {' or '.join(allowed)}, not {request.method}"), 405,
-            {"Allow": ", ".join(methods)})
+    return errors.answer(ApiError(405, "method_not_allowed", f"use {' or '.join(allowed)}, not {request.method}",
+                                  headers={"Allow": ", ".join(methods)}))
 
 
 def _connect():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hmac
 import os
 import threading
 import time
@@ -13,66 +12,19 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 
 from . import enrich, results, summaries
+from .auth import bearer_token, require_api_token, same_secret
 from .db import ESTIMATE_ABOVE, db, row_count, utcnow
-from .models import Event, Fact, Message, callback_data_is
+from .errors import ApiError, bad_parameter
+from .forwarding import stats
+from .models import STAGES, Event, Fact, Message, Rejected, TwinCall, callback_data_is
 from .status import OUTCOMES, outcome_of, outcome_of_rank
 
 bp = Blueprint("api", __name__)
-
-SECRET_QUERY_NAMES = ("token", "api_token", "access_token", "apikey", "api_key")
-
-
-def token_ok(presented: str | None, name: str = "API_TOKEN") -> bool:
-    """Whether `presented` is the token app.config[name] (API_TOKEN, SEND_TOKEN); never when it is unset."""
-    expected = current_app.config.get(name)
-    return bool(presented and expected) and hmac.compare_digest(presented.encode(), expected.encode())
-
-
-def api_token_ok(presented: str | None) -> bool:
-    return token_ok(presented, "API_TOKEN")
-
-
-def bearer_token() -> str | None:
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
-
-
-def require_token(*names: str):
-    """Let a request through only with `Authorization: Bearer <token>`, one of the tokens `names`."""
-    def decorate(view):
-        @functools.wraps(view)
-        def guarded(*args, **kwargs):
-            if any(name in request.args for name in SECRET_QUERY_NAMES):
-                # A token in a URL ends up in logs and browser history: refuse it even when right.
-                return jsonify(error="token_in_query",
-                               detail="send the token in the Authorization header, never in the URL"), 400
-            presented = bearer_token()
-            if not any(token_ok(presented, name) for name in names):
-                wanted = " or ".join(f"<{name}>" for name in names)
-                return (jsonify(error="unauthorized", detail=f"send Authorization: Bearer {wanted}"), 401,
-                        {"WWW-Authenticate": 'Bearer realm="twin24-receiver"'})
-            return view(*args, **kwargs)
-        return guarded
-    return decorate
-
-
-require_api_token = require_token("API_TOKEN")
-
-
-def require_send_token(view):
-    """Sending (paid mailings) takes SEND_TOKEN, never the reading API_TOKEN; without a SEND_TOKEN
-    set, sending over HTTP is off (403)."""
-    checked = require_token("SEND_TOKEN")(view)
-
-    @functools.wraps(view)
-    def guarded(*args, **kwargs):
-        if not current_app.config.get("SEND_TOKEN"):
-            return jsonify(error="sending_off", detail="sending over HTTP is off: set SEND_TOKEN"), 403
-        return checked(*args, **kwargs)
-    return guarded
-
 
 @bp.get("/healthz")
 def healthz():
@@ -82,10 +34,6 @@ def healthz():
     except (DatabaseError, InterfaceError) as error:
         return jsonify(status="unavailable", database=type(error).__name__), 503
     return jsonify(status="ok", database="ok")
-
-
-def bad_parameter(name: str, detail: str):
-    return jsonify(error="bad_parameter", parameter=name, detail=detail), 400
 
 
 MESSAGE_LIMIT = 1000
@@ -99,13 +47,13 @@ def messages():
     callbackData), each with its status history."""
     for name in request.args:
         if name not in MESSAGE_PARAMS:
-            return bad_parameter(name, "unknown parameter; known: callbackData, id")
+            raise bad_parameter(name, "unknown parameter; known: callbackData, id")
         if "\x00" in request.args[name]:     # nothing stored holds one, and PostgreSQL cannot compare it
-            return bad_parameter(name, "contains a NUL character")
+            raise bad_parameter(name, "contains a NUL character")
     callback_data = request.args.get("callbackData")
     message_id = request.args.get("id")
     if callback_data is None and message_id is None:
-        return jsonify(error="missing_parameter", detail="give callbackData=... or id=..."), 400
+        raise ApiError(400, "missing_parameter", "give callbackData=... or id=...")
     query = Message.select().order_by(Message.first_seen_at, Message.id).limit(MESSAGE_LIMIT)
     if callback_data is not None:
         query = query.where(callback_data_is(callback_data))
@@ -158,12 +106,12 @@ def _iso(value) -> str | None:
 
 # ---- results ------------------------------------------------------------------------------------
 
-def _filters_or_400(allowed=()):
-    """(Filters, None) from the query string, or (None, a 400 answer naming the bad parameter)."""
+def _filters(allowed=()) -> results.Filters:
+    """The Filters of the query string; a 400 naming the bad parameter for one it cannot read."""
     try:
-        return results.Filters.from_args(request.args, allowed=allowed), None
+        return results.Filters.from_args(request.args, allowed=allowed)
     except results.FilterError as error:
-        return None, (jsonify(error="bad_parameter", parameter=error.param, detail=error.detail), 400)
+        raise bad_parameter(error.param, error.detail) from None
 
 
 def _truthy(name: str) -> bool:
@@ -174,20 +122,17 @@ def _truthy(name: str) -> bool:
 @require_api_token
 def results_page():
     """One page of results, oldest first; follow next_cursor for the next."""
-    filters, refusal = _filters_or_400(allowed=("limit", "cursor"))
-    if refusal:
-        return refusal
+    filters = _filters(allowed=("limit", "cursor"))
     try:
         limit = int(request.args.get("limit", results.DEFAULT_LIMIT))
     except ValueError:
         limit = 0
     if not 1 <= limit <= results.MAX_LIMIT:
-        return jsonify(error="bad_parameter", parameter="limit",
-                       detail=f"a whole number from 1 to {results.MAX_LIMIT}"), 400
+        raise bad_parameter("limit", f"a whole number from 1 to {results.MAX_LIMIT}")
     try:
         found = results.page(filters, limit=limit, cursor=request.args.get("cursor") or None)
     except results.FilterError as error:
-        return jsonify(error="bad_parameter", parameter=error.param, detail=error.detail), 400
+        raise bad_parameter(error.param, error.detail) from None
     return jsonify(results=[results.row_json(row) for row in found.rows], next_cursor=found.next_cursor,
                    limit=limit)
 
@@ -196,9 +141,7 @@ def results_page():
 @require_api_token
 def results_csv():
     """Every matching result as CSV, streamed, with formulas defused (raw=1: as stored; excel=1: with a BOM)."""
-    filters, refusal = _filters_or_400(allowed=("excel", "raw"))
-    if refusal:
-        return refusal
+    filters = _filters(allowed=("excel", "raw"))
     return csv_response(filters, excel=_truthy("excel"), raw=_truthy("raw"))
 
 
@@ -206,9 +149,7 @@ def results_csv():
 @require_api_token
 def results_json():
     """Every matching result as one JSON array, streamed (a cut download lacks the closing `]`)."""
-    filters, refusal = _filters_or_400()
-    if refusal:
-        return refusal
+    filters = _filters()
     keep_alive = current_app.config.get("HEARTBEAT") or _no_heartbeat
     return stream_response(results.json_stream(filters, keep_alive=keep_alive), "application/json", "results.json")
 
@@ -256,9 +197,7 @@ def _attachment(name: str) -> str:
 @require_api_token
 def results_summary():
     """The funnel, statuses, stages and the distribution of the bot's answers for the filters."""
-    filters, refusal = _filters_or_400()
-    if refusal:
-        return refusal
+    filters = _filters()
     counted = summaries.summary(filters)
     return jsonify({**counted.summary.as_json(), "as_of": _iso(counted.as_of)})
 
@@ -291,13 +230,10 @@ def prometheus_metrics():
     it takes `Authorization: Bearer <METRICS_TOKEN>` (Prometheus: `authorization: {credentials: ...}`),
     whether it is reached through nginx or straight at gunicorn.
     """
-    from prometheus_client import REGISTRY, CollectorRegistry
-    from prometheus_client.exposition import choose_encoder
-
     settings = current_app.config["SETTINGS"]
-    if settings.metrics_token and not _presented(settings.metrics_token):
-        return (jsonify(error="unauthorized", detail="send Authorization: Bearer <METRICS_TOKEN>"), 401,
-                {"WWW-Authenticate": 'Bearer realm="twin24-receiver metrics"'})
+    if settings.metrics_token and not same_secret(bearer_token(), settings.metrics_token):
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <METRICS_TOKEN>",
+                       headers={"WWW-Authenticate": 'Bearer realm="twin24-receiver metrics"'})
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Under gunicorn every worker counts in its own files there; add them all up.
@@ -308,12 +244,6 @@ def prometheus_metrics():
     registry.register(_database_collector(settings.metrics_cache_seconds))
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     return Response(encoder(registry), headers={"Content-Type": content_type, "Cache-Control": "no-store"})
-
-
-def _presented(token: str) -> bool:
-    """Whether the request's bearer token is `token` (compared in constant time)."""
-    presented = bearer_token()
-    return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
 
 def _database_collector(seconds: float) -> CachedCollector:
@@ -363,11 +293,6 @@ class DatabaseCollector:
     is asked."""
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
-        from .forwarding import stats
-        from .models import STAGES, Rejected, TwinCall
-
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
             stage_counts, outcomes, counted_at = messages_by_stage_and_outcome()
@@ -424,8 +349,6 @@ class DatabaseCollector:
 
 def forward_metrics(forwards: list[dict]):
     """The webhooks' gauges, per subscription (its id: a URL may hold a secret)."""
-    from prometheus_client.core import GaugeMetricFamily
-
     deliveries = GaugeMetricFamily("receiver_forward_deliveries",
                                    "Webhook events by subscription and state (pending, delivered, dead).",
                                    labels=["subscription", "state"])

@@ -26,8 +26,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
-from . import forwarding, jsonbody, metrics
+from . import errors, forwarding, jsonbody, metrics
 from .db import Prepared, db, slot, utcnow, write_transaction
+from .errors import ApiError
 from .models import Event, Message, Rejected
 from .status import STATUS_OF_CODE, check_times, forward_update_for, new_fields_for, variant
 
@@ -56,16 +57,13 @@ WHOLE_NUMBER = re.compile(r"-?[0-9]{1,20}")
 DECIMAL_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:[.,][0-9]*)?|[.,][0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 
 
-class Refusal(Exception):
+class Refusal(ApiError):
     """Why a callback was refused: `reason` is one word of a fixed vocabulary, `detail` a sentence.
     `body` is what to keep of an array's item (None: the request's body)."""
 
     def __init__(self, reason: str, detail: str, http_status: int = 400, body: bytes | None = None):
-        super().__init__(detail)
-        self.reason, self.detail, self.http_status, self.body = reason, detail, http_status, body
-
-    def as_json(self) -> dict:
-        return {"error": self.reason, "detail": self.detail}
+        super().__init__(http_status, reason, detail, headers={"Allow": "POST"} if http_status == 405 else None)
+        self.body = body
 
 
 class Unstored(Exception):
@@ -135,7 +133,7 @@ def receive(token: str):
     which = token_kind(token)
     if which is None:
         # Not ours: say nothing about the endpoint and keep nothing.
-        return jsonify(error="not_found"), 404
+        return errors.answer(ApiError(404, "not_found"))
     if which == "previous":
         note_previous_token()
     try:
@@ -148,8 +146,8 @@ def receive(token: str):
         # TWIN retries a callback that was not answered 2xx: ask it to, and say why in the log.
         log.error("could not store callback for message %s: %s", error.message_id, _why(error.__cause__))
         metrics.CALLBACKS_UNSTORED.inc()
-        response = jsonify(error="storage_unavailable", detail="the callback could not be stored; retry later")
-        return response, 503, {"Retry-After": "5"}
+        return errors.answer(ApiError(503, "storage_unavailable", "the callback could not be stored; retry later",
+                                      headers={"Retry-After": "5"}))
     if not accepted.is_array:
         outcome = accepted.outcomes[0]
         return refuse(outcome.refusal) if outcome.refusal else answer_stored(outcome)
@@ -205,7 +203,7 @@ def answer_array(accepted: Accepted):
         return jsonify(answer), 200
     first = refusals[0]
     detail = f"none of the {len(refusals)} callbacks of the array could be stored; {first.detail}"
-    return jsonify(error=first.reason, detail=detail, **answer), first.http_status
+    return errors.answer(ApiError(first.status, first.reason, detail, **answer))
 
 
 def _why(error: BaseException) -> str:
@@ -535,8 +533,7 @@ def _body_to_keep(refusal: Refusal) -> bytes:
 def refuse(refusal: Refusal):
     """Answer a refusal and keep what was refused."""
     keep_refused([refusal])
-    headers = {"Allow": "POST"} if refusal.http_status == 405 else {}
-    return jsonify(refusal.as_json()), refusal.http_status, headers
+    return errors.answer(refusal)
 
 
 def keep_refused(refusals: list[Refusal]) -> None:

@@ -8,6 +8,7 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from . import models
+from .auth import secrets_of
 from .forwards_cli import forwards
 from .settings import masked_url
 
@@ -27,17 +28,15 @@ def init_db():
 @click.command("show-urls")
 def show_urls():
     """Print the callback URL to give TWIN (it holds the callback token: keep it private)."""
-    from . import callback_url
-    click.echo(callback_url(current_app.config["SETTINGS"], current_app.config["CALLBACK_TOKEN"]))
+    click.echo(current_app.config["SETTINGS"].callback_url(current_app.config["CALLBACK_TOKEN"]))
 
 
 @click.command("show-token")
 def show_token():
     """Print the API token and the callback URL (both secrets: for your own terminal only)."""
-    from . import callback_url
     config = current_app.config
     click.echo(f"API token (Authorization: Bearer ...): {config['API_TOKEN']}")
-    url = callback_url(config["SETTINGS"], config["CALLBACK_TOKEN"])
+    url = config["SETTINGS"].callback_url(config["CALLBACK_TOKEN"])
     click.echo(f"callback URL (callbackUrl of TWIN sends): {url}")
     click.echo("sending over HTTP (POST /api/sends): " + ("on, with SEND_TOKEN" if config["SEND_TOKEN"]
                                                           else "off (set SEND_TOKEN to turn it on)"))
@@ -51,7 +50,7 @@ def worker(once: bool):
     from .enrich import Enricher
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from . import redaction, secrets_of
+    from . import redaction
     redaction.install(secrets_of(current_app))        # the handler basicConfig just added redacts too
     if not current_app.config["SETTINGS"].has_twin24_credentials:
         # Stay up rather than exit: a supervisor would only restart us into the same state.
@@ -166,7 +165,7 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
     """
     import sys
 
-    from . import callback_url, destinations, sending
+    from . import destinations, sending
     settings = current_app.config["SETTINGS"]
     options = {"chatId": chat_id, "botId": bot_id, "messengerType": messenger_type,
                "chatSessionName": chat_session_name, "text": text, "provider": provider,
@@ -174,7 +173,7 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
                "allowedTimeRanges": allowed_time_ranges, "validityPeriod": validity_period,
                "templateId": template_id, "useShortLinks": use_short_links,
                "continueLastOrStartNewSession": continue_session}
-    url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
+    url = settings.callback_url(current_app.config["CALLBACK_TOKEN"])
     problems = destinations.callback_url_problems(url)          # TWIN's limit: checked before any call
     try:
         values = destinations.load_config(config_path) if config_path else {}

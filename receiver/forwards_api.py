@@ -10,10 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
-from . import jsonbody
-from .api import require_api_token
+from . import forwarding
+from .api import openapi_document
+from .auth import require_api_token
+from .errors import ApiError, json_body
+from .models import Delivery
 from .settings import masked_url
 
 bp = Blueprint("forwards_api", __name__)
@@ -24,19 +27,17 @@ RETRY_FIELDS = ("ids", "subscription", "since", "until")
 REPLAY_FIELDS = ("subscription", "since", "until", "messages")
 
 
-class Refusal(Exception):
-    """A body this API does not take: `field` names what is wrong."""
+class Refusal(ApiError):
+    """A body this API does not take (400): `field` names what is wrong."""
 
     def __init__(self, field: str | None, detail: str):
-        super().__init__(detail)
-        self.field, self.detail = field, detail
+        super().__init__(400, "bad_parameter", detail, parameter=field)
 
 
 @bp.get("/api/forwards")
 @require_api_token
 def forwards():
     """Every subscription with its delivery counts (the same as `python -m receiver forwards list`)."""
-    from . import forwarding
     return jsonify(subscriptions=[subscription_json(row) for row in forwarding.stats()])
 
 
@@ -53,10 +54,7 @@ def subscription_json(row: dict) -> dict:
 @require_api_token
 def retry():
     """Dead events back to pending, to be delivered again from their first try."""
-    from . import forwarding
-    filters, refusal = _filters(RETRY_FIELDS)
-    if refusal:
-        return refusal
+    filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), RETRY_FIELDS)
     if "ids" in filters:
         filters["ids"] = _delivery_ids(filters["ids"])
     return jsonify(retried=forwarding.retry_dead(**filters))
@@ -67,40 +65,18 @@ def retry():
 def replay():
     """Delivered events sent again, each with its same event id (a target that deduplicates sees each once;
     dead ones go through /retry)."""
-    from . import forwarding
-    filters, refusal = _filters(REPLAY_FIELDS)
-    if refusal:
-        return refusal
+    filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), REPLAY_FIELDS)
     filters["message_ids"] = filters.pop("messages", None)
     return jsonify(replayed=forwarding.replay(**filters))
 
 
 def _delivery_ids(event_ids: list[str]) -> list[int]:
     """The deliveries of these event ids (evt_...); an id no event has matches nothing."""
-    from .models import Delivery
     found = []
     for start in range(0, len(event_ids), 500):         # stay under SQLite's variable limit
         chunk = event_ids[start:start + 500]
         found += [row.id for row in Delivery.select(Delivery.id).where(Delivery.event_id.in_(chunk))]
     return found
-
-
-def _filters(known: tuple[str, ...]):
-    """(keyword arguments for forwarding.retry_dead / replay, None), or (None, the 4xx refusing the body)."""
-    if not request.is_json:
-        return None, (jsonify(error="unsupported_media_type", detail="send a JSON object "
-                              "(Content-Type: application/json)"), 415)
-    try:
-        body = jsonbody.loads(request.get_data().decode("utf-8"), parse_float=jsonbody.number)
-    except ValueError as error:             # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return None, (jsonify(error="invalid_json", detail=f"the body is not usable JSON: {error}"), 400)
-    try:
-        return read_filters(body, known), None
-    except Refusal as error:
-        answer = {"error": "bad_parameter", "detail": error.detail}
-        if error.field:
-            answer["parameter"] = error.field
-        return None, (jsonify(answer), 400)
 
 
 def read_filters(body, known: tuple[str, ...]) -> dict:
@@ -136,7 +112,6 @@ def _ids(name: str, value) -> list[str]:
 
 def _time_pattern() -> str:
     """The forms of time the OpenAPI document promises to take (EventTime), and only those."""
-    from .api import openapi_document
     return openapi_document()["components"]["schemas"]["EventTime"]["pattern"]
 
 

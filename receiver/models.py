@@ -6,8 +6,6 @@ bound to (connections, the writers' queue, transactions) is receiver/db.py.
 """
 from __future__ import annotations
 
-import secrets
-
 from peewee import (
     BlobField,
     BooleanField,
@@ -202,21 +200,6 @@ class PageSession(BaseModel):
     id_hash = CharField(primary_key=True, max_length=64)       # sha256 hex of the cookie's id
     created_at = DateTimeField(default=utcnow)
     expires_at = DateTimeField(index=True)
-
-
-def ensure_token(key: str, configured: str | None) -> tuple[str, bool]:
-    """The token from the settings, or one generated once and kept in the database.
-
-    Returns (token, generated_now); generated_now is True in exactly one process, the one that
-    should tell the operator.
-    """
-    if configured:
-        return configured, False
-    candidate = secrets.token_urlsafe(32)
-    with db.connection_context():
-        inserted = Fact.insert(key=key, value=candidate).on_conflict_ignore().execute()
-        stored = Fact.get_by_id(key).value
-    return stored, bool(inserted) and stored == candidate
 
 
 # --- Sending through the receiver (receiver/sending.py, docs/sending.md) ---------------------------

@@ -3,113 +3,47 @@
 Server-rendered (Jinja templates, plain CSS, charts as inline SVG): no JavaScript, no build step,
 nothing fetched from the internet.
 
-Auth: the API token. A person signs in once with a small form and gets an HttpOnly cookie (SameSite=Lax;
-Secure, and named __Host-..., when the site is HTTPS: PUBLIC_URL says https or the request came over it)
-valid for SESSION_HOURS; scripts may send HTTP Basic instead (any user name, the token as the password).
-The cookie holds a random session id, signed with a key derived from the API token (so changing
-API_TOKEN signs everyone out); the server keeps the id's hash (models.PageSession), and signing out
-deletes it, so a copied cookie stops working too.
+Auth: a session cookie after signing in with the API token, or HTTP Basic (receiver/auth.py).
 """
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import hmac
-import secrets
 from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
-    current_app,
     make_response,
     redirect,
     render_template,
     request,
     url_for,
 )
-from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from . import results, summaries
-from .api import SECRET_QUERY_NAMES, api_token_ok, csv_response
-from .db import utcnow, write_transaction
-from .models import PageSession
+from .api import csv_response
+from .auth import (
+    SECRET_QUERY_NAMES,
+    SESSION_HOURS,
+    api_token_ok,
+    cookie_name,
+    cookie_secure,
+    end_session,
+    signed_in,
+    start_session,
+)
+from .forwarding import stats
+from .forwards_api import subscription_json
 
 bp = Blueprint("pages", __name__)
 
-COOKIE = "receiver_session"
-SECURE_COOKIE = "__Host-receiver_session"      # browsers keep it only if Secure, on Path=/, with no Domain
-SESSION_HOURS = 12
 PAGE_ROWS = 100
 PUBLIC_ENDPOINTS = {"pages.login"}
-
-
-def _signer() -> URLSafeTimedSerializer:
-    key = hmac.new(current_app.config["API_TOKEN"].encode(), b"twin24-receiver results page session",
-                   hashlib.sha256).hexdigest()
-    return URLSafeTimedSerializer(key, salt="results-page")
-
-
-def _cookie_secure() -> bool:
-    """HTTPS, as PUBLIC_URL says (a proxy may talk plain HTTP to us) or as the request came."""
-    return request.is_secure or current_app.config["SETTINGS"].public_url.startswith("https://")
-
-
-def _cookie_name() -> str:
-    return SECURE_COOKIE if _cookie_secure() else COOKIE
-
-
-def _session_hash(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode()).hexdigest()
-
-
-def _session_id(max_age: int | None = SESSION_HOURS * 3600) -> str | None:
-    """The session id of the request's cookie, if its signature (made with the current API token) holds."""
-    cookie = request.cookies.get(_cookie_name())
-    if not cookie:
-        return None
-    try:
-        session_id = _signer().loads(cookie, max_age=max_age)
-    except BadSignature:
-        return None
-    return session_id if isinstance(session_id, str) else None
-
-
-def _start_session() -> str:
-    """A new session: its row, and the signed cookie value. Expired rows go at the same time."""
-    session_id = secrets.token_urlsafe(32)
-    now = utcnow()
-    with write_transaction():
-        PageSession.delete().where(PageSession.expires_at < now).execute()
-        PageSession.create(id_hash=_session_hash(session_id), created_at=now,
-                           expires_at=now + dt.timedelta(hours=SESSION_HOURS))
-    return _signer().dumps(session_id)
-
-
-def _session_alive(session_id: str) -> bool:
-    return PageSession.select().where((PageSession.id_hash == _session_hash(session_id))
-                                      & (PageSession.expires_at > utcnow())).exists()
-
-
-def _end_session() -> None:
-    session_id = _session_id(max_age=None)
-    if session_id is not None:
-        with write_transaction():
-            PageSession.delete().where(PageSession.id_hash == _session_hash(session_id)).execute()
-
-
-def _signed_in() -> bool:
-    session_id = _session_id()
-    if session_id is not None and _session_alive(session_id):
-        return True
-    auth = request.authorization
-    return bool(auth and auth.type == "basic" and api_token_ok(auth.password))
 
 
 @bp.before_request
 def _guard():
     if any(name in request.args for name in SECRET_QUERY_NAMES):
         return _page("error.html", 400, message="Never put the token in the URL; sign in with the form.")
-    if request.endpoint in PUBLIC_ENDPOINTS or _signed_in():
+    if request.endpoint in PUBLIC_ENDPOINTS or signed_in():
         return None
     if request.authorization and request.authorization.type == "basic":
         return _page("error.html", 401, message="Wrong token.",
@@ -152,17 +86,17 @@ def login():
     if not api_token_ok(request.form.get("token", "")):
         return _page("login.html", 401, next=target, error="That is not the API token.")
     response = redirect(target)
-    response.set_cookie(_cookie_name(), _start_session(), max_age=SESSION_HOURS * 3600, path="/",
-                        httponly=True, samesite="Lax", secure=_cookie_secure())
+    response.set_cookie(cookie_name(), start_session(), max_age=SESSION_HOURS * 3600, path="/",
+                        httponly=True, samesite="Lax", secure=cookie_secure())
     return response
 
 
 @bp.post("/logout")
 def logout():
     """Sign out: the session ends on the server, not only in this browser."""
-    _end_session()
+    end_session()
     response = redirect(url_for("pages.login"))
-    response.delete_cookie(_cookie_name(), path="/", httponly=True, samesite="Lax", secure=_cookie_secure())
+    response.delete_cookie(cookie_name(), path="/", httponly=True, samesite="Lax", secure=cookie_secure())
     return response
 
 
@@ -221,8 +155,6 @@ def results_page():
 
 def _forwards() -> list[dict]:
     """The webhooks' counts for the page's box (its URLs without passwords); empty without subscriptions."""
-    from .forwarding import stats
-    from .forwards_api import subscription_json
     return [subscription_json(row) for row in stats()]
 
 

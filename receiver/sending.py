@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 from peewee import Case, fn
 
+from .auth import current_callback_url
 from .db import db, utcnow, write_transaction
 from .destinations import ChatSettings, Destination, chat_settings, destination_item, phone_of_key
 from .models import Message, Outbox, Send
@@ -195,7 +196,6 @@ class Sender:
     def for_send(cls, settings, send: Send, client=None) -> Sender:
         """The sender of a send queued by POST /api/sends, with the chat settings that request gave and
         the callback URL of now: a send queued before CALLBACK_TOKEN was rotated goes out with the new one."""
-        from . import current_callback_url
         options = json.loads(send.options) if send.options else {}
         chat = chat_settings({**json.loads(send.chat), **options, "callbackData": send.callback_data},
                              past_ok=True)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import destinations, jsonbody, sending
-from .api import bad_parameter, require_send_token, require_token
+from . import destinations, sending
+from .auth import require_send_token, require_token
+from .errors import ApiError, bad_parameter, json_body
 
 bp = Blueprint("sending_api", __name__)
 
@@ -36,13 +37,10 @@ MAX_SEND_ID = 2**63 - 1
 @bp.post("/api/sends")
 @require_send_token
 def create_send():
-    from . import callback_url
     request.max_content_length = MAX_BODY_BYTES          # this view only; callbacks keep their small cap
-    body, refusal = _json_body()
-    if refusal:
-        return refusal
+    body = json_body("send the mailing as JSON (Content-Type: application/json)")
     if not isinstance(body, dict):
-        return _invalid([destinations.Problem("body", None, "must be a JSON object with chat and destinations")])
+        raise _invalid([destinations.Problem("body", None, "must be a JSON object with chat and destinations")])
     problems: list[destinations.Problem] = []
     beside_chat = ("callbackData",) + destinations.OPTIONS
     unknown = sorted(set(body) - {"chat", "destinations", "batchSize", "resendUnknown", "dryRun", *beside_chat})
@@ -83,18 +81,17 @@ def create_send():
                                               p.field if p.where != "file" else "destinations", p.message)
                          for p in error.problems]
     settings = current_app.config["SETTINGS"]
-    url = callback_url(settings, current_app.config["CALLBACK_TOKEN"])
+    url = settings.callback_url(current_app.config["CALLBACK_TOKEN"])
     problems += destinations.callback_url_problems(url)
     if problems:
-        return _invalid(problems)
+        raise _invalid(problems)
 
     sender = sending.Sender(settings, chat, batch_size=batch_size, resend_unknown=flags["resendUnknown"],
                             callback_url=url, source="api")
     if flags["dryRun"]:
         return jsonify(sender.plan(rows).as_json()), 200
     if not settings.has_twin24_credentials:
-        return jsonify(error="not_configured",
-                       detail="set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD"), 503
+        raise ApiError(503, "not_configured", "set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD")
     send = sender.accept(rows)
     report = sending.progress(send.id, PAGE_ROWS)
     report.overlap = sender.overlap(send.id, rows)
@@ -109,16 +106,16 @@ def send_progress(send_id: int):
     and its rows a page at a time (`limit`, and `cursor` from the page before)."""
     unknown = sorted(set(request.args) - {"limit", "cursor"})
     if unknown:
-        return bad_parameter(unknown[0], "unknown parameter; known: cursor, limit")
+        raise bad_parameter(unknown[0], "unknown parameter; known: cursor, limit")
     limit = request.args.get("limit", str(PAGE_ROWS))
     if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= PAGE_ROWS):
-        return bad_parameter("limit", f"a whole number from 1 to {PAGE_ROWS}")
+        raise bad_parameter("limit", f"a whole number from 1 to {PAGE_ROWS}")
     cursor = request.args.get("cursor", "0")
     if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
-        return bad_parameter("cursor", "not a cursor this API gave out (the nextCursor of a page)")
+        raise bad_parameter("cursor", "not a cursor this API gave out (the nextCursor of a page)")
     report = sending.progress(send_id, int(limit), after=int(cursor)) if send_id <= MAX_SEND_ID else None
     if report is None:
-        return jsonify(error="not_found", detail=f"there is no send #{send_id}"), 404
+        raise ApiError(404, "not_found", f"there is no send #{send_id}")
     return jsonify(_progress_json(report))
 
 
@@ -134,18 +131,5 @@ def _progress_json(report: sending.SendReport) -> dict:
     return {**report.as_json(), "url": url_for("sending_api.send_progress", send_id=report.send_id)}
 
 
-def _json_body():
-    """(the parsed JSON body, None), or (None, the answer refusing it: 415 for another media type,
-    400 for a body that is not JSON or nests too deeply to be anything this API takes)."""
-    if not request.is_json:
-        return None, (jsonify(error="unsupported_media_type",
-                              detail="send the mailing as JSON (Content-Type: application/json)"), 415)
-    try:
-        return jsonbody.loads(request.get_data().decode("utf-8"), parse_float=jsonbody.number), None
-    except ValueError as error:         # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return None, (jsonify(error="invalid_json", detail=f"the body is not usable JSON: {error}"), 400)
-
-
-def _invalid(problems: list[destinations.Problem]):
-    return jsonify(error="invalid_input", detail="nothing was stored or sent",
-                   problems=[p.as_json() for p in problems]), 422
+def _invalid(problems: list[destinations.Problem]) -> ApiError:
+    return ApiError(422, "invalid_input", "nothing was stored or sent", problems=[p.as_json() for p in problems])

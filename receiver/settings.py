@@ -222,6 +222,10 @@ class Settings:
     def has_twin24_credentials(self) -> bool:
         return bool(self.twin24_token or (self.twin24_login and self.twin24_password))
 
+    def callback_url(self, token: str) -> str:
+        """The URL TWIN posts status callbacks to, with the callback token `token` in it (a secret)."""
+        return f"{self.public_url}/callbacks/{token}"
+
     def __repr__(self) -> str:  # secrets never reach a log through a repr
         shown = []
         for f in dataclasses.fields(self):
