@@ -14,7 +14,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from peewee import DatabaseError, InterfaceError, SqliteDatabase, fn
 
-from . import enrich, results, summaries
+from . import health, results, summaries
 from .models import (
     ESTIMATE_ABOVE,
     Event,
@@ -379,7 +379,7 @@ class DatabaseCollector:
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
             stage_counts, outcomes, counted_at = messages_by_stage_and_outcome()
-            report = enrich.due_now()
+            report = health.due_now()
             events = stored_rows(Event)
             rejected = stored_rows(Rejected)
             calls = list(TwinCall.select())

@@ -101,7 +101,7 @@ def check_twin():
 @click.command("status")
 def status():
     """Print the enrichment backlog: messages per stage, the oldest due one, the last TWIN errors."""
-    from .enrich import backlog
+    from .health import backlog
     report = backlog()
     click.echo("messages by stage:")
     for stage in models.STAGES:

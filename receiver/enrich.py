@@ -30,18 +30,17 @@ from dataclasses import dataclass
 
 from peewee import Case, DatabaseError, InterfaceError, PostgresqlDatabase, fn
 
-from . import forwarding, metrics
+from . import forwarding
 from .callbudget import CallBudget
+from .health import count_twin_call, earliest, remember_twin_error, remember_twin_ok
 from .maintenance import PeriodicPrune, PeriodicSummaries
 from .models import (
-    ACTIVE_STAGES,
     STAGE_CHAT_ID,
     STAGE_DONE,
     STAGE_GIVEN_UP,
     STAGE_NONE,
     STAGE_RESULT,
     Message,
-    TwinCall,
     db,
     utcnow,
     write_transaction,
@@ -390,8 +389,8 @@ def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, int, dt
     in the stage, since when the oldest is due, and the earliest first sighting among them."""
     first_look = fn.SUM(Case(None, [(Message.attempts == 0, 1)], 0))
     return (Message
-            .select(fn.COUNT(Message.id), fn.COALESCE(first_look, 0), _earliest(Message.next_check_at),
-                    _earliest(Message.first_seen_at))
+            .select(fn.COUNT(Message.id), fn.COALESCE(first_look, 0), earliest(Message.next_check_at),
+                    earliest(Message.first_seen_at))
             .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
                    (Message.lease_until.is_null()) | (Message.lease_until < now))
             .tuples()
@@ -576,11 +575,6 @@ def window_anchor(message: Message) -> dt.datetime:
     return min(t for t in (message.sent_at, message.first_seen_at, message.delivered_at) if t is not None)
 
 
-def _earliest(column):
-    # MIN() of a datetime column comes back from SQLite as text unless told what it is.
-    return fn.MIN(column).python_value(column.python_value)
-
-
 def _by_stage(rows) -> str:
     """Claimed rows for a DEBUG line: `stage=id,id,... stage=...`."""
     ids: dict[str, list[str]] = defaultdict(list)
@@ -605,40 +599,3 @@ def _hours(delta: dt.timedelta) -> str:
 def _chunks(values: list, size: int = CHUNK):
     for start in range(0, len(values), size):
         yield values[start:start + size]
-
-
-# -- what operators watch ---------------------------------------------------------------------
-
-def count_twin_call(endpoint: str, outcome: str) -> None:
-    metrics.TWIN_CALLS.labels(endpoint=endpoint, outcome=outcome).inc()
-
-
-def remember_twin_error(error: TwinError, now: dt.datetime) -> None:
-    (TwinCall.insert(endpoint=error.endpoint, last_error=str(error)[:1000], last_error_at=now)
-     .on_conflict(conflict_target=[TwinCall.endpoint],
-                  update={TwinCall.last_error: str(error)[:1000], TwinCall.last_error_at: now})
-     .execute())
-
-
-def remember_twin_ok(endpoint: str, now: dt.datetime) -> None:
-    (TwinCall.insert(endpoint=endpoint, last_ok_at=now)
-     .on_conflict(conflict_target=[TwinCall.endpoint], update={TwinCall.last_ok_at: now})
-     .execute())
-
-
-def due_now(now: dt.datetime | None = None) -> dict:
-    """How many messages are due for a TWIN lookup, and how overdue the oldest is (no count per stage:
-    that is a GROUP BY over the whole table, which /metrics reads from the stored summaries instead)."""
-    now = now or utcnow()
-    due_filter = (Message.stage.in_(list(ACTIVE_STAGES) + [STAGE_NONE])) & (Message.next_check_at <= now)
-    oldest = Message.select(_earliest(Message.next_check_at)).where(due_filter).scalar()
-    return {"due": Message.select().where(due_filter).count(),
-            "oldest_due_seconds": (now - oldest).total_seconds() if oldest else None}
-
-
-def backlog(now: dt.datetime | None = None) -> dict:
-    """Messages per stage, how many are due, how overdue the oldest is, the last TWIN errors."""
-    stages = dict(Message.select(Message.stage, fn.COUNT(Message.id)).group_by(Message.stage).tuples())
-    errors = {row.endpoint: (row.last_error, row.last_error_at)
-              for row in TwinCall.select().where(TwinCall.last_error.is_null(False))}
-    return {"stages": stages, **due_now(now), "twin_errors": errors}

@@ -14,7 +14,7 @@ import pytest
 from peewee import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver import create_app, enrich, metrics, models
+from receiver import create_app, health, metrics, models
 from receiver.models import Message, TwinCall, utcnow
 
 from .conftest import API_TOKEN, CALLBACK_TOKEN, make_settings
@@ -56,7 +56,7 @@ def test_metrics_are_open_and_count_what_happened(client):
     assert client.post(CALLBACK_PATH, data="{nope", content_type="application/json").status_code == 400
     Message.update(next_check_at=utcnow() - dt.timedelta(seconds=90)).where(Message.id == "m00000").execute()
     Message.update(next_check_at=utcnow() + dt.timedelta(hours=1)).where(Message.id != "m00000").execute()
-    enrich.count_twin_call("messages_stats", "ok")
+    health.count_twin_call("messages_stats", "ok")
     TwinCall.insert(endpoint="sessions_stats", last_error="HTTP 502", last_error_at=dt.datetime(2025, 1, 2),
                     last_ok_at=dt.datetime(2025, 1, 1)).execute()
 
@@ -111,7 +111,7 @@ def test_a_database_that_does_not_answer_is_a_gauge_not_a_500(client, monkeypatc
     def fail(*args, **kwargs):
         raise OperationalError("database is locked")
 
-    monkeypatch.setattr(enrich, "due_now", fail)
+    monkeypatch.setattr(health, "due_now", fail)
     samples = scrape(client)
     assert value(samples, "receiver_database_up") == 0
     assert ("receiver_messages", (("stage", "none"),)) not in samples
