@@ -48,7 +48,7 @@ def show_token():
 def worker(once: bool):
     """Run the worker: send mailings queued by POST /api/sends, and find chat sessions and bot
     results for delivered messages."""
-    from .enrich import Enricher
+    from .worker import Worker
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from . import redaction, secrets_of
@@ -60,7 +60,7 @@ def worker(once: bool):
                    "until then", err=True)
         _prune_until_stopped(current_app.config["SETTINGS"], once)
         return
-    Enricher.from_app(current_app).run(once=once)
+    Worker.from_app(current_app).run(once=once)
 
 
 def _prune_until_stopped(settings, once: bool) -> None:

@@ -23,17 +23,15 @@ import datetime as dt
 import json
 import logging
 import random
-import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from peewee import Case, DatabaseError, InterfaceError, PostgresqlDatabase, fn
+from peewee import Case, PostgresqlDatabase, fn
 
 from . import forwarding
 from .callbudget import CallBudget
-from .health import count_twin_call, earliest, remember_twin_error, remember_twin_ok
-from .maintenance import PeriodicPrune, PeriodicSummaries
+from .health import earliest, remember_twin_error, remember_twin_ok
 from .models import (
     STAGE_CHAT_ID,
     STAGE_DONE,
@@ -45,7 +43,6 @@ from .models import (
     utcnow,
     write_transaction,
 )
-from .sending import send_pending
 from .status import forward_update, is_final
 from .twin24 import MESSAGE_FIELDS, SESSION_FIELDS, TwinClient, TwinError
 
@@ -85,94 +82,17 @@ HORIZONS = {
 
 
 class Enricher:
-    def __init__(self, settings, client: TwinClient, clock=utcnow, sleep=time.sleep):
+    """The sweeps: claim the due messages of a stage, page through TWIN's statistics for them, apply
+    what it says, settle the rest. The worker (receiver/worker.py) calls `run_once` each pass."""
+
+    def __init__(self, settings, client: TwinClient, clock=utcnow, budget: CallBudget | None = None):
         self.settings = settings
         self.client = client
         self.clock = clock
-        self.sleep = sleep
-        self.stopping = False
+        self.budget = budget                      # the client's pacer: a sweep starts only with a slot free
         self.last_sweep: dict[str, float] = {}    # endpoint -> time.monotonic() of its last sweep
         self.failures = 0                         # sweeps failed in a row (TWIN down, credentials wrong)
         self.twin_tried = False                   # a first sweep that fails points the operator at check-twin
-        self.prune = PeriodicPrune(settings.event_retention_days)   # EVENT_RETENTION_DAYS, once an hour
-        self.summaries = PeriodicSummaries()        # the results' stored summaries (receiver/summaries.py)
-        self.budget: CallBudget | None = None     # the client's pacer: a sweep starts only with a slot free
-
-    @classmethod
-    def from_app(cls, app) -> Enricher:
-        settings = app.config["SETTINGS"]
-        budget = CallBudget.from_settings(settings)
-        client = TwinClient(settings, on_call=count_twin_call, pacer=budget.reserve if budget else None)
-        enricher = cls(settings, client)
-        enricher.budget = budget
-        return enricher
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    def run(self, once: bool = False) -> None:
-        """Send what POST /api/sends queued, sweep whatever is due and prune old events, until stopped
-        (SIGTERM/SIGINT finish the current pass first)."""
-        if not once:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self._stop)
-            log.info("enrichment worker started")
-        # Not connection_context(): a failed pass reconnects, and the context would then close a
-        # connection it no longer knows.
-        db.connect(reuse_if_open=True)
-        forwarder = self.start_forwarding(once)
-        try:
-            while not self.stopping:
-                try:
-                    send_pending(self.settings, self.client)    # mailings queued by POST /api/sends
-                    self.run_once(force=once)
-                    self.prune.run_if_due()
-                    self.summaries.run_if_due()
-                    if once:
-                        self.forward_once()
-                except (DatabaseError, InterfaceError):
-                    # The database went away, is busy beyond the timeout, or chose this pass as a
-                    # deadlock's victim: leases we hold expire by themselves, so nothing is lost by
-                    # trying again later.
-                    log.exception("enrichment pass failed; trying again shortly")
-                    self._reconnect()
-                    self.sleep(self.settings.enrich_backoff_start)
-                if once:
-                    return
-                self.sleep(self.settings.enrich_poll_interval)
-        finally:
-            if forwarder is not None:
-                forwarder.stop(self.settings.forward_timeout + 5)
-            if not db.is_closed():
-                db.close()
-        log.info("enrichment worker stopped")
-
-    def start_forwarding(self, once: bool) -> forwarding.Forwarder | None:
-        """Make FORWARD_URL's subscription, then deliver events in a thread of their own (a slow target
-        must not hold up enrichment); a single pass (`once`) delivers inline instead."""
-        try:
-            forwarding.ensure_settings_subscription(self.settings)
-        except (DatabaseError, InterfaceError):
-            log.exception("could not record FORWARD_URL's subscription; the next start tries again")
-        if once:
-            return None
-        forwarder = forwarding.Forwarder(self.settings)
-        forwarder.start()
-        return forwarder
-
-    def forward_once(self) -> None:
-        try:
-            forwarding.deliver_due(self.settings)
-        except (DatabaseError, InterfaceError):
-            log.exception("forwarding pass failed")
-
-    @staticmethod
-    def _reconnect() -> None:
-        if not db.is_closed():
-            db.close()
-        db.connect()
-
-    def _stop(self, *_args) -> None:
-        self.stopping = True
 
     def run_once(self, force: bool = False) -> int:
         """One sweep of each stage that has due messages. Returns how many messages were claimed."""

@@ -14,9 +14,9 @@ from peewee import DatabaseError, SqliteDatabase
 
 from receiver import create_app, destinations, models, sending
 from receiver.callbudget import CallBudget
-from receiver.enrich import Enricher
 from receiver.models import Message, Outbox, Send
 from receiver.twin24 import TwinClient
+from receiver.worker import Worker
 
 from .conftest import CALLBACK_TOKEN, SIM_QUICK, make_settings
 
@@ -756,7 +756,7 @@ def test_send_callbacks_enrichment_results(make_sim, database_url, live_app, tmp
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        Enricher.from_app(app).run(once=True)
+        Worker.from_app(app).run(once=True)
         if Message.select().where(Message.stage == models.STAGE_DONE).count() == 6:
             break
         time.sleep(0.2)
