@@ -1,6 +1,6 @@
-"""The enrichment loop: delivered messages -> chat session id -> the bot's result.
+"""Enrichment: delivered messages -> chat session id -> the bot's result.
 
-The database row is the queue. A message is due when `next_check_at` has passed. The worker
+The database row is the queue. A message is due when `next_check_at` has passed. The enricher
 claims due messages of one stage in a batch (with a lease, so a second worker or a restarted one
 never looks them up at the same time), runs ONE windowed, paginated statistics query for the whole
 batch, and matches what comes back by id, never by position:
@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from peewee import Case, PostgresqlDatabase, fn
@@ -43,6 +44,7 @@ from .models import (
     utcnow,
     write_transaction,
 )
+from .settings import Settings
 from .status import forward_update, is_final
 from .twin24 import MESSAGE_FIELDS, SESSION_FIELDS, TwinClient, TwinError
 
@@ -55,6 +57,9 @@ WRITE_CHUNK = 100               # messages updated one by one per transaction: t
 # default), and a message missed again and again is looked for in a window growing to 8 margins.
 NARROWEST, WIDEST = -5, 3
 CLOSED_SESSION_STATES = {"CLOSED", "FINISHED", "COMPLETED", "ENDED", "INACTIVE", "ARCHIVED", "DONE"}
+MESSAGE_STAGES = (STAGE_CHAT_ID, STAGE_NONE)    # served by the message statistics
+SESSION_STAGES = (STAGE_RESULT,)                # served by the chat-session statistics
+SESSION_SLACK = dt.timedelta(seconds=2)   # around a startedAt TWIN gave us (its clock, whole seconds)
 
 # What a sweep learned about one claimed message.
 SEEN_DONE = "done"              # nothing more to do in this stage
@@ -63,21 +68,26 @@ SEEN_WAITING = "waiting"        # found, but what we want is not there yet
 
 @dataclass(frozen=True)
 class Sweep:
-    """One kind of statistics query, the stages of the messages it serves, and how often it may run."""
+    """One kind of statistics query: the stages of the messages it serves, how often it may run,
+    how its pages are fetched, and how a page is applied (-> what it saw of each stored message)."""
     endpoint: str
     stages: tuple[str, ...]
-    interval_setting: str
+    interval: Callable[[Settings], float]
+    fetch: Callable[[TwinClient, dt.datetime, dt.datetime], Iterable[list]]
+    apply: Callable[[list[dict], dt.datetime, Settings], dict[str, str]]
 
 
-MESSAGES_SWEEP = Sweep("messages_stats", (STAGE_CHAT_ID, STAGE_NONE), "enrich_sweep_interval")
-SESSIONS_SWEEP = Sweep("sessions_stats", (STAGE_RESULT,), "enrich_result_interval")
-SESSION_SLACK = dt.timedelta(seconds=2)   # around a startedAt TWIN gave us (its clock, whole seconds)
+@dataclass(frozen=True)
+class Horizon:
+    """How long a message may wait in a stage, and what the row says when it is given up."""
+    seconds: Callable[[Settings], float]
+    reason: str
 
-# How long a message may wait in a stage (the setting), and what the row says when it is given up.
+
 HORIZONS = {
-    STAGE_NONE: ("enrich_chat_id_horizon", "no final status from TWIN"),
-    STAGE_CHAT_ID: ("enrich_chat_id_horizon", "no chat session id in TWIN's message statistics"),
-    STAGE_RESULT: ("enrich_result_horizon", "no bot result"),
+    STAGE_NONE: Horizon(lambda s: s.enrich_chat_id_horizon, "no final status from TWIN"),
+    STAGE_CHAT_ID: Horizon(lambda s: s.enrich_chat_id_horizon, "no chat session id in TWIN's message statistics"),
+    STAGE_RESULT: Horizon(lambda s: s.enrich_result_horizon, "no bot result"),
 }
 
 
@@ -85,7 +95,7 @@ class Enricher:
     """The sweeps: claim the due messages of a stage, page through TWIN's statistics for them, apply
     what it says, settle the rest. The worker (receiver/worker.py) calls `run_once` each pass."""
 
-    def __init__(self, settings, client: TwinClient, clock=utcnow, budget: CallBudget | None = None):
+    def __init__(self, settings: Settings, client: TwinClient, clock=utcnow, budget: CallBudget | None = None):
         self.settings = settings
         self.client = client
         self.clock = clock
@@ -97,7 +107,7 @@ class Enricher:
     def run_once(self, force: bool = False) -> int:
         """One sweep of each stage that has due messages. Returns how many messages were claimed."""
         claimed = 0
-        for sweep in (MESSAGES_SWEEP, SESSIONS_SWEEP):
+        for sweep in SWEEPS:
             if force or self.worth_sweeping(sweep):
                 claimed += self.sweep(sweep)
         return claimed
@@ -115,7 +125,7 @@ class Enricher:
         A small mailing sent after a big one has a window of its own, and is looked up at once.
         """
         last = self.last_sweep.get(sweep.endpoint)
-        if last is not None and time.monotonic() - last < getattr(self.settings, sweep.interval_setting):
+        if last is not None and time.monotonic() - last < sweep.interval(self.settings):
             return False
         now = self.clock()
         due, first_looks, oldest, first_seen = due_summary(sweep.stages, now)
@@ -138,8 +148,8 @@ class Enricher:
         wanted = {m.id for m in claimed}
         seen: dict[str, str] = {}
         try:
-            for page in self.pages(sweep, start, end):
-                seen.update(self.apply_page(sweep, page))
+            for page in sweep.fetch(self.client, start, end):
+                seen.update(sweep.apply(_with_ids(page), self.clock(), self.settings))
                 if wanted <= seen.keys():
                     break                      # everything we came for is found: stop paging
                 renew_lease(claimed, self.clock(), self.settings.enrich_lease)
@@ -190,17 +200,6 @@ class Enricher:
         widening = 2.0 ** min(NARROWEST + attempts, WIDEST)
         return dt.timedelta(seconds=self.settings.enrich_window_margin * widening)
 
-    def pages(self, sweep: Sweep, start, end):
-        if sweep.endpoint == "sessions_stats":
-            return self.client.iter_sessions(start, end, fields=SESSION_FIELDS)
-        return self.client.iter_messages(start, end, fields=MESSAGE_FIELDS)
-
-    def apply_page(self, sweep: Sweep, items: list) -> dict[str, str]:
-        items = [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
-        if sweep.endpoint == "sessions_stats":
-            return apply_sessions(items, self.clock(), self.settings)
-        return apply_messages(items, self.clock(), self.settings)
-
     def settle(self, sweep: Sweep, claimed: Claim, seen: dict[str, str]) -> None:
         """Release the batch, and schedule what this sweep did not finish: later, or never.
 
@@ -215,10 +214,10 @@ class Enricher:
             outcome = seen.get(message.id)
             if outcome == SEEN_DONE:
                 continue
-            setting, reason = HORIZONS[message.stage]
-            horizon = dt.timedelta(seconds=getattr(self.settings, setting))
-            if now - message_anchor(message) > horizon:
-                given_up[message.stage, f"{reason} within {_hours(horizon)}"].append(message.id)
+            horizon = HORIZONS[message.stage]
+            wait = dt.timedelta(seconds=horizon.seconds(self.settings))
+            if now - message_anchor(message) > wait:
+                given_up[message.stage, f"{horizon.reason} within {_hours(wait)}"].append(message.id)
             else:
                 why = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
                 again[message.stage, message.attempts + 1, why, self.recheck_delay(message, now)].append(message.id)
@@ -372,7 +371,7 @@ def apply_messages(items: list[dict], now: dt.datetime, settings) -> dict[str, s
     seen: dict[str, str] = {}
     for chunk in _chunks(list(by_id), WRITE_CHUNK):
         with write_transaction():
-            for message in _stored(Message.id, chunk, MESSAGES_SWEEP.stages):
+            for message in _stored(Message.id, chunk, MESSAGE_STAGES):
                 seen[message.id] = apply_message_item(message, by_id[message.id], now, first_check, settings)
     return seen
 
@@ -403,7 +402,7 @@ def apply_sessions(items: list[dict], now: dt.datetime, settings) -> dict[str, s
     seen: dict[str, str] = {}
     for chunk in _chunks(list(by_chat_id), WRITE_CHUNK):
         with write_transaction():
-            for message in _stored(Message.chat_id, chunk, SESSIONS_SWEEP.stages):
+            for message in _stored(Message.chat_id, chunk, SESSION_STAGES):
                 seen[message.id] = apply_session(message, by_chat_id[message.chat_id], now)
     return seen
 
@@ -435,6 +434,20 @@ def apply_session(message: Message, session: dict, now) -> str:
     elif changed and Message.result in update:
         forwarding.emit(forwarding.EVENT_RESULT, [message.id], now)     # in this transaction: the outbox
     return outcome
+
+
+MESSAGES_SWEEP = Sweep("messages_stats", MESSAGE_STAGES, interval=lambda s: s.enrich_sweep_interval,
+                       fetch=lambda client, start, end: client.iter_messages(start, end, fields=MESSAGE_FIELDS),
+                       apply=apply_messages)
+SESSIONS_SWEEP = Sweep("sessions_stats", SESSION_STAGES, interval=lambda s: s.enrich_result_interval,
+                       fetch=lambda client, start, end: client.iter_sessions(start, end, fields=SESSION_FIELDS),
+                       apply=apply_sessions)
+SWEEPS = (MESSAGES_SWEEP, SESSIONS_SWEEP)
+
+
+def _with_ids(items: list) -> list[dict]:
+    """The items of a page that are objects with a string id: the rest cannot be matched to a message."""
+    return [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
 
 
 def _stored(column, values: list, stages: tuple[str, ...]):
