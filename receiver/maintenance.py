@@ -24,7 +24,7 @@ from pathlib import Path
 
 from peewee import SqliteDatabase
 
-from . import models
+from . import models, summaries
 from .models import Event, Rejected, utcnow, write_transaction
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,6 @@ class PeriodicSummaries:
 
     def run_if_due(self) -> int:
         """Count the next few mailings of the round, starting one if it is time; how many were counted."""
-        from . import summaries
         if self.round is None:
             if self.clock() < self.next_at:
                 return 0
