@@ -108,3 +108,22 @@ class Worker:
 
     def _stop(self, *_args) -> None:
         self.stopping = True
+
+
+def prune_until_stopped(settings: Settings, once: bool) -> None:
+    """The worker without TWIN: it still keeps the event retention (EVENT_RETENTION_DAYS), until stopped."""
+    stopped = []
+    if not once:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stopped.append(True))
+    prune = PeriodicPrune(settings.event_retention_days)
+    while True:
+        try:
+            if prune.due:
+                with db.connection_context():
+                    prune.run_if_due()
+        except (DatabaseError, InterfaceError) as error:
+            log.warning("prune failed, tried again later: %s", error)
+        if once or stopped:
+            return
+        time.sleep(1.0)
