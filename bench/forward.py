@@ -35,6 +35,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from bench.enrich import parse_args as enrich_args
 from bench.enrich import quantile, receiver_env, send_mailing, start_receiver, wait_settled
+from receiver.db import db
 from receiver.demo import free_port, stop_processes
 from receiver.simulator import SimConfig, Simulator
 
@@ -141,16 +142,16 @@ def read_deliveries(db_path: Path) -> list[dict]:
 
 def drain(db_path: Path, env: dict, timeout: float) -> tuple[float, int]:
     """Every delivered event replayed at once; seconds until the worker has delivered them all again."""
-    from receiver import forwarding, models
+    from receiver import forwarding
     from receiver.db import bind
     from receiver.settings import Settings
 
     bind(Settings.from_env(environ=env, env_file=None))
-    models.db.connect(reuse_if_open=True)
+    db.connect(reuse_if_open=True)
     try:
         count = forwarding.replay()
     finally:
-        models.db.close()
+        db.close()
     return wait_delivered(db_path, timeout), count
 
 

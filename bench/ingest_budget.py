@@ -98,7 +98,8 @@ def access_logger(workdir: Path):
 def run(worker: int, callbacks: int, database_url: str, start_at: float, results) -> None:
     from bench.ingest import API_TOKEN, CALLBACK_TOKEN, PATH, bare_app
     from receiver import callbacks as receiver_callbacks
-    from receiver import create_app, jsonbody, metrics, models
+    from receiver import create_app, jsonbody, metrics
+    from receiver.db import db
     from receiver.settings import Settings
 
     settings = Settings.from_env({"DATABASE_URL": database_url, "CALLBACK_TOKEN": CALLBACK_TOKEN,
@@ -109,10 +110,10 @@ def run(worker: int, callbacks: int, database_url: str, start_at: float, results
     timer.wrap(receiver_callbacks, "parse_callback", "validate")
     timer.wrap(receiver_callbacks.EVENT_INSERT, "execute", "event insert")
     timer.wrap(receiver_callbacks.MESSAGE_UPSERT, "execute", "message upsert")
-    timer.wrap(models.db.obj, "commit", "commit")
-    timer.wrap(models.db.obj, "_checkpoint", "checkpoint")
+    timer.wrap(db.obj, "commit", "commit")
+    timer.wrap(db.obj, "_checkpoint", "checkpoint")
     waited = Timer(clock=time.perf_counter_ns)      # the checkpoint's fsyncs are time, not CPU
-    waited.wrap(models.db.obj, "_checkpoint", "checkpoint")
+    waited.wrap(db.obj, "_checkpoint", "checkpoint")
     timer.wrap(receiver_callbacks, "store_callback", "store")
     timer.wrap(metrics, "count_callback", "metrics")
     logger = access_logger(Path(database_url.removeprefix("sqlite:///")).parent / f"log-{worker}")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from flask import Flask, request
 from flask.logging import default_handler
-from peewee import SqliteDatabase
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, callbacks, cli, errors, forwards_api, models, pages, redaction, sending_api
 from .auth import secrets_of, startup_token
-from .db import bind
+from .db import bind, connect_for_request, release_after_request
 from .errors import ApiError
 from .settings import Settings, SettingsError
 
@@ -44,9 +43,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)
 
-    app.before_request(_connect)
+    app.before_request(connect_for_request)
     app.after_request(_security_headers)
-    app.teardown_appcontext(_release)
+    app.teardown_appcontext(release_after_request)
     for module in (callbacks, api, sending_api, forwards_api, pages):
         app.register_blueprint(module.bp)
     errors.register(app)
@@ -76,14 +75,3 @@ def _routing_error(error: HTTPException):
     allowed = [m for m in methods if m not in ("HEAD", "OPTIONS")]
     return errors.answer(ApiError(405, "method_not_allowed", f"use {' or '.join(allowed)}, not {request.method}",
                                   headers={"Allow": ", ".join(methods)}))
-
-
-def _connect():
-    models.db.connect(reuse_if_open=True)
-
-
-def _release(_exc):
-    # SQLite connections stay open with their thread (opening one costs more than a request);
-    # pooled PostgreSQL connections go back to the pool.
-    if not isinstance(models.db.obj, SqliteDatabase) and not models.db.is_closed():
-        models.db.close()

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from . import enrich, results, summaries
+from . import health, results, summaries
 from .auth import bearer_token, require_api_token, same_secret
 from .db import ESTIMATE_ABOVE, db, row_count, utcnow
 from .errors import ApiError, bad_parameter
@@ -296,7 +296,7 @@ class DatabaseCollector:
         up = GaugeMetricFamily("receiver_database_up", "1 if the database answered this scrape.")
         try:
             stage_counts, outcomes, counted_at = messages_by_stage_and_outcome()
-            report = enrich.due_now()
+            report = health.due_now()
             events = stored_rows(Event)
             rejected = stored_rows(Rejected)
             calls = list(TwinCall.select())

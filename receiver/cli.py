@@ -47,7 +47,7 @@ def show_token():
 def worker(once: bool):
     """Run the worker: send mailings queued by POST /api/sends, and find chat sessions and bot
     results for delivered messages."""
-    from .enrich import Enricher
+    from .worker import Worker, prune_until_stopped
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from . import redaction
@@ -57,34 +57,9 @@ def worker(once: bool):
         click.echo("worker: no TWIN credentials (set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD); "
                    "callbacks are still recorded (and old events pruned), but nothing is sent or looked up "
                    "until then", err=True)
-        _prune_until_stopped(current_app.config["SETTINGS"], once)
+        prune_until_stopped(current_app.config["SETTINGS"], once)
         return
-    Enricher.from_app(current_app).run(once=once)
-
-
-def _prune_until_stopped(settings, once: bool) -> None:
-    """The worker without TWIN: it still keeps the event retention (EVENT_RETENTION_DAYS), until stopped."""
-    import signal
-    import time
-
-    from peewee import DatabaseError, InterfaceError
-
-    from .maintenance import PeriodicPrune
-    stopped = []
-    if not once:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stopped.append(True))
-    prune = PeriodicPrune(settings.event_retention_days)
-    while True:
-        try:
-            if prune.due:
-                with models.db.connection_context():
-                    prune.run_if_due()
-        except (DatabaseError, InterfaceError) as error:
-            logging.getLogger(__name__).warning("prune failed, tried again later: %s", error)
-        if once or stopped:
-            return
-        time.sleep(1.0)
+    Worker.from_app(current_app).run(once=once)
 
 
 @click.command("check-twin")
@@ -100,7 +75,7 @@ def check_twin():
 @click.command("status")
 def status():
     """Print the enrichment backlog: messages per stage, the oldest due one, the last TWIN errors."""
-    from .enrich import backlog
+    from .health import backlog
     report = backlog()
     click.echo("messages by stage:")
     for stage in models.STAGES:

@@ -183,6 +183,17 @@ def bind(settings):
     return database
 
 
+def connect_for_request() -> None:
+    db.connect(reuse_if_open=True)
+
+
+def release_after_request(_exc=None) -> None:
+    # SQLite connections stay open with their thread (opening one costs more than a request);
+    # pooled PostgreSQL connections go back to the pool.
+    if not isinstance(db.obj, SqliteDatabase) and not db.is_closed():
+        db.close()
+
+
 def write_transaction():
     """A transaction that will write. On SQLite it takes the write lock at BEGIN: a transaction
     that reads first and writes later cannot wait for the lock (SQLite answers "database is

@@ -1,6 +1,6 @@
-"""The enrichment loop: delivered messages -> chat session id -> the bot's result.
+"""Enrichment: delivered messages -> chat session id -> the bot's result.
 
-The database row is the queue. A message is due when `next_check_at` has passed. The worker
+The database row is the queue. A message is due when `next_check_at` has passed. The enricher
 claims due messages of one stage in a batch (with a lease, so a second worker or a restarted one
 never looks them up at the same time), runs ONE windowed, paginated statistics query for the whole
 batch, and matches what comes back by id, never by position:
@@ -23,28 +23,26 @@ import datetime as dt
 import json
 import logging
 import random
-import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from peewee import Case, DatabaseError, InterfaceError, PostgresqlDatabase, fn
+from peewee import Case, PostgresqlDatabase, fn
 
-from . import forwarding, metrics
+from . import forwarding
 from .callbudget import CallBudget
 from .db import db, utcnow, write_transaction
-from .maintenance import PeriodicPrune, PeriodicSummaries
+from .health import earliest, remember_twin_error, remember_twin_ok
 from .models import (
-    ACTIVE_STAGES,
     STAGE_CHAT_ID,
     STAGE_DONE,
     STAGE_GIVEN_UP,
     STAGE_NONE,
     STAGE_RESULT,
     Message,
-    TwinCall,
 )
-from .sending import send_pending
+from .settings import Settings
 from .status import forward_update, is_final
 from .twin24 import MESSAGE_FIELDS, SESSION_FIELDS, TwinClient, TwinError
 
@@ -57,6 +55,9 @@ WRITE_CHUNK = 100               # messages updated one by one per transaction: t
 # default), and a message missed again and again is looked for in a window growing to 8 margins.
 NARROWEST, WIDEST = -5, 3
 CLOSED_SESSION_STATES = {"CLOSED", "FINISHED", "COMPLETED", "ENDED", "INACTIVE", "ARCHIVED", "DONE"}
+MESSAGE_STAGES = (STAGE_CHAT_ID, STAGE_NONE)    # served by the message statistics
+SESSION_STAGES = (STAGE_RESULT,)                # served by the chat-session statistics
+SESSION_SLACK = dt.timedelta(seconds=2)   # around a startedAt TWIN gave us (its clock, whole seconds)
 
 # What a sweep learned about one claimed message.
 SEEN_DONE = "done"              # nothing more to do in this stage
@@ -65,118 +66,46 @@ SEEN_WAITING = "waiting"        # found, but what we want is not there yet
 
 @dataclass(frozen=True)
 class Sweep:
-    """One kind of statistics query, the stages of the messages it serves, and how often it may run."""
+    """One kind of statistics query: the stages of the messages it serves, how often it may run,
+    how its pages are fetched, and how a page is applied (-> what it saw of each stored message)."""
     endpoint: str
     stages: tuple[str, ...]
-    interval_setting: str
+    interval: Callable[[Settings], float]
+    fetch: Callable[[TwinClient, dt.datetime, dt.datetime], Iterable[list]]
+    apply: Callable[[list[dict], dt.datetime, Settings], dict[str, str]]
 
 
-MESSAGES_SWEEP = Sweep("messages_stats", (STAGE_CHAT_ID, STAGE_NONE), "enrich_sweep_interval")
-SESSIONS_SWEEP = Sweep("sessions_stats", (STAGE_RESULT,), "enrich_result_interval")
-SESSION_SLACK = dt.timedelta(seconds=2)   # around a startedAt TWIN gave us (its clock, whole seconds)
+@dataclass(frozen=True)
+class Horizon:
+    """How long a message may wait in a stage, and what the row says when it is given up."""
+    seconds: Callable[[Settings], float]
+    reason: str
 
-# How long a message may wait in a stage (the setting), and what the row says when it is given up.
+
 HORIZONS = {
-    STAGE_NONE: ("enrich_chat_id_horizon", "no final status from TWIN"),
-    STAGE_CHAT_ID: ("enrich_chat_id_horizon", "no chat session id in TWIN's message statistics"),
-    STAGE_RESULT: ("enrich_result_horizon", "no bot result"),
+    STAGE_NONE: Horizon(lambda s: s.enrich_chat_id_horizon, "no final status from TWIN"),
+    STAGE_CHAT_ID: Horizon(lambda s: s.enrich_chat_id_horizon, "no chat session id in TWIN's message statistics"),
+    STAGE_RESULT: Horizon(lambda s: s.enrich_result_horizon, "no bot result"),
 }
 
 
 class Enricher:
-    def __init__(self, settings, client: TwinClient, clock=utcnow, sleep=time.sleep):
+    """The sweeps: claim the due messages of a stage, page through TWIN's statistics for them, apply
+    what it says, settle the rest. The worker (receiver/worker.py) calls `run_once` each pass."""
+
+    def __init__(self, settings: Settings, client: TwinClient, clock=utcnow, budget: CallBudget | None = None):
         self.settings = settings
         self.client = client
         self.clock = clock
-        self.sleep = sleep
-        self.stopping = False
+        self.budget = budget                      # the client's pacer: a sweep starts only with a slot free
         self.last_sweep: dict[str, float] = {}    # endpoint -> time.monotonic() of its last sweep
         self.failures = 0                         # sweeps failed in a row (TWIN down, credentials wrong)
         self.twin_tried = False                   # a first sweep that fails points the operator at check-twin
-        self.prune = PeriodicPrune(settings.event_retention_days)   # EVENT_RETENTION_DAYS, once an hour
-        self.summaries = PeriodicSummaries()        # the results' stored summaries (receiver/summaries.py)
-        self.budget: CallBudget | None = None     # the client's pacer: a sweep starts only with a slot free
-
-    @classmethod
-    def from_app(cls, app) -> Enricher:
-        settings = app.config["SETTINGS"]
-        budget = CallBudget.from_settings(settings)
-        client = TwinClient(settings, on_call=count_twin_call, pacer=budget.reserve if budget else None)
-        enricher = cls(settings, client)
-        enricher.budget = budget
-        return enricher
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    def run(self, once: bool = False) -> None:
-        """Send what POST /api/sends queued, sweep whatever is due and prune old events, until stopped
-        (SIGTERM/SIGINT finish the current pass first)."""
-        if not once:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self._stop)
-            log.info("enrichment worker started")
-        # Not connection_context(): a failed pass reconnects, and the context would then close a
-        # connection it no longer knows.
-        db.connect(reuse_if_open=True)
-        forwarder = self.start_forwarding(once)
-        try:
-            while not self.stopping:
-                try:
-                    send_pending(self.settings, self.client)    # mailings queued by POST /api/sends
-                    self.run_once(force=once)
-                    self.prune.run_if_due()
-                    self.summaries.run_if_due()
-                    if once:
-                        self.forward_once()
-                except (DatabaseError, InterfaceError):
-                    # The database went away, is busy beyond the timeout, or chose this pass as a
-                    # deadlock's victim: leases we hold expire by themselves, so nothing is lost by
-                    # trying again later.
-                    log.exception("enrichment pass failed; trying again shortly")
-                    self._reconnect()
-                    self.sleep(self.settings.enrich_backoff_start)
-                if once:
-                    return
-                self.sleep(self.settings.enrich_poll_interval)
-        finally:
-            if forwarder is not None:
-                forwarder.stop(self.settings.forward_timeout + 5)
-            if not db.is_closed():
-                db.close()
-        log.info("enrichment worker stopped")
-
-    def start_forwarding(self, once: bool) -> forwarding.Forwarder | None:
-        """Make FORWARD_URL's subscription, then deliver events in a thread of their own (a slow target
-        must not hold up enrichment); a single pass (`once`) delivers inline instead."""
-        try:
-            forwarding.ensure_settings_subscription(self.settings)
-        except (DatabaseError, InterfaceError):
-            log.exception("could not record FORWARD_URL's subscription; the next start tries again")
-        if once:
-            return None
-        forwarder = forwarding.Forwarder(self.settings)
-        forwarder.start()
-        return forwarder
-
-    def forward_once(self) -> None:
-        try:
-            forwarding.deliver_due(self.settings)
-        except (DatabaseError, InterfaceError):
-            log.exception("forwarding pass failed")
-
-    @staticmethod
-    def _reconnect() -> None:
-        if not db.is_closed():
-            db.close()
-        db.connect()
-
-    def _stop(self, *_args) -> None:
-        self.stopping = True
 
     def run_once(self, force: bool = False) -> int:
         """One sweep of each stage that has due messages. Returns how many messages were claimed."""
         claimed = 0
-        for sweep in (MESSAGES_SWEEP, SESSIONS_SWEEP):
+        for sweep in SWEEPS:
             if force or self.worth_sweeping(sweep):
                 claimed += self.sweep(sweep)
         return claimed
@@ -194,7 +123,7 @@ class Enricher:
         A small mailing sent after a big one has a window of its own, and is looked up at once.
         """
         last = self.last_sweep.get(sweep.endpoint)
-        if last is not None and time.monotonic() - last < getattr(self.settings, sweep.interval_setting):
+        if last is not None and time.monotonic() - last < sweep.interval(self.settings):
             return False
         now = self.clock()
         due, first_looks, oldest, first_seen = due_summary(sweep.stages, now)
@@ -217,8 +146,8 @@ class Enricher:
         wanted = {m.id for m in claimed}
         seen: dict[str, str] = {}
         try:
-            for page in self.pages(sweep, start, end):
-                seen.update(self.apply_page(sweep, page))
+            for page in sweep.fetch(self.client, start, end):
+                seen.update(sweep.apply(_with_ids(page), self.clock(), self.settings))
                 if wanted <= seen.keys():
                     break                      # everything we came for is found: stop paging
                 renew_lease(claimed, self.clock(), self.settings.enrich_lease)
@@ -269,17 +198,6 @@ class Enricher:
         widening = 2.0 ** min(NARROWEST + attempts, WIDEST)
         return dt.timedelta(seconds=self.settings.enrich_window_margin * widening)
 
-    def pages(self, sweep: Sweep, start, end):
-        if sweep.endpoint == "sessions_stats":
-            return self.client.iter_sessions(start, end, fields=SESSION_FIELDS)
-        return self.client.iter_messages(start, end, fields=MESSAGE_FIELDS)
-
-    def apply_page(self, sweep: Sweep, items: list) -> dict[str, str]:
-        items = [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
-        if sweep.endpoint == "sessions_stats":
-            return apply_sessions(items, self.clock(), self.settings)
-        return apply_messages(items, self.clock(), self.settings)
-
     def settle(self, sweep: Sweep, claimed: Claim, seen: dict[str, str]) -> None:
         """Release the batch, and schedule what this sweep did not finish: later, or never.
 
@@ -294,10 +212,10 @@ class Enricher:
             outcome = seen.get(message.id)
             if outcome == SEEN_DONE:
                 continue
-            setting, reason = HORIZONS[message.stage]
-            horizon = dt.timedelta(seconds=getattr(self.settings, setting))
-            if now - message_anchor(message) > horizon:
-                given_up[message.stage, f"{reason} within {_hours(horizon)}"].append(message.id)
+            horizon = HORIZONS[message.stage]
+            wait = dt.timedelta(seconds=horizon.seconds(self.settings))
+            if now - message_anchor(message) > wait:
+                given_up[message.stage, f"{horizon.reason} within {_hours(wait)}"].append(message.id)
             else:
                 why = "found, not complete yet" if outcome == SEEN_WAITING else "not in the statistics yet"
                 again[message.stage, message.attempts + 1, why, self.recheck_delay(message, now)].append(message.id)
@@ -388,8 +306,8 @@ def due_summary(stages: tuple[str, ...], now: dt.datetime) -> tuple[int, int, dt
     in the stage, since when the oldest is due, and the earliest first sighting among them."""
     first_look = fn.SUM(Case(None, [(Message.attempts == 0, 1)], 0))
     return (Message
-            .select(fn.COUNT(Message.id), fn.COALESCE(first_look, 0), _earliest(Message.next_check_at),
-                    _earliest(Message.first_seen_at))
+            .select(fn.COUNT(Message.id), fn.COALESCE(first_look, 0), earliest(Message.next_check_at),
+                    earliest(Message.first_seen_at))
             .where(Message.stage.in_(list(stages)), Message.next_check_at <= now,
                    (Message.lease_until.is_null()) | (Message.lease_until < now))
             .tuples()
@@ -451,7 +369,7 @@ def apply_messages(items: list[dict], now: dt.datetime, settings) -> dict[str, s
     seen: dict[str, str] = {}
     for chunk in _chunks(list(by_id), WRITE_CHUNK):
         with write_transaction():
-            for message in _stored(Message.id, chunk, MESSAGES_SWEEP.stages):
+            for message in _stored(Message.id, chunk, MESSAGE_STAGES):
                 seen[message.id] = apply_message_item(message, by_id[message.id], now, first_check, settings)
     return seen
 
@@ -482,7 +400,7 @@ def apply_sessions(items: list[dict], now: dt.datetime, settings) -> dict[str, s
     seen: dict[str, str] = {}
     for chunk in _chunks(list(by_chat_id), WRITE_CHUNK):
         with write_transaction():
-            for message in _stored(Message.chat_id, chunk, SESSIONS_SWEEP.stages):
+            for message in _stored(Message.chat_id, chunk, SESSION_STAGES):
                 seen[message.id] = apply_session(message, by_chat_id[message.chat_id], now)
     return seen
 
@@ -514,6 +432,20 @@ def apply_session(message: Message, session: dict, now) -> str:
     elif changed and Message.result in update:
         forwarding.emit(forwarding.EVENT_RESULT, [message.id], now)     # in this transaction: the outbox
     return outcome
+
+
+MESSAGES_SWEEP = Sweep("messages_stats", MESSAGE_STAGES, interval=lambda s: s.enrich_sweep_interval,
+                       fetch=lambda client, start, end: client.iter_messages(start, end, fields=MESSAGE_FIELDS),
+                       apply=apply_messages)
+SESSIONS_SWEEP = Sweep("sessions_stats", SESSION_STAGES, interval=lambda s: s.enrich_result_interval,
+                       fetch=lambda client, start, end: client.iter_sessions(start, end, fields=SESSION_FIELDS),
+                       apply=apply_sessions)
+SWEEPS = (MESSAGES_SWEEP, SESSIONS_SWEEP)
+
+
+def _with_ids(items: list) -> list[dict]:
+    """The items of a page that are objects with a string id: the rest cannot be matched to a message."""
+    return [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
 
 
 def _stored(column, values: list, stages: tuple[str, ...]):
@@ -574,11 +506,6 @@ def window_anchor(message: Message) -> dt.datetime:
     return min(t for t in (message.sent_at, message.first_seen_at, message.delivered_at) if t is not None)
 
 
-def _earliest(column):
-    # MIN() of a datetime column comes back from SQLite as text unless told what it is.
-    return fn.MIN(column).python_value(column.python_value)
-
-
 def _by_stage(rows) -> str:
     """Claimed rows for a DEBUG line: `stage=id,id,... stage=...`."""
     ids: dict[str, list[str]] = defaultdict(list)
@@ -603,40 +530,3 @@ def _hours(delta: dt.timedelta) -> str:
 def _chunks(values: list, size: int = CHUNK):
     for start in range(0, len(values), size):
         yield values[start:start + size]
-
-
-# -- what operators watch ---------------------------------------------------------------------
-
-def count_twin_call(endpoint: str, outcome: str) -> None:
-    metrics.TWIN_CALLS.labels(endpoint=endpoint, outcome=outcome).inc()
-
-
-def remember_twin_error(error: TwinError, now: dt.datetime) -> None:
-    (TwinCall.insert(endpoint=error.endpoint, last_error=str(error)[:1000], last_error_at=now)
-     .on_conflict(conflict_target=[TwinCall.endpoint],
-                  update={TwinCall.last_error: str(error)[:1000], TwinCall.last_error_at: now})
-     .execute())
-
-
-def remember_twin_ok(endpoint: str, now: dt.datetime) -> None:
-    (TwinCall.insert(endpoint=endpoint, last_ok_at=now)
-     .on_conflict(conflict_target=[TwinCall.endpoint], update={TwinCall.last_ok_at: now})
-     .execute())
-
-
-def due_now(now: dt.datetime | None = None) -> dict:
-    """How many messages are due for a TWIN lookup, and how overdue the oldest is (no count per stage:
-    that is a GROUP BY over the whole table, which /metrics reads from the stored summaries instead)."""
-    now = now or utcnow()
-    due_filter = (Message.stage.in_(list(ACTIVE_STAGES) + [STAGE_NONE])) & (Message.next_check_at <= now)
-    oldest = Message.select(_earliest(Message.next_check_at)).where(due_filter).scalar()
-    return {"due": Message.select().where(due_filter).count(),
-            "oldest_due_seconds": (now - oldest).total_seconds() if oldest else None}
-
-
-def backlog(now: dt.datetime | None = None) -> dict:
-    """Messages per stage, how many are due, how overdue the oldest is, the last TWIN errors."""
-    stages = dict(Message.select(Message.stage, fn.COUNT(Message.id)).group_by(Message.stage).tuples())
-    errors = {row.endpoint: (row.last_error, row.last_error_at)
-              for row in TwinCall.select().where(TwinCall.last_error.is_null(False))}
-    return {"stages": stages, **due_now(now), "twin_errors": errors}

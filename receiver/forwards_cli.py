@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import click
 from flask.cli import with_appcontext
 
-from . import models
+from .db import utcnow, write_transaction
 
 
 @click.group("forwards")
@@ -107,11 +107,11 @@ def forwards_add(url, secret, events, callback_data, callback_data_prefix, bulk_
     if not _usable_secret(secret):
         raise click.BadParameter("whsec_ and the base64 of at least 24 random bytes (leave it out to have one "
                                 "generated)", param_hint="--secret")
-    with models.write_transaction():
+    with write_transaction():
         subscription = Subscription.create(url=url, secret=secret, events=",".join(wanted),
                                            filter_callback_data=callback_data,
                                            filter_callback_data_prefix=callback_data_prefix,
-                                           filter_bulk_id=bulk_id, created_at=models.utcnow())
+                                           filter_bulk_id=bulk_id, created_at=utcnow())
     forwarding.forget_wants()
     click.echo(f"subscription #{subscription.id}: {url} ({', '.join(wanted)})")
     if generated:
@@ -136,7 +136,7 @@ def forwards_remove(subscription_id: int):
         raise click.ClickException(f"no subscription #{subscription_id}")
     if subscription.from_settings:
         raise click.ClickException(f"#{subscription_id} is FORWARD_URL's: unset FORWARD_URL and restart the worker")
-    with models.write_transaction():
+    with write_transaction():
         events = Delivery.select(Delivery.id).where(Delivery.subscription == subscription_id)
         DeliveryAttempt.delete().where(DeliveryAttempt.delivery.in_(events)).execute()
         deleted = Delivery.delete().where(Delivery.subscription == subscription_id).execute()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from peewee import SqliteDatabase
 
-from . import models
-from .db import utcnow, write_transaction
+from . import summaries
+from .db import db, utcnow, write_transaction
 from .models import Event, Rejected
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class MaintenanceError(RuntimeError):
 
 def sqlite_path() -> Path:
     """The file of the bound SQLite database, or MaintenanceError on PostgreSQL."""
-    database = models.db.obj
+    database = db.obj
     if not isinstance(database, SqliteDatabase):
         raise MaintenanceError(
             "backup works on the SQLite file only; DATABASE_URL is PostgreSQL: back it up with "
@@ -74,7 +74,7 @@ def backup(dest: str | os.PathLike, *, keep: int = 0, now: dt.datetime | None = 
     # The copy holds the tokens kept in the database: readable by its owner only.
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     try:
-        timeout = max(float(getattr(models.db.obj, "_timeout", None) or 30.0), 1.0)
+        timeout = max(float(getattr(db.obj, "_timeout", None) or 30.0), 1.0)
         source = sqlite3.connect(source_path, timeout=timeout)
         target = sqlite3.connect(partial)
         try:
@@ -218,7 +218,6 @@ class PeriodicSummaries:
 
     def run_if_due(self) -> int:
         """Count the next few mailings of the round, starting one if it is time; how many were counted."""
-        from . import summaries
         if self.round is None:
             if self.clock() < self.next_at:
                 return 0

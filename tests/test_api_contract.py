@@ -17,6 +17,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from receiver import create_app, models
 from receiver.api import openapi_document
+from receiver.db import db
 
 from .support import API_TOKEN, CALLBACK_TOKEN, SEND_TOKEN, TWIN_NEVER_CALLED, make_settings
 
@@ -47,8 +48,8 @@ def contract_app(database_url):
     models.Delivery.create(event_id="evt_contract", subscription=subscription.id, message_id="m-1",
                            event_type="message.result", payload="{}")
     yield app
-    if not models.db.is_closed():
-        models.db.close()
+    if not db.is_closed():
+        db.close()
 
 
 # The document the app serves (tests/test_openapi.py checks that it is this one), read when the tests are

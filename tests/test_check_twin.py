@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from receiver import create_app, models
+from receiver import create_app
+from receiver.db import db, utcnow
 from receiver.enrich import Enricher
 from receiver.twin24 import TwinClient
 
@@ -60,8 +61,8 @@ def check(settings):
     try:
         result = app.test_cli_runner().invoke(args=["check-twin"])
     finally:
-        if not models.db.is_closed():
-            models.db.close()
+        if not db.is_closed():
+            db.close()
     return result.exit_code, result.output.splitlines()
 
 
@@ -234,7 +235,7 @@ def test_the_worker_points_at_check_twin_once_when_its_first_twin_call_fails(set
         client.post(callback_path, json={"id": f"m-{n}", "oldStatus": "PENDING", "newStatus": "DELIVERED"})
     unreachable = settings.__class__(**{**settings.__dict__, "twin24_token": "t" * 20, "twin24_retries": 0,
                                         "twin24_analyse_url": f"http://127.0.0.1:{closed_port}"})
-    later = [models.utcnow()]
+    later = [utcnow()]
     enricher = Enricher(unreachable, TwinClient(unreachable), clock=lambda: later[0])
 
     with caplog.at_level(logging.WARNING, logger="receiver.enrich"):
@@ -250,7 +251,7 @@ def test_the_worker_points_at_check_twin_once_when_its_first_twin_call_fails(set
 def test_a_worker_whose_first_twin_call_worked_does_not_point_at_check_twin(settings, app, client, callback_path,
                                                                            caplog, twin, closed_port):
     client.post(callback_path, json={"id": "m-1", "oldStatus": "PENDING", "newStatus": "DELIVERED"})
-    later = [models.utcnow()]
+    later = [utcnow()]
     enricher = Enricher(settings, TwinClient(settings), clock=lambda: later[0])
     assert enricher.run_once(force=True) == 1                       # TWIN answered (m-1 is not there)
     unreachable = settings.__class__(**{**settings.__dict__, "twin24_retries": 0,

@@ -15,9 +15,9 @@ import re
 
 import pytest
 
-from receiver.enrich import Enricher
 from receiver.models import Message
 from receiver.simulator import SimConfig, Simulator
+from receiver.worker import Worker
 
 from .support import FAST_TWIN, phones, send_mailing, wait_for
 
@@ -38,7 +38,7 @@ def answered(twin, app, live_app):
     """The ids of a mailing of three whose results are stored, each answering FORMULA."""
     ids = send_mailing(twin, live_app.url, phones(3), callback_data=MAILING)
     assert twin.wait_idle(timeout=20)
-    enricher = Enricher.from_app(app)
+    enricher = Worker.from_app(app).enricher
     stored = wait_for(lambda: Message.select().where(Message.result.is_null(False)).count() == 3,
                       step=lambda: enricher.run_once(force=True))
     assert stored, [(m.id, m.stage, m.result) for m in Message.select()]

@@ -13,19 +13,20 @@ import pytest
 
 from receiver.enrich import MESSAGES_SWEEP, Enricher
 from receiver.models import Message
+from receiver.worker import Worker
 
 from .support import LiveServer, assert_matches_truth, phones, send_mailing, settings_for, wait_for
 
 
 @pytest.fixture
 def enricher(app):
-    return Enricher.from_app(app)
+    return Worker.from_app(app).enricher
 
 
 def enricher_with(app, **changes) -> Enricher:
     """An enricher of this app whose settings differ by `changes`."""
     settings = app.config["SETTINGS"]
-    return Enricher(dataclasses.replace(settings, **changes), Enricher.from_app(app).client)
+    return Enricher(dataclasses.replace(settings, **changes), Worker.from_app(app).client)
 
 
 def enrich_until_settled(enricher, count, timeout=30.0):
@@ -143,7 +144,7 @@ def test_tokens_that_expire_mid_run_are_renewed(database_url, twin):
     app = create_app(settings)
     server = LiveServer(app).start()
     try:
-        enricher = Enricher.from_app(app)
+        enricher = Worker.from_app(app).enricher
         twin.configure(result_after=(1.0, 1.2))     # results come after the tokens have expired
         ids = send_mailing(twin, server.url, phones(10))
         assert twin.wait_idle(timeout=20)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from receiver.enrich import Enricher
 from receiver.models import Message
+from receiver.worker import Worker
 
 from .support import phones, send_mailing, wait_for
 
@@ -24,7 +24,7 @@ def test_an_empty_result_in_any_form_waits_for_the_real_one(twin, app, live_app,
     twin.configure(empty_result=form, result_after=(1.5, 1.8), session_close_after=30.0)
     ids = send_mailing(twin, live_app.url, phones(3), callback_data=f"empty {form}")
     assert twin.wait_idle(timeout=20)
-    enricher = Enricher.from_app(app)
+    enricher = Worker.from_app(app).enricher
 
     read = wait_for(lambda: [m for m in Message.select() if m.session], timeout=5,
                     step=lambda: enricher.run_once(force=True))

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from receiver import models, results
+from receiver import results
+from receiver.db import db
 
 from .support import answer, bulk_messages, seed
 
@@ -65,7 +66,7 @@ def test_a_date_time_out_of_range_names_the_option(app):
 def count_selects(monkeypatch):
     """The row-limits of the SELECTs run on the database while the fixture is active."""
     limits = []
-    database = models.db.obj
+    database = db.obj
     original = database.execute_sql
 
     def counting(sql, params=None, *args, **kwargs):

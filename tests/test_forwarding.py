@@ -15,8 +15,8 @@ from werkzeug.wrappers import Request, Response
 
 from receiver import forwarding
 from receiver.db import db, utcnow, write_transaction
-from receiver.enrich import Enricher
 from receiver.models import Delivery, DeliveryAttempt, Message, Subscription
+from receiver.worker import Worker
 
 from .support import LiveServer, phones, send_mailing, wait_for
 
@@ -108,10 +108,10 @@ def test_a_mailing_delivers_one_signed_result_event_per_answered_message(twin, l
         settings = forwarding_settings(app, target)
         ids = send_mailing(twin, live_app.url, phones(12))
         assert twin.wait_idle(timeout=20)
-        enricher = Enricher(settings, Enricher.from_app(app).client)
+        worker = Worker.from_settings(settings)
         settled = Message.stage.in_(["done", "given_up"])
         wait_for(lambda: Message.select().where(settled).count() >= len(ids),
-                 step=lambda: enricher.run(once=True), timeout=30)
+                 step=lambda: worker.run(once=True), timeout=30)
         deliver_all(settings)
 
         answered = {m.id for m in Message.select().where(Message.result.is_null(False))}

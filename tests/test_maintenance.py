@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from receiver import create_app, maintenance, models
-from receiver.db import utcnow
+from receiver import create_app, maintenance
+from receiver.db import db, utcnow
 from receiver.models import Event, Message, Rejected
 from receiver.settings import Settings
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 def add_events(prefix: str, count: int, received_at: dt.datetime | None = None, raw_size: int = 40):
     rows = [dict(message_id=f"{prefix}-{n}", old_status="PENDING", new_status="DELIVERED", raw="x" * raw_size,
                  received_at=received_at or utcnow()) for n in range(count)]
-    with models.db.atomic():
+    with db.atomic():
         for start in range(0, len(rows), 200):
             Event.insert_many(rows[start:start + 200]).execute()
 
@@ -34,7 +34,7 @@ def add_events(prefix: str, count: int, received_at: dt.datetime | None = None, 
 def sqlite_app(tmp_path):
     app = create_app(make_settings(f"sqlite:///{tmp_path}/live/receiver.db"))
     yield app
-    models.db.close()
+    db.close()
 
 
 def test_backup_while_another_thread_writes(sqlite_app, tmp_path):
@@ -46,7 +46,7 @@ def test_backup_while_another_thread_writes(sqlite_app, tmp_path):
         n = 0
         try:
             while not stop.is_set():
-                with models.db.atomic():      # this thread's own connection, as a web worker has
+                with db.atomic():      # this thread's own connection, as a web worker has
                     Event.insert(message_id=f"during-{n}", new_status="PENDING",
                                  raw="{}").execute()
                 written.append(n)
@@ -54,7 +54,7 @@ def test_backup_while_another_thread_writes(sqlite_app, tmp_path):
         except Exception as error:            # noqa: BLE001 - reported below
             errors.append(error)
         finally:
-            models.db.close()
+            db.close()
 
     thread = threading.Thread(target=writer)
     thread.start()
@@ -157,7 +157,7 @@ def test_prune_command_uses_the_retention_setting(database_url):
         result = runner.invoke(args=["prune", "--days", "1"])
         assert "deleted 0 events" in result.output
     finally:
-        models.db.close()
+        db.close()
 
 
 def test_prune_command_without_retention_deletes_nothing(database_url):
@@ -169,7 +169,7 @@ def test_prune_command_without_retention_deletes_nothing(database_url):
         assert "retention is off" in result.output
         assert Event.select().count() == 2
     finally:
-        models.db.close()
+        db.close()
 
 
 def test_prune_walks_in_id_order_and_stops_at_the_first_event_to_keep(app):
@@ -233,7 +233,7 @@ def run_worker_until_pruned(settings, tmp_path):
 def assert_only_old_events_went():
     assert {e.message_id.split("-")[0] for e in Event.select()} == {"new"}
     assert Message.select().count() == 35
-    rows = models.db.execute_sql("SELECT message_id, result FROM results").fetchall()
+    rows = db.execute_sql("SELECT message_id, result FROM results").fetchall()
     assert len(rows) == 35 and {result for _, result in rows} == {'{"answer":"yes"}'}
 
 

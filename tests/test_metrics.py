@@ -14,8 +14,8 @@ import pytest
 from peewee import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver import create_app, enrich, metrics, models
-from receiver.db import utcnow
+from receiver import create_app, health, metrics
+from receiver.db import db, utcnow
 from receiver.models import Message, TwinCall
 
 from .support import API_TOKEN, CALLBACK_PATH, CALLBACK_TOKEN, make_settings, scrape, seed, value
@@ -30,8 +30,8 @@ def make_client(database_url):
     def make(**overrides):
         return create_app(make_settings(database_url, **overrides)).test_client()
     yield make
-    if not models.db.is_closed():
-        models.db.close()
+    if not db.is_closed():
+        db.close()
 
 
 def test_metrics_are_open_and_count_what_happened(client):
@@ -42,7 +42,7 @@ def test_metrics_are_open_and_count_what_happened(client):
     assert client.post(CALLBACK_PATH, data="{nope", content_type="application/json").status_code == 400
     Message.update(next_check_at=utcnow() - dt.timedelta(seconds=90)).where(Message.id == "m00000").execute()
     Message.update(next_check_at=utcnow() + dt.timedelta(hours=1)).where(Message.id != "m00000").execute()
-    enrich.count_twin_call("messages_stats", "ok")
+    health.count_twin_call("messages_stats", "ok")
     TwinCall.insert(endpoint="sessions_stats", last_error="HTTP 502", last_error_at=dt.datetime(2025, 1, 2),
                     last_ok_at=dt.datetime(2025, 1, 1)).execute()
 
@@ -97,7 +97,7 @@ def test_a_database_that_does_not_answer_is_a_gauge_not_a_500(client, monkeypatc
     def fail(*args, **kwargs):
         raise OperationalError("database is locked")
 
-    monkeypatch.setattr(enrich, "due_now", fail)
+    monkeypatch.setattr(health, "due_now", fail)
     samples = scrape(client)
     assert value(samples, "receiver_database_up") == 0
     assert ("receiver_messages", (("stage", "none"),)) not in samples
@@ -169,7 +169,7 @@ def test_large_postgresql_tables_are_counted_from_their_statistics(settings, cli
     if settings.is_sqlite:
         pytest.skip("PostgreSQL's statistics")
     seed(client, 3)
-    models.db.execute_sql("ANALYZE event")
+    db.execute_sql("ANALYZE event")
     seed(client, 2, start=3)                        # not in the statistics yet
     assert value(scrape(client), "receiver_events_stored") == 5
 

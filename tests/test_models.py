@@ -13,7 +13,7 @@ import pytest
 from peewee import IntegerField, Model, OperationalError, TextField
 
 from receiver import models, results
-from receiver.db import QueuedSqliteDatabase, sqlite_pragmas
+from receiver.db import QueuedSqliteDatabase, db, sqlite_pragmas, write_transaction
 from receiver.models import Event, Message
 
 from .support import callback_body, make_settings
@@ -41,22 +41,22 @@ def event_rows():
 
 
 def index_sql(table):
-    return {index.name: index.sql for index in models.db.get_indexes(table) if not index.name.endswith("pkey")}
+    return {index.name: index.sql for index in db.get_indexes(table) if not index.name.endswith("pkey")}
 
 
 def test_a_schema_1_database_comes_up_current_with_its_events_still_deduplicated(app, client, callback_path):
     for old, new in ((None, "PENDING"), ("PENDING", "DELIVERED")):
         assert client.post(callback_path, json=callback_body(old=old, new=new)).status_code == 200
-    with models.db.connection_context():
+    with db.connection_context():
         for statement in SCHEMA_1:
-            models.db.execute_sql(statement)
+            db.execute_sql(statement)
         before = event_rows()
 
     models.create_schema()
     models.create_schema()                      # and again: a second start changes nothing
 
-    with models.db.connection_context():
-        assert "dedup_key" not in {column.name for column in models.db.get_columns("event")}
+    with db.connection_context():
+        assert "dedup_key" not in {column.name for column in db.get_columns("event")}
         assert event_rows() == before
         assert set(index_sql("event")) == {"event_transition"}
         assert all("WHERE" in index_sql("message")[name].upper() for name in ("message_send_id", "message_chat_id"))
@@ -65,7 +65,7 @@ def test_a_schema_1_database_comes_up_current_with_its_events_still_deduplicated
     fresh = client.post(callback_path, json=callback_body("m-2", old=None, new="PENDING"))
     assert repeat.json == {"stored": True, "duplicate": True}
     assert fresh.json == {"stored": True, "duplicate": False}
-    with models.db.connection_context():
+    with db.connection_context():
         assert len(event_rows()) == 3
 
 
@@ -83,14 +83,14 @@ def callback_data_indexes() -> set[str]:
 
 
 def test_a_schema_2_database_comes_up_current_and_takes_a_long_callback_data(app, settings, client, callback_path):
-    with models.db.connection_context():
+    with db.connection_context():
         for statement in SCHEMA_2:
-            models.db.execute_sql(statement)
+            db.execute_sql(statement)
 
     models.create_schema()
     models.create_schema()                      # and again: a second start changes nothing
 
-    with models.db.connection_context():
+    with db.connection_context():
         expected = "message_callback_data_first_seen_at_id" if settings.is_sqlite else "message_callback_data_prefix"
         assert callback_data_indexes() == {expected}
         assert models.Fact.get_by_id("schema_version").value == models.SCHEMA_VERSION
@@ -115,11 +115,11 @@ def test_reading_a_mailing_by_callback_data_uses_its_index(app, settings):
     query = (results.Filters(callback_data=LONG_CALLBACK_DATA).where(models.Message.select())
              .order_by(models.Message.first_seen_at, models.Message.id).limit(100))
     sql, params = query.sql()
-    with models.db.connection_context(), models.db.atomic():
+    with db.connection_context(), db.atomic():
         if not settings.is_sqlite:
-            models.db.execute_sql("SET LOCAL enable_seqscan = off")   # an empty table is read whole otherwise
+            db.execute_sql("SET LOCAL enable_seqscan = off")   # an empty table is read whole otherwise
         explain = "EXPLAIN QUERY PLAN " if settings.is_sqlite else "EXPLAIN "
-        plan = " ".join(str(row[-1]) for row in models.db.execute_sql(explain + sql, params))
+        plan = " ".join(str(row[-1]) for row in db.execute_sql(explain + sql, params))
     expected = "message_callback_data_first_seen_at_id" if settings.is_sqlite else "message_callback_data_prefix"
     assert expected in plan, plan
 
@@ -129,7 +129,7 @@ def test_an_event_without_an_old_status_is_stored_once(client, callback_path):
     again = client.post(callback_path, json=callback_body(old=None, new="PENDING"))
 
     assert (first.json["duplicate"], again.json["duplicate"]) == (False, True)
-    with models.db.connection_context():
+    with db.connection_context():
         assert Event.select().count() == 1 and Message.get_by_id("m-1").status == "PENDING"
 
 
@@ -142,11 +142,11 @@ class Row(Model):
 
 @pytest.fixture
 def queued(tmp_path):
-    """A QueuedSqliteDatabase with a table, bound to `models.db` as the app binds it."""
+    """A QueuedSqliteDatabase with a table, bound to `db` as the app binds it."""
     settings = make_settings(f"sqlite:///{tmp_path}/turns.db")
     database = QueuedSqliteDatabase(settings.sqlite_path, pragmas=sqlite_pragmas(settings),
                                     timeout=30, check_same_thread=False)
-    models.db.initialize(database)
+    db.initialize(database)
     Row.bind(database)
     with database.connection_context():
         database.create_tables([Row])
@@ -155,7 +155,7 @@ def queued(tmp_path):
 
 
 def insert(n):
-    with models.write_transaction():
+    with write_transaction():
         Row.create(n=n)
 
 
@@ -209,7 +209,7 @@ def test_threads_of_one_process_take_turns(queued):
     inside, release, order = threading.Event(), threading.Event(), []
 
     def slow():
-        with models.write_transaction():
+        with write_transaction():
             Row.create(n=1)
             inside.set()
             release.wait(10)
@@ -231,9 +231,9 @@ def test_threads_of_one_process_take_turns(queued):
 
 
 def test_a_write_inside_a_write_does_not_wait_for_itself(queued):
-    with models.write_transaction():
+    with write_transaction():
         Row.create(n=1)
-        with models.write_transaction():
+        with write_transaction():
             Row.create(n=2)
     assert Row.select().count() == 2
 
@@ -242,7 +242,7 @@ def test_writes_go_on_when_the_turn_file_cannot_be_opened(tmp_path, caplog):
     (tmp_path / "turns.db-writers.lock").mkdir()        # a directory where the file would be
     with caplog.at_level(logging.WARNING, logger="receiver.db"):
         database = QueuedSqliteDatabase(str(tmp_path / "turns.db"), pragmas={"journal_mode": "wal"})
-        models.db.initialize(database)
+        db.initialize(database)
         Row.bind(database)
         database.create_tables([Row])
         insert(1)
@@ -292,8 +292,8 @@ def test_a_postgresql_connection_is_kept_between_requests(app, settings, client,
         pytest.skip("PostgreSQL's pool")
 
     def server_process():
-        with models.db.connection_context():
-            return models.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        with db.connection_context():
+            return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
 
     first = server_process()
     assert client.post(callback_path, json=callback_body()).status_code == 200

@@ -18,7 +18,7 @@ import pytest
 from flask import Flask, jsonify, request
 
 from receiver.db import db
-from receiver.enrich import Enricher
+from receiver.worker import Worker
 
 from .support import LiveServer, TwinUrls, settings_for
 
@@ -98,14 +98,14 @@ def send_the_recipes_mailing(client, send_headers) -> None:
 def test_the_recipes_own_examples_give_the_recipes_final_table(recipe_app, example_twin, callback_path,
                                                                 send_headers):
     client = recipe_app.test_client()
-    worker = Enricher.from_app(recipe_app)
+    worker = Worker.from_app(recipe_app)
     send_the_recipes_mailing(client, send_headers)
     worker.run(once=True)                                   # the worker sends it
     stored = client.post(callback_path, json=example("status-callback.json"))
     assert stored.status_code == 200, stored.get_json()
 
     for _ in range(5):                                      # chat id, then the bot's result
-        worker.run_once(force=True)
+        worker.enricher.run_once(force=True)
 
     rows = list(db.execute_sql("SELECT message_id, phone, status, chat_id, result FROM results"))
     assert len(rows) == 1
@@ -119,7 +119,7 @@ def test_the_recipes_own_examples_give_the_recipes_final_table(recipe_app, examp
 def test_the_send_carries_every_field_of_the_recipes_request(recipe_app, example_twin, send_headers):
     client = recipe_app.test_client()
     send_the_recipes_mailing(client, send_headers)
-    Enricher.from_app(recipe_app).run(once=True)
+    Worker.from_app(recipe_app).run(once=True)
 
     [logged_in] = example_twin.sent("POST", "/iam/login")
     assert set(logged_in) >= {"email", "password", "ttl"}

@@ -15,9 +15,10 @@ import pytest
 from peewee import DatabaseError, SqliteDatabase
 
 from receiver import create_app, destinations, models, sending
-from receiver.enrich import Enricher
+from receiver.db import db, utcnow
 from receiver.models import Message, Outbox, Send
 from receiver.twin24 import TwinClient
+from receiver.worker import Worker
 
 from .support import (
     CALLBACK_TOKEN,
@@ -212,7 +213,7 @@ def test_two_workers_at_once_send_each_row_once(make_sim, make_sim_app, send_hea
     start, results = threading.Barrier(2), []
 
     def worker():
-        with models.db.connection_context():
+        with db.connection_context():
             start.wait()
             results.append(worker_pass(app))
 
@@ -234,11 +235,11 @@ def test_a_killed_worker_leaves_its_rows_unknown_and_the_next_sends_the_rest(sim
     # A worker killed (kill -9) while its request carried the first two rows: in flight, lease held.
     first_two = [row.id for row in Outbox.select().order_by(Outbox.id).limit(2)]
     Outbox.update(state=sending.IN_FLIGHT, batch=1).where(Outbox.id.in_(first_two)).execute()
-    Send.update(lease_owner="killed", lease_until=models.utcnow() + dt.timedelta(minutes=5)).execute()
+    Send.update(lease_owner="killed", lease_until=utcnow() + dt.timedelta(minutes=5)).execute()
     assert client.get(url, headers=api_headers).get_json()["status"] == "sending"
     assert worker_pass(sim_app) == 0                 # its claim still holds
 
-    Send.update(lease_until=models.utcnow() - dt.timedelta(seconds=1)).execute()   # ...and then expires
+    Send.update(lease_until=utcnow() - dt.timedelta(seconds=1)).execute()   # ...and then expires
     assert worker_pass(sim_app) == 2
     report = client.get(url, headers=api_headers).get_json()
     assert [r["state"] for r in report["rows"]] == ["unknown", "unknown", "sent", "sent"]
@@ -250,17 +251,17 @@ def test_a_killed_worker_leaves_its_rows_unknown_and_the_next_sends_the_rest(sim
 def refuse_writes(trigger: str, on: bool, table: str, event: str, condition: str | None = None) -> None:
     """A real database fault (a full disk): while on, `event` ("INSERT", "UPDATE OF answer") on `table`
     fails, where `condition` (SQL on NEW) holds if given. Both backends, through a trigger named `trigger`."""
-    sqlite = isinstance(models.db.obj, SqliteDatabase)
+    sqlite = isinstance(db.obj, SqliteDatabase)
     when = f" WHEN ({condition})" if condition else ""
     if not on:
-        models.db.execute_sql(f"DROP TRIGGER {trigger}" + ("" if sqlite else f" ON {table}"))
+        db.execute_sql(f"DROP TRIGGER {trigger}" + ("" if sqlite else f" ON {table}"))
     elif sqlite:
-        models.db.execute_sql(f"CREATE TRIGGER {trigger} BEFORE {event} ON {table}{when} "
+        db.execute_sql(f"CREATE TRIGGER {trigger} BEFORE {event} ON {table}{when} "
                               "BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END")
     else:
-        models.db.execute_sql(f"CREATE OR REPLACE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql "
+        db.execute_sql(f"CREATE OR REPLACE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql "
                               "AS $$ BEGIN RAISE EXCEPTION 'disk full (test)'; END $$")
-        models.db.execute_sql(f"CREATE TRIGGER {trigger} BEFORE {event} ON {table} FOR EACH ROW{when} "
+        db.execute_sql(f"CREATE TRIGGER {trigger} BEFORE {event} ON {table} FOR EACH ROW{when} "
                               f"EXECUTE FUNCTION {trigger}()")
 
 
@@ -369,13 +370,13 @@ def test_send_callbacks_enrichment_results(make_sim, database_url, live_app, tmp
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        Enricher.from_app(app).run(once=True)
+        Worker.from_app(app).run(once=True)
         if Message.select().where(Message.stage == models.STAGE_DONE).count() == 6:
             break
         time.sleep(0.2)
     assert Counter(m.stage for m in Message.select()) == {models.STAGE_DONE: 6}
 
-    rows = models.db.execute_sql("SELECT message_id, phone, status, chat_id, result FROM results").fetchall()
+    rows = db.execute_sql("SELECT message_id, phone, status, chat_id, result FROM results").fetchall()
     assert len(rows) == 6
     for message_id, phone, status, chat_id, result in rows:
         assert truth[phone]["id"] == message_id and status == "DELIVERED"

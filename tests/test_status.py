@@ -8,9 +8,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.db import utcnow
-from receiver.enrich import Enricher, apply_messages, claim_due
+from receiver.enrich import apply_messages, claim_due
 from receiver.models import STAGE_NONE, Message
 from receiver.status import FAILED_STATUSES, is_final, outcome_of, rank_of
+from receiver.worker import Worker
 
 from .support import phones, send_mailing
 
@@ -84,7 +85,7 @@ def test_messages_the_simulator_expires_are_not_looked_up(twin, live_app, app):
     send_mailing(twin, live_app.url, phones(4))
     assert twin.wait_idle(timeout=20)
 
-    Enricher.from_app(app).run_once(force=True)
+    Worker.from_app(app).enricher.run_once(force=True)
 
     assert {(m.status, m.stage, m.next_check_at) for m in Message.select()} == {("EXPIRED", "none", None)}
     assert not twin.calls().get("messages_stats")

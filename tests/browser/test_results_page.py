@@ -11,8 +11,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from receiver.enrich import Enricher
 from receiver.models import ACTIVE_STAGES, Message
+from receiver.worker import Worker
 
 from ..support import API_TOKEN, phones, send_mailing, wait_for
 
@@ -61,7 +61,7 @@ def test_results_page_shows_a_mailing_from_the_simulator(twin, app, live_app, br
     assert 0 < len(delivered) < 16 and answered, "seed 11 should give a funnel with every step"
     assert {t["finalStatus"] for t in failed} == {"UNDELIVERED", "EXPIRED"}, "seed 11 should fail both ways"
 
-    enricher = Enricher.from_app(app)
+    enricher = Worker.from_app(app).enricher
     looking = Message.stage.in_(list(ACTIVE_STAGES))
     assert wait_for(lambda: Message.select().count() == 19 and not Message.select().where(looking).count(),
                     step=lambda: enricher.run_once(force=True), timeout=20), \

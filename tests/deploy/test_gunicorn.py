@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from receiver import models
-from receiver.db import bind
+from receiver.db import bind, db
 
 from ..support import CALLBACK_TOKEN, make_settings
 from .helpers import GUNICORN_CONF, Gunicorn
@@ -45,12 +45,12 @@ def post_callbacks(url: str, prefix: str, count: int) -> list[tuple[str, int, st
 def stored_event_ids(database_url: str, prefix: str) -> set[str]:
     bind(make_settings(database_url))
     try:
-        with models.db.connection_context():
+        with db.connection_context():
             query = models.Event.select(models.Event.message_id).where(
                 models.Event.message_id.startswith(prefix + "-"))
             return {event.message_id for event in query}
     finally:
-        models.db.close()
+        db.close()
 
 
 def test_concurrent_callbacks_are_all_stored_and_the_token_is_never_logged(database_url, tmp_path):

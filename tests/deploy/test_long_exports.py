@@ -13,7 +13,8 @@ import time
 import pytest
 import requests
 
-from receiver import create_app, models
+from receiver import create_app
+from receiver.db import db
 from receiver.models import Message
 
 from ..support import API_TOKEN, bulk_messages, make_settings
@@ -32,16 +33,16 @@ def database_with_many_messages(tmp_path) -> tuple[str, list[str]]:
     """A SQLite database of BASE_ROWS * COPIES answered messages; (its URL, the ids in export order)."""
     url = f"sqlite:///{tmp_path}/receiver.db"
     app = create_app(make_settings(url))
-    with app.app_context(), models.db.atomic():
+    with app.app_context(), db.atomic():
         bulk_messages(BASE_ROWS, result=RESULT)
         # Copies made by the database: BASE_ROWS inserts through peewee, the rest in one statement.
         columns = [field.column_name for field in Message._meta.sorted_fields]
         copied = ", ".join("id || '-' || k" if name == "id" else name for name in columns)
-        models.db.execute_sql(
+        db.execute_sql(
             f"WITH RECURSIVE copies(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM copies WHERE k < {COPIES - 1}) "
             f"INSERT INTO message ({', '.join(columns)}) SELECT {copied} FROM message, copies")
         ids = [row[0] for row in Message.select(Message.id).order_by(Message.first_seen_at, Message.id).tuples()]
-    models.db.close()
+    db.close()
     assert len(ids) == BASE_ROWS * COPIES
     return url, ids
 

@@ -25,7 +25,7 @@ import requests
 import urllib3
 
 from receiver import models
-from receiver.db import bind
+from receiver.db import bind, db
 
 from ..support import CALLBACK_TOKEN, make_settings
 from .helpers import DEPLOY, Gunicorn, free_port
@@ -207,10 +207,10 @@ def test_a_callback_through_nginx_reaches_the_app_with_the_clients_address(nginx
 
     bind(make_settings(f"sqlite:///{tmp_path}/receiver.db"))
     try:
-        with models.db.connection_context():
+        with db.connection_context():
             event = models.Event.get(models.Event.message_id == "via-nginx-1")
     finally:
-        models.db.close()
+        db.close()
     # gunicorn saw nginx at 127.0.0.1; the app stored the address nginx saw.
     assert event.remote_addr == "127.0.0.2"
 
@@ -280,10 +280,10 @@ def test_a_burst_of_callbacks_like_twins_all_pass(nginx_site, tmp_path):
     assert Counter(answer.status for answer in answers) == {200: 2000}
     bind(make_settings(f"sqlite:///{tmp_path}/receiver.db"))
     try:
-        with models.db.connection_context():
+        with db.connection_context():
             assert models.Event.select().where(models.Event.callback_data == "burst").count() == 2000
     finally:
-        models.db.close()
+        db.close()
 
 
 def test_hammering_the_sign_in_and_the_api_gets_429(nginx_site, tmp_path):

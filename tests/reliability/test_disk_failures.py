@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from receiver import create_app, models
+from receiver import create_app
+from receiver.db import db
 from receiver.models import Event, Message
 
 from ..support import CALLBACK_TOKEN, make_settings
@@ -39,8 +40,8 @@ def sqlite_app(tmp_path):
     app = create_app(make_settings(f"sqlite:///{tmp_path}/receiver.db"))
     app.config["TESTING"] = True
     yield app
-    if not models.db.is_closed():
-        models.db.close()
+    if not db.is_closed():
+        db.close()
 
 
 def callback(message_id, padding=0):
@@ -94,20 +95,20 @@ def test_a_full_disk_is_a_503_until_space_comes_back(sqlite_app, caplog):
 def test_a_full_database_is_a_503_until_it_may_grow(sqlite_app, caplog):
     client = sqlite_app.test_client()
     assert post(client, "before").status_code == 200
-    models.db.connect(reuse_if_open=True)          # the app's connection (same thread as the test client)
-    pages = models.db.execute_sql("PRAGMA page_count").fetchone()[0]
-    models.db.execute_sql(f"PRAGMA max_page_count = {pages}")
+    db.connect(reuse_if_open=True)          # the app's connection (same thread as the test client)
+    pages = db.execute_sql("PRAGMA page_count").fetchone()[0]
+    db.execute_sql(f"PRAGMA max_page_count = {pages}")
 
     assert_503_then_recovery(client, caplog, "m-db-full", "database or disk is full",
-                             lambda: models.db.execute_sql("PRAGMA max_page_count = 1073741823"),
+                             lambda: db.execute_sql("PRAGMA max_page_count = 1073741823"),
                              padding=30_000)
 
 
 def test_a_read_only_database_is_a_503_until_it_is_writable(sqlite_app, caplog):
     client = sqlite_app.test_client()
     assert post(client, "before").status_code == 200
-    models.db.connect(reuse_if_open=True)
-    models.db.execute_sql("PRAGMA query_only = 1")
+    db.connect(reuse_if_open=True)
+    db.execute_sql("PRAGMA query_only = 1")
 
     assert_503_then_recovery(client, caplog, "m-read-only", "readonly database",
-                             lambda: models.db.execute_sql("PRAGMA query_only = 0"))
+                             lambda: db.execute_sql("PRAGMA query_only = 0"))

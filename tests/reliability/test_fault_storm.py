@@ -46,7 +46,8 @@ from collections import Counter
 import pytest
 import requests
 
-from receiver import create_app, models
+from receiver import create_app
+from receiver.db import db, utcnow
 from receiver.models import Message, Send
 from receiver.simulator import SimConfig, Simulator
 
@@ -89,14 +90,14 @@ def kill(worker) -> None:
     # The dead worker's claim on the send would hold for its full length (over a minute with these
     # timeouts: longer than one send with all its retries). Nobody else is sending: let it run out now,
     # as if that time had passed. Rows it left in flight are then the next worker's to clean up.
-    Send.update(lease_until=models.utcnow() - dt.timedelta(seconds=1)).where(
+    Send.update(lease_until=utcnow() - dt.timedelta(seconds=1)).where(
         Send.lease_until.is_null(False)).execute()
 
 
 def sweeping(last_kill: float) -> bool:
     """A live worker is in the middle of a sweep: messages are under a lease taken since the last kill
     (a dead worker's leases end at most ENRICH_LEASE after it died)."""
-    since = models.utcnow() - dt.timedelta(seconds=time.monotonic() - last_kill - ENRICH_LEASE)
+    since = utcnow() - dt.timedelta(seconds=time.monotonic() - last_kill - ENRICH_LEASE)
     return Message.select().where(Message.lease_until > since).exists()
 
 
@@ -184,7 +185,7 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
         twin24_connect_timeout=1.0, twin24_read_timeout=1.0, twin24_retries=5, twin24_max_retry_wait=1.0)
     apps.append(create_app(settings))
     server.start()
-    models.db.connect(reuse_if_open=True)
+    db.connect(reuse_if_open=True)
     log_path = tmp_path / "worker.log"
     # No call ceiling: 2 s tokens and retried 5xx/429 want far more than TWIN24_MAX_CALLS_PER_MINUTE's
     # default, and waiting out the minute is not what this test is about (test_enrich_budget is).
@@ -276,7 +277,7 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
 
         # The receiver's results view: a sent phone is linked to its id; the messages of unknown rows
         # that TWIN took are there too (their callbacks came), with no phone.
-        linked = dict(models.db.execute_sql("SELECT message_id, phone FROM results").fetchall())
+        linked = dict(db.execute_sql("SELECT message_id, phone FROM results").fetchall())
         assert set(linked) == {item["id"] for item in truth}
         for phone, message_id in id_of.items():
             assert linked[message_id] == (None if phone in unknown else phone), (phone, message_id)
@@ -300,5 +301,5 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
     finally:
         kill_if_running(worker)
         server.stop()
-        if not models.db.is_closed():
-            models.db.close()
+        if not db.is_closed():
+            db.close()

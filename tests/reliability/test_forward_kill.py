@@ -22,7 +22,8 @@ import signal
 import time
 from collections import Counter, defaultdict
 
-from receiver import create_app, forwarding, models
+from receiver import create_app, forwarding
+from receiver.db import db, utcnow
 from receiver.models import Delivery, Message, Subscription
 
 from ..support import (
@@ -53,7 +54,7 @@ def kill(worker) -> None:
     worker.wait(timeout=10)
     # The dead worker's leases would hold for their full length; nobody else is delivering: let them
     # run out now, as if that time had passed. What it left in flight is the next worker's to send.
-    Delivery.update(lease_until=models.utcnow() - dt.timedelta(seconds=1)).where(
+    Delivery.update(lease_until=utcnow() - dt.timedelta(seconds=1)).where(
         Delivery.lease_until.is_null(False)).execute()
 
 
@@ -75,7 +76,7 @@ def test_worker_killed_mid_delivery_again_and_again_loses_no_event(database_url,
         twin, database_url, forward_url=target.url, forward_secret=SECRET, forward_timeout=5.0,
         forward_events="message.result,message.status,message.given_up")
     server = LiveServer(create_app(settings)).start()
-    models.db.connect(reuse_if_open=True)
+    db.connect(reuse_if_open=True)
     log_path = tmp_path / "worker.log"
     env = settings_env(settings) | {"ENRICH_LEASE": str(LEASE), "ENRICH_POLL_INTERVAL": "0.05",
                                     "FORWARD_POLL_INTERVAL": "0.05"}
@@ -157,4 +158,4 @@ def test_worker_killed_mid_delivery_again_and_again_loses_no_event(database_url,
         assert last_result.get(message_id) == result, (message_id, last_result.get(message_id), result)
     print(f"\nforward kill ({database_url.split(':')[0]}): {KILLS} kills mid-delivery, {len(outbox)} events, "
           f"{len(received)} deliveries ({len(twice)} events twice or more)")
-    models.db.close()
+    db.close()

@@ -14,7 +14,8 @@ import time
 
 import requests
 
-from receiver import create_app, forwarding, models
+from receiver import create_app, forwarding
+from receiver.db import db
 from receiver.models import Delivery, DeliveryAttempt, Message, Subscription
 
 from ..support import (
@@ -57,7 +58,7 @@ def test_a_target_that_never_answers_slows_neither_callbacks_nor_enrichment(data
         twin, database_url, forward_url=target.url, forward_secret=make_secret("stalled"), forward_timeout=TIMEOUT,
         forward_events="message.result,message.status,message.given_up")
     server = LiveServer(create_app(settings)).start()
-    models.db.connect(reuse_if_open=True)
+    db.connect(reuse_if_open=True)
     log_path = tmp_path / "worker.log"
     env = settings_env(settings) | {"ENRICH_POLL_INTERVAL": "0.05", "FORWARD_POLL_INTERVAL": "0.05"}
     worker = start_worker(env, log_path)
@@ -101,4 +102,4 @@ def test_a_target_that_never_answers_slows_neither_callbacks_nor_enrichment(data
     print(f"\nstalled target ({database_url.split(':')[0]}): callbacks median {statistics.median(seconds) * 1000:.1f} ms,"
           f" max {max(seconds) * 1000:.1f} ms; enriched in {enriched_in:.1f} s; {len(attempts)} attempts timed out;"
           f" {len(target.connections)} connections stalled")
-    models.db.close()
+    db.close()

@@ -16,8 +16,7 @@ import time
 
 from bench.ingest import children_of
 from bench.loadgen import run_load
-from receiver import models
-from receiver.db import bind
+from receiver.db import bind, db
 from receiver.models import Event
 
 from ..deploy.helpers import Gunicorn
@@ -40,11 +39,11 @@ def kill_workers(server: Gunicorn) -> list[int]:
 def stored_keys(database_url: str) -> set[str]:
     bind(make_settings(database_url))
     try:
-        with models.db.connection_context():
+        with db.connection_context():
             return {f"{e.message_id}|{e.old_status or ''}|{e.new_status}"
                     for e in Event.select(Event.message_id, Event.old_status, Event.new_status)}
     finally:
-        models.db.close()
+        db.close()
 
 
 def test_kill_9_of_master_and_workers_loses_no_acknowledged_callback(database_url, tmp_path):
