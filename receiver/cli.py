@@ -2,15 +2,25 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from . import models
+from . import callbacks, destinations, models, redaction, results, sending, summaries
+from . import rejected as kept
 from .auth import secrets_of
-from .forwards_cli import forwards
+from .check_twin import run as run_check_twin
+from .forwarding import stats
+from .forwards_cli import counts_line, forwards
+from .health import backlog
+from .maintenance import MaintenanceError
+from .maintenance import backup as run_backup
+from .maintenance import prune as run_prune
 from .settings import masked_url
+from .worker import Worker, prune_until_stopped
 
 
 def register(app: Flask) -> None:
@@ -47,10 +57,8 @@ def show_token():
 def worker(once: bool):
     """Run the worker: send mailings queued by POST /api/sends, and find chat sessions and bot
     results for delivered messages."""
-    from .worker import Worker, prune_until_stopped
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from . import redaction
     redaction.install(secrets_of(current_app))        # the handler basicConfig just added redacts too
     if not current_app.config["SETTINGS"].has_twin24_credentials:
         # Stay up rather than exit: a supervisor would only restart us into the same state.
@@ -68,14 +76,12 @@ def check_twin():
     """Try the TWIN settings once: log in (or take TWIN24_TOKEN), refresh, ask both statistics for the
     last hour; print each call, TWIN's status, the time and the answer's keys, then a verdict. Sends
     nothing; exits 1 when a step fails, 2 without credentials."""
-    from .check_twin import run
-    raise SystemExit(run(current_app.config["SETTINGS"], click.echo))
+    raise SystemExit(run_check_twin(current_app.config["SETTINGS"], click.echo))
 
 
 @click.command("status")
 def status():
     """Print the enrichment backlog: messages per stage, the oldest due one, the last TWIN errors."""
-    from .health import backlog
     report = backlog()
     click.echo("messages by stage:")
     for stage in models.STAGES:
@@ -92,8 +98,6 @@ def status():
 
 def _forwarding_status() -> None:
     """The webhooks' lines of `status`: per subscription, its counts and the oldest pending age."""
-    from .forwarding import stats
-    from .forwards_cli import counts_line
     rows = stats()
     click.echo("webhooks:" + (" none (docs/forwarding.md)" if not rows else ""))
     for row in rows:
@@ -138,9 +142,7 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
     Everything is checked before the first request; a rerun of the same mailing (same chat settings and
     callbackData) sends only the rows that did not go out. See docs/sending.md.
     """
-    import sys
 
-    from . import destinations, sending
     settings = current_app.config["SETTINGS"]
     options = {"chatId": chat_id, "botId": bot_id, "messengerType": messenger_type,
                "chatSessionName": chat_session_name, "text": text, "provider": provider,
@@ -207,9 +209,7 @@ def export(fmt, output, callback_data, bulk_id, status, stage, since, until, exc
 
     CSV cells a spreadsheet would run as formulas (=, +, -, @ ...) get a leading ' unless --raw.
     A progress bar goes to standard error (on a terminal), and a last line with the rows written."""
-    import sys
 
-    from . import results, summaries
     try:
         filters = results.Filters.build(callback_data=callback_data, bulk_id=bulk_id, status=status,
                                         stage=stage, since=since, until=until)
@@ -229,7 +229,6 @@ def export(fmt, output, callback_data, bulk_id, status, stage, since, until, exc
 def export_total(filters) -> int:
     """The rows an export will write, for its progress bar: the stored summaries' count when they
     cover the filters (rows stored since their last round make the bar end a little past 100%)."""
-    from . import results, summaries
     stored = summaries.stored_tally(filters)
     if stored is not None:
         return stored[0].sent
@@ -242,8 +241,6 @@ def write_export(pieces, output: str) -> str:
     A file is written beside the target and renamed at the end: a failed export never leaves half a
     file. On standard output a failure stops the command with an error and exit status 1, so a
     pipeline can tell a cut export from a whole one."""
-    import os
-    import sys
 
     if output == "-":
         out = sys.stdout.buffer
@@ -271,8 +268,6 @@ def write_export(pieces, output: str) -> str:
               help="When DEST is a directory: keep this many newest backups there, delete older ones (0 keeps all).")
 def backup(dest: str, keep: int):
     """Copy the SQLite database to DEST (a file, or a directory for receiver-<time>.db), safely while the service runs."""
-    from .maintenance import MaintenanceError
-    from .maintenance import backup as run_backup
     try:
         written = run_backup(dest, keep=keep)
     except MaintenanceError as error:
@@ -289,8 +284,6 @@ def backup(dest: str, keep: int):
               help="Rows deleted per transaction.")
 def prune(days: int | None, dry_run: bool, batch_size: int):
     """Delete old events and refused callbacks (messages, their status and results stay)."""
-    from .maintenance import MaintenanceError
-    from .maintenance import prune as run_prune
     days = days or current_app.config["SETTINGS"].event_retention_days
     if not days:
         click.echo("retention is off (EVENT_RETENTION_DAYS=0 and no --days): nothing deleted")
@@ -315,7 +308,6 @@ def rejected():
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Rows shown with --reason.")
 def rejected_list(reason: str | None, limit: int):
     """Refusals by reason: how many are kept, how many no replay has resolved, first and last time (UTC)."""
-    from . import rejected as kept
     if reason is None:
         counts = kept.by_reason()
         click.echo(f"{'reason':<24} {'kept':>6} {'unresolved':>10}  {'first (UTC)':<19}  last (UTC)"
@@ -348,8 +340,6 @@ def rejected_replay(row_id: int | None, reason: str | None, since: str | None, u
     Idempotent: a callback already stored is reported as a duplicate. Each row is marked with what
     came of it; exits 1 if the database could not store one.
     """
-    from . import callbacks, results
-    from . import rejected as kept
     if row_id is None and reason is None and since is None and until is None:
         raise click.UsageError("say what to replay: --id, --reason, or --since/--until")
     try:

@@ -12,7 +12,10 @@ from urllib.parse import urlsplit
 import click
 from flask.cli import with_appcontext
 
+from . import forwarding, results
 from .db import utcnow, write_transaction
+from .models import Delivery, DeliveryAttempt, Subscription
+from .settings import _webhook_secret_ok
 
 
 @click.group("forwards")
@@ -55,8 +58,6 @@ def _filter_text(subscription) -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Dead events shown.")
 def forwards_list(dead: bool, limit: int):
     """Each subscription: its URL, events, filter, pending / delivered / dead, the oldest pending age."""
-    from . import forwarding
-    from .models import Delivery, Subscription
     rows = forwarding.stats()
     if not rows:
         click.echo("no subscriptions: set FORWARD_URL and FORWARD_SECRET, or run `forwards add URL`")
@@ -93,8 +94,6 @@ def forwards_list(dead: bool, limit: int):
 @click.option("--bulk-id", help="Only messages of this bulkId.")
 def forwards_add(url, secret, events, callback_data, callback_data_prefix, bulk_id):
     """Push events to URL (another subscription beside FORWARD_URL's)."""
-    from . import forwarding
-    from .models import Subscription
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise click.BadParameter("an http:// or https:// URL", param_hint="URL")
@@ -120,7 +119,6 @@ def forwards_add(url, secret, events, callback_data, callback_data_prefix, bulk_
 
 def _usable_secret(secret: str) -> bool:
     """What FORWARD_SECRET must be too: whsec_ and the base64 of at least 24 bytes."""
-    from .settings import _webhook_secret_ok
     return secret.startswith("whsec_") and _webhook_secret_ok(secret)
 
 
@@ -129,8 +127,6 @@ def _usable_secret(secret: str) -> bool:
 @click.argument("subscription_id", metavar="ID", type=int)
 def forwards_remove(subscription_id: int):
     """Stop pushing to subscription ID and delete it with its events (FORWARD_URL's: unset it instead)."""
-    from . import forwarding
-    from .models import Delivery, DeliveryAttempt, Subscription
     subscription = Subscription.get_or_none(Subscription.id == subscription_id)
     if subscription is None:
         raise click.ClickException(f"no subscription #{subscription_id}")
@@ -146,7 +142,6 @@ def forwards_remove(subscription_id: int):
 
 
 def _range(since: str | None, until: str | None):
-    from . import results
     try:
         return (results.parse_time("since", since) if since else None,
                 results.parse_time("until", until) if until else None)
@@ -156,7 +151,6 @@ def _range(since: str | None, until: str | None):
 
 def delivery_ids(event_ids) -> list[int]:
     """The deliveries of these event ids (evt_...); an unknown one is an error."""
-    from .models import Delivery
     found = dict(Delivery.select(Delivery.event_id, Delivery.id).where(Delivery.event_id.in_(list(event_ids))).tuples())
     missing = [e for e in event_ids if e not in found]
     if missing:
@@ -173,7 +167,6 @@ def delivery_ids(event_ids) -> list[int]:
 @click.option("--all", "everything", is_flag=True, help="Every dead event.")
 def forwards_retry(event_ids, subscription, since, until, everything):
     """Dead events back to pending: delivered again, with their event ids, from a fresh FORWARD_MAX_AGE."""
-    from . import forwarding
     if not (event_ids or subscription or since or until or everything):
         raise click.UsageError("say what to retry: --id, --subscription, --since/--until, or --all")
     since_at, until_at = _range(since, until)
@@ -190,7 +183,6 @@ def forwards_retry(event_ids, subscription, since, until, everything):
 @click.option("--message", "message_ids", multiple=True, help="The events of this message id (repeat for several).")
 def forwards_replay(subscription, since, until, message_ids):
     """Delivered events sent again, each with its own event id (a target that deduplicates sees it once)."""
-    from . import forwarding
     if not (subscription or since or until or message_ids):
         raise click.UsageError("say what to replay: --subscription, --since/--until, or --message")
     since_at, until_at = _range(since, until)

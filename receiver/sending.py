@@ -54,10 +54,13 @@ from dataclasses import dataclass, field
 from peewee import Case, fn
 
 from .auth import current_callback_url
+from .callbudget import CallBudget
 from .db import db, utcnow, write_transaction
 from .destinations import ChatSettings, Destination, chat_settings, destination_item, phone_of_key
+from .health import count_twin_call
 from .models import Message, Outbox, Send
 from .status import forward_update, new_message_fields
+from .twin24 import SendNotTaken, SendOutcomeUnknown, SendRejected, TwinAuthError, TwinClient
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +208,7 @@ class Sender:
     @property
     def client(self):
         if self._client is None:
-            from . import metrics
-            from .callbudget import CallBudget
-            from .twin24 import TwinClient
-
-            def on_call(endpoint: str, outcome: str) -> None:
-                metrics.TWIN_CALLS.labels(endpoint=endpoint, outcome=outcome).inc()
-            self._client = TwinClient(self.settings, on_call=on_call, pacer=CallBudget.pacer(self.settings))
+            self._client = TwinClient(self.settings, on_call=count_twin_call, pacer=CallBudget.pacer(self.settings))
         return self._client
 
     # ---- the plan (no writes) --------------------------------------------------------------------
@@ -395,7 +392,6 @@ class Sender:
 
     def _send_batch(self, send: Send, batch: list[Outbox], report: SendReport) -> bool:
         """Send one batch; True if the run must stop here."""
-        from .twin24 import SendNotTaken, SendOutcomeUnknown, SendRejected, TwinAuthError
         self._renew(send)
         ids = [row.id for row in batch]
         self.client.reserve_call("send")      # a wait for TWIN24_MAX_CALLS_PER_MINUTE comes before "in flight"
