@@ -66,7 +66,7 @@ class Settings:
     # Secrets. Unset tokens are generated on first start and kept in the database (see models.Fact).
     callback_token: str | None = _env("CALLBACK_TOKEN", secret=True)
     # The callback token before a rotation: callbacks of sends made with it keep being stored until
-    # it is removed (README, "Rotating the callback token").
+    # it is removed (docs/security.md, "Rotating CALLBACK_TOKEN").
     callback_token_previous: str | None = _env("CALLBACK_TOKEN_PREVIOUS", secret=True)
     api_token: str | None = _env("API_TOKEN", secret=True)
     # POST /api/sends (paid mailings) needs this token, not API_TOKEN; unset, sending over HTTP is off.
