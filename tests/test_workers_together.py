@@ -143,7 +143,7 @@ def test_three_worker_processes_share_a_mailing_and_never_hold_a_message_togethe
     env |= {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")])),
             "ENRICH_BATCH_SIZE": "10", "ENRICH_LEASE": "30", "ENRICH_POLL_INTERVAL": "0.05",
             # Sweeps of 10 messages want far more calls than the default ceiling allows; the ceiling
-            # with several workers is tested in test_enrich_budget.py.
+            # with several workers is tested in test_callbudget.py.
             "TWIN24_MAX_CALLS_PER_MINUTE": "0"}
     logs = [tmp_path / f"worker-{n}.log" for n in range(WORKERS)]
     workers = []

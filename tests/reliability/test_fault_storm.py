@@ -188,7 +188,7 @@ def test_worker_killed_repeatedly_in_a_fault_storm_sends_once_and_ends_correct(d
     db.connect(reuse_if_open=True)
     log_path = tmp_path / "worker.log"
     # No call ceiling: 2 s tokens and retried 5xx/429 want far more than TWIN24_MAX_CALLS_PER_MINUTE's
-    # default, and waiting out the minute is not what this test is about (test_enrich_budget is).
+    # default, and waiting out the minute is not what this test is about (test_callbudget is).
     env = settings_env(settings) | {"ENRICH_LEASE": str(ENRICH_LEASE), "ENRICH_POLL_INTERVAL": "0.1",
                                     "TWIN24_MAX_CALLS_PER_MINUTE": "0"}
     rng = random.Random(7)
