@@ -1,18 +1,10 @@
 """TWIN24_MAX_CALLS_PER_MINUTE: a ceiling on the TWIN calls of every process sharing one database.
 
-Before each HTTP attempt (login, refresh, statistics page, send; a retry is an attempt too) the
-client reserves a slot: a row in `twin_call_slot`, inserted in a write transaction that first counts
-the rows of the last WINDOW. Transactions that reserve run one at a time (SQLite's write lock; on
-PostgreSQL an advisory lock), so two workers never both take the last slot. No slot free: the caller
-sleeps until the oldest one leaves the window, before a single byte goes out.
-Every client the receiver makes is paced: the worker's, `send`'s and `check-twin`'s.
-
-Sends count too, but the other calls leave them HEADROOM (a tenth of the ceiling): a mailing's send is
-delayed by the statistics only if sends alone fill the minute. A wait for a slot happens before the
-request leaves, so it can never make TWIN take a send twice.
-
-A slot carries the clock of the process that took it: workers on several hosts need their clocks in
-step (NTP), as the leases do.
+Rules: every HTTP attempt (a retry too) first reserves a slot, a `twin_call_slot` row, in a write
+transaction that counts the last WINDOW; reservations run one at a time (SQLite's write lock, on
+PostgreSQL an advisory lock), so two workers never both take the last slot. The wait comes before a
+byte goes out, so it can never make TWIN take a send twice; sends keep HEADROOM (a tenth) for themselves.
+The setting and what it means for several workers: README.md ("How it works", "Settings").
 """
 from __future__ import annotations
 

@@ -1,21 +1,10 @@
 """Enrichment: delivered messages -> chat session id -> the bot's result.
 
-The database row is the queue. A message is due when `next_check_at` has passed. The enricher
-claims due messages of one stage in a batch (with a lease, so a second worker or a restarted one
-never looks them up at the same time), runs ONE windowed, paginated statistics query for the whole
-batch, and matches what comes back by id, never by position:
-
-    stage none     in flight with no callback for a while -> the message statistics refresh its
-                   status (a lost DELIVERED callback is found this way)
-    stage chat_id  delivered -> message statistics: providerMessageId is the chat session id
-    stage result   session known -> chat-session statistics: dialogResultsFromBotJson
-
-Every page is applied to every stored message it mentions, not only to the claimed ones, so one
-sweep serves all the messages of a mailing. TWIN calls are a budget (TWIN24_MAX_CALLS_PER_MINUTE,
-receiver/callbudget.py): the oldest due work is claimed first, and a message not finished is due
-again after a share of its age in the stage (`recheck_delay`), not after a fixed interval; past its
-horizon it is given up, and `given_up_reason` says why. A TWIN failure releases the batch unchanged
-(the horizon counts only sweeps that TWIN answered).
+Rules: the database row is the queue (due when `next_check_at` has passed); a batch of due messages of
+one stage is claimed with a lease, looked up with ONE windowed, paginated statistics query, and what
+comes back is matched by id, never by position, and applied to every stored message a page names.
+A TWIN failure releases the batch unchanged; only a sweep TWIN answered gives a message up.
+Stages, re-checks, horizons and the call budget: README.md ("How it works"), docs/results.md.
 """
 from __future__ import annotations
 
@@ -267,7 +256,8 @@ class Claim(list):
 
 
 def claim_due(stages: tuple[str, ...], now: dt.datetime, limit: int, lease_seconds: float) -> Claim:
-    """Lease up to `limit` due messages of a stage. Two workers never hold the same message.
+    """Lease up to `limit` due messages of a stage, the longest overdue first. Two workers never hold
+    the same message.
 
     Each claimed message is a row with the columns a sweep needs (id, stage, attempts, and the
     times its window and horizon are reckoned from).
@@ -321,6 +311,8 @@ def known_since(moment: dt.datetime) -> int:
 
 
 def release(claimed: Claim, due_at: dt.datetime, error: str) -> None:
+    """Give the claimed messages back after a sweep TWIN did not answer: only when they are due next and
+    `last_error` change; no stage moves, and none is given up."""
     log.debug("releasing lease %s of %d messages: %s", claimed.lease_until, len(claimed), error[:200])
     _update_in_chunks([m.id for m in claimed], claimed.lease_until, None, lease_until=None,
                       next_check_at=due_at, last_error=error[:500])

@@ -1,16 +1,9 @@
 """Forwarding: each result pushed to the operator's URL, signed, durable, retried, replayable.
 
-An event is a row of `delivery` (the outbox), written by emit() inside the transaction of the change
-that causes it, one per subscription that wants it: a crash between the two can neither lose nor
-invent one. The worker's deliver_due() claims due rows with a lease and POSTs them signed the Standard
-Webhooks way (https://www.standardwebhooks.com): `webhook-id` (the event id, the target's idempotency
-key), `webhook-timestamp` and `webhook-signature`. Delivery is at least once; the events of one message
-go one at a time, oldest first, so they arrive in order.
-
-    pending --2xx--> delivered
-    pending --anything else--> pending, later (exponential backoff with jitter, or Retry-After)
-    pending --older than FORWARD_MAX_AGE--> dead (kept; retry_dead() makes it pending again)
-    410 Gone: the subscription is disabled; its events stay pending
+Rules: an event is a `delivery` row written by emit() inside the transaction of the change that causes
+it, so a crash can neither lose nor invent one. deliver_due() claims due rows with a lease; delivery is
+at least once, with the event id as `webhook-id`, and the events of one message go one at a time,
+oldest first. What arrives, retries, dead events, 410 and replay: docs/forwarding.md.
 """
 from __future__ import annotations
 

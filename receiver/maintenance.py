@@ -1,16 +1,9 @@
-"""Housekeeping: a consistent copy of the SQLite file while the service runs, and event retention.
+"""Housekeeping: a consistent copy of the SQLite file while the service runs, event retention, and
+the worker's periodic jobs (PeriodicPrune, PeriodicSummaries).
 
-    flask --app receiver backup /var/backups/twin24-receiver --keep 14
-    flask --app receiver prune                  # events older than EVENT_RETENTION_DAYS
-    flask --app receiver prune --days 90 --dry-run
-
-The worker prunes by itself too (PeriodicPrune, once an hour), so no cron line is needed.
-
-Backups use SQLite's online backup API: one read transaction copies a snapshot of the database as
-it was when the copy began, while the web and worker processes go on writing (WAL mode lets the
-writer proceed beside a reader). The copy is written to a temporary file beside the destination,
-checked, switched to a single self-contained file (no -wal) and only then renamed into place, so a
-destination never holds half a backup. PostgreSQL is backed up with its own tools (pg_dump).
+Rule: a backup is one read transaction (SQLite's online backup API, one step), written beside the
+destination, checked, and only then renamed into place: a destination never holds half a backup.
+The commands: `python -m receiver backup --help` / `prune --help`; README.md ("Commands", "Settings").
 """
 from __future__ import annotations
 

@@ -1,24 +1,10 @@
 """Reading the results: one query with its filters, keyset pages, flat rows, CSV and JSON streams.
 
-The CLI export, the JSON/CSV API and the results page all read through this module, so a filter or a
-column means the same thing everywhere.
-
-- Order: (first_seen_at, message id), ascending. first_seen_at never changes once a message is
-  stored, so the order is stable; a page ends with a cursor naming its last row, and the next page
-  starts strictly after it (keyset pagination: no OFFSET, so page 10,000 costs what page 1 costs, and
-  no row is seen twice or skipped while callbacks keep adding rows — new rows sort last).
-- Streams (CSV, JSON, JSON lines) walk the same keyset pages one chunk at a time, each chunk read whole
-  as tuples from the cursor: memory is one chunk (CHUNK rows), however many rows match, and no cursor or
-  read transaction is held open while the client reads.
-- The bot's result as fields (`result_fields`): nested objects flattened to `key.sub` at any depth,
-  empty values (null, "", {}, []) left out. CSV columns are the fixed columns, `result` (the JSON text
-  as stored, lossless), then one `result.<field>` column per field. The fields come from a first pass
-  that groups the matching rows by their result text (`SELECT result, COUNT(*) ... GROUP BY result`):
-  the database does the work and Python parses each distinct result once (or from the stored summaries,
-  receiver/summaries.py, when the caller has them). The summary's charts count the same fields, from a
-  `Tally`: counts that add up, so that stored per-mailing tallies give the tally of all messages.
-- CSV is safe to open in a spreadsheet by default: a cell that would run as a formula gets a leading
-  apostrophe (`defuse`); `raw` gives the values as stored, for programs.
+The CLI export, the API and the results page all read through here, so a filter or a column means the
+same thing everywhere. Rules: pages and streams walk keyset pages on (first_seen_at, message id), never
+OFFSET; a stream reads one chunk (CHUNK rows) whole and holds no cursor or read transaction open while
+the client reads; a `Tally` adds up, so stored per-mailing tallies sum to the tally of all messages; CSV
+cells are defused unless `raw`. What each column, filter and format means: docs/results.md.
 """
 from __future__ import annotations
 

@@ -1,45 +1,11 @@
-"""Step 1 of the recipe: send a mailing through TWIN with callbackUrl pointing at this receiver.
+"""Sending a mailing through TWIN: the durable record of a send, the send loop, and who runs it.
 
-Sending through the receiver links each phone number to its TWIN message id: TWIN answers a send
-with one item per destination, in the order of `destinations`, and the callbacks carry no phone.
-
-The input (destinations from CSV or JSON, chat settings) is read and checked, all before anything is
-sent, by receiver/destinations.py. This module has three parts:
-
-* the durable record of a send: `Send` (one mailing) and `Outbox` (one row per destination), written
-  BEFORE each TWIN call (rows `in_flight`) and AFTER it: first TWIN's answer as it came (`answer`, a
-  small write of its own), then rows `sent` with their message ids and the `message` rows with phone,
-  variables and index, so the first callback finds them;
-* the send loop: batches of `send_batch_size` destinations in ONE message object each, so the answer
-  matches the batch position by position; it stops at the first batch that fails;
-* who runs the loop: `flask send` in its own process (`Sender.run`), or, for POST /api/sends, the
-  worker: the request only records the rows and queues the send (`Sender.accept`, no TWIN call, so no
-  web worker is killed mid-send), and `send_pending` in the worker loop sends them.
-
-The state of an outbox row (docs/sending.md says the same for users):
-
-    pending ──▶ in_flight ──▶ sent          TWIN answered with the message id (stored by the next
-                          │                 run if the one that sent it died after the answer)
-                          ├─▶ refused       TWIN answered the request, but this destination's item has
-                          │                 no id and an error: never sent again (the others of the
-                          │                 request keep their ids, and the run goes on)
-                          ├─▶ rejected      TWIN answered 4xx: not taken; a rerun sends it again
-                          ├─▶ not_taken     provably never reached TWIN; a rerun sends it again
-                          └─▶ unknown       timeout / 5xx / dropped answer / crash while out:
-                                            TWIN may have taken it; a rerun reports it and does NOT
-                                            send it again unless told to (resend_unknown)
-
-Which mailing a run belongs to: the `key` of a send is a hash of the chat settings and the
-callbackData (not of the destination list, nor of when it is delivered: sendAt and the other delivery
-options), and rows are identified within the send by phone (`muid:<messengerUserId>` for a destination
-without one: destinations.destination_key). So a rerun continues where the last run stopped even when
-the file was edited in between (a row fixed, rows added): a destination already sent (or unknown, or
-refused) in this mailing is never sent again by a rerun. To send the same text to the same people
-again on purpose, use another callbackData.
-
-Who may send: whoever holds the send's lease (`Send.lease_*`, renewed before each batch). Only the holder
-moves rows into `in_flight`; it first cleans up after a holder that died (`Sender._recover`). A request
-that queues more work needs no lease: it only moves rows INTO `pending`, from states no run works on.
+`Send` is one mailing, `Outbox` one row per destination (the input is checked first, by destinations.py).
+Rules: rows are marked `in_flight` and committed BEFORE the TWIN call, and TWIN's answer is kept in
+`answer` before they become `sent`; a row TWIN may have taken (`unknown`) is never sent again unless
+asked (resend_unknown), a `refused` one never. Only the holder of the send's lease moves rows into
+`in_flight`; a request that queues more (`accept`) needs none: it only moves rows into `pending`.
+Row states, the mailing key, reruns and who sends what: docs/sending.md.
 """
 from __future__ import annotations
 

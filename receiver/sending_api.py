@@ -1,21 +1,9 @@
-"""POST /api/sends: send a mailing through the receiver over HTTP (behind SEND_TOKEN; off without it).
+"""POST /api/sends and GET /api/sends/<id>: a mailing sent over HTTP (behind SEND_TOKEN; off without it).
 
-    {"chat": {"chatId": ..., "botId": ..., "messengerType": "WHATSAPP", "chatSessionName": ...,
-              "text": ..., "provider": "TWIN", "validityPeriod": 60},
-     "callbackData": "campaign-42", "sendAt": "2025-03-01T10:00:00+03:00",
-     "destinations": [{"phone": "79990000001", "messengerUserId": "...", "externalId": "crm-1",
-                       "variables": {"name": "Ivan"}}],
-     "batchSize": 500, "resendUnknown": false, "dryRun": false}
-
-The send options (destinations.OPTIONS) may be in `chat` or beside it, as callbackData may.
-
-The request never calls TWIN: one TWIN call may take a minute, longer than gunicorn lets a request
-live, and a killed request would leave its rows `unknown`. It checks the input (422 with every row/field
-problem, before anything is stored), records the send and its rows, and answers 202 with the send's
-progress and its URL, GET /api/sends/<id>; the worker sends it (sending.send_pending). 503 when TWIN
-credentials are not configured; a dry run is answered 200 with the plan. The same rules as `flask send`
-(docs/sending.md): a repeat of the same mailing sends only what did not go out, and an unknown outcome
-is never resent unless asked.
+Rule: the request never calls TWIN (one call may take a minute, longer than gunicorn lets a request
+live, and a request killed mid-send would leave its rows `unknown`). It checks the input, records the
+send and its rows (`Sender.accept`) and answers 202; the worker sends them (sending.send_pending), by
+the same rules as `flask send`. The body, the answers and the progress: docs/sending.md.
 """
 from __future__ import annotations
 

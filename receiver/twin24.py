@@ -1,26 +1,12 @@
 """The TWIN (twin24.ai) HTTP client: auth, the mailing send, the two statistics queries.
 
-What is retried, and why (each kind of call states these rules as a `RetryPolicy`: SEND_POLICY,
-READ_POLICY, LOGIN_POLICY; one loop, `TwinClient._with_retries`, applies them):
-
-* Statistics GETs (read-only, safe to repeat): connection errors, timeouts, 5xx and 429 are retried up
-  to `twin24_retries` times with exponential backoff and jitter, or after `Retry-After` when TWIN gives
-  one; every wait is capped by `twin24_max_retry_wait`.
-* Sends (`POST {notify}/messages`) are retried ONLY where TWIN provably did not take the message:
-  the connection could not be opened (refused, DNS, connect timeout: not one byte of the request left),
-  TWIN answered 429 (its rate limiter refused the request), or 401 (the token was refused; the send is
-  repeated once with a fresh token). A read timeout, a connection dropped after the request went out,
-  or a 5xx may come after TWIN took the message, so they raise `SendOutcomeUnknown` and are never retried.
-* A 401 on any call gets a fresh token (refresh, else a new login) and the call is repeated once.
-  A static token is never refreshed: its 401 is a `TwinAuthError`.
-* With a `pacer` (receiver/callbudget.py, TWIN24_MAX_CALLS_PER_MINUTE), every attempt first waits
-  for a slot of the call budget.
-* Refresh is `POST {auth}/refresh` with a JSON body, as TWIN's SDK does since 2023; where that is
-  answered 404/405, the older `GET ?refreshToken=` is tried, and used from then on if it works.
-
-Secrets (password, tokens, refresh token) never reach a log line or an exception message: failures are
-described from the exception's class and the OS error, never from requests' text (which holds the URL,
-and the GET refresh URL carries the refresh token), and requests' exceptions are not chained.
+Rules: login and the statistics GETs are retried (transport errors, 429, 5xx). A send is retried ONLY
+where TWIN provably did not take it (the connection never opened, 429, a 401 then a fresh token); a
+read timeout, a dropped connection, a 5xx or an unreadable answer raise `SendOutcomeUnknown`, never
+retried. Secrets never reach a log line or an exception message: failures are described from the
+exception's class and OS error (never requests' text, which holds the URL), and are not chained.
+Each kind of call states its rules as a `RetryPolicy` (SEND_POLICY, READ_POLICY, LOGIN_POLICY) that
+one loop, `TwinClient._with_retries`, applies. TWIN's API and the retries in full: docs/twin24-api.md.
 """
 from __future__ import annotations
 
@@ -192,7 +178,7 @@ def _iso(moment: datetime, *, ceil: bool = False) -> str:
 
 
 class TwinClient:
-    """A TWIN client shared safely by threads. See the module docstring for the retry rules.
+    """A TWIN client shared safely by threads. docs/twin24-api.md, "Retries", has the retry rules.
 
     A `session` given by the caller is used as is: it must not carry urllib3 retries of its own
     (the default requests adapter has none), or a send could be repeated behind our back."""
