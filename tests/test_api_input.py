@@ -2,6 +2,8 @@
 bits, NUL characters, unknown parameters. And JSON numbers are read as JSON reads them (60.0 is 60)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from receiver.models import Rejected
@@ -97,3 +99,29 @@ def test_a_wrong_option_in_chat_is_refused_even_when_the_one_beside_it_wins(send
     assert [(p["where"], p["field"]) for p in answer.get_json()["problems"]] == [("chat", "validityPeriod")]
     body["chat"]["validityPeriod"] = 30
     assert sends_client.post("/api/sends", json=body, headers=SEND_AUTH).status_code == 200
+
+
+def test_every_problem_of_a_send_is_named_in_the_order_of_the_checks(sends_client):
+    app = sends_client.application
+    long_url = "https://r.example/" + "a" * 4000          # its callbackUrl is over TWIN's limit
+    app.config["SETTINGS"] = dataclasses.replace(app.config["SETTINGS"], public_url=long_url)
+    body = {"zeta": 1, "alpha": 2, "batchSize": 0, "resendUnknown": "yes", "dryRun": 1,
+            "chat": {"chatId": "c", "validityPeriod": 0}, "validityPeriod": 60, "callbackData": 5,
+            "destinations": [{"phone": "79990000001"}, {"phone": "12"}]}
+    answer = sends_client.post("/api/sends", json=body, headers=SEND_AUTH)
+    assert answer.status_code == 422
+    assert answer.get_json()["error"] == "invalid_input"
+    assert [(p["where"], p["field"]) for p in answer.get_json()["problems"]] == [
+        ("body", "alpha"), ("body", "zeta"), ("body", "batchSize"), ("body", "resendUnknown"), ("body", "dryRun"),
+        ("chat", "botId"), ("chat", "text"), ("chat", "callbackData"), ("chat", "validityPeriod"),
+        ("item 2", "phone"), ("settings", "callbackUrl")]
+
+    body = {"zeta": 1, "chat": "c", "batchSize": "2", "destinations": []}
+    answer = sends_client.post("/api/sends", json=body, headers=SEND_AUTH)
+    assert [(p["where"], p["field"], p["message"]) for p in answer.get_json()["problems"]][:-1] == [
+        ("body", "zeta", "is not a known field"), ("body", "chat", "must be an object of chat settings"),
+        ("body", "batchSize", "must be a whole number of at least 1"),
+        ("chat", "chatId", "is missing (give --chat-id or put chatId in --config)"),
+        ("chat", "botId", "is missing (give --bot-id or put botId in --config)"),
+        ("chat", "text", "is missing (give --text or put text in --config)"),
+        ("body", "destinations", "has no destinations")]

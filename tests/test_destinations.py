@@ -296,3 +296,24 @@ def test_callback_url_over_4000_bytes_is_refused_naming_the_settings_that_make_i
     problem, = destinations.callback_url_problems("https://r.example/" + "ж" * 1992)
     assert (problem.field, problem.where) == ("callbackUrl", "settings")
     assert "is 4002 bytes; TWIN takes at most 4000" in problem.message and "PUBLIC_URL" in problem.message
+
+
+def test_every_problem_of_the_chat_settings_is_named_in_the_order_of_the_checks():
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).replace(microsecond=0).isoformat()
+    values = {"zeta": 1, "chatID": "x", "botId": 5, "text": "a\x00", "callbackData": 7, "variables": [1],
+              "validityPeriod": 0, "useShortLinks": "yes", "sendAt": past, "allowedTimeRanges": []}
+    problems = problems_of(chat_settings, values)
+    assert [p.split(":")[0] for p in problems] == [
+        "chat settings, chatID", "chat settings, zeta", "chat settings, chatId", "chat settings, botId",
+        "chat settings, text", "chat settings, callbackData", "chat settings, variables",
+        "chat settings, validityPeriod", "chat settings, useShortLinks", "chat settings, allowedTimeRanges",
+        "chat settings, sendAt"]
+    assert problems[2:6] == ["chat settings, chatId: is missing (give --chat-id or put chatId in --config)",
+                             "chat settings, botId: must be a string",
+                             "chat settings, text: contains a NUL character",
+                             "chat settings, callbackData: must be a string"]
+    assert problems_of(chat_settings, {**CHAT, "callbackData": "a\x00" + "b" * 10240}) == [
+        "chat settings, callbackData: contains a NUL character"]
+    assert problems_of(chat_settings, {**CHAT, "variables": "name, , age", "sendAt": past, "chatId": " "}) == [
+        "chat settings, chatId: is missing (give --chat-id or put chatId in --config)",
+        f"chat settings, sendAt: {past} is in the past: give a later time, or leave sendAt out to send now"]
