@@ -390,27 +390,33 @@ def destinations_from_items(document, declared: tuple[str, ...] | None = None,
     for number, item in enumerate(document, start=1):
         line = lines[number - 1] if lines else number
         where = f"line {line} (item {number})" if lines else f"item {number}"
-        if not isinstance(item, dict):
-            problems.append(Problem(where, None, "must be an object with a phone or a messengerUserId"))
-            continue
-        fields = {k: v for k, v in item.items() if k != VARIABLES_FIELD}
-        nested = item.get(VARIABLES_FIELD)
-        if nested is not None and not isinstance(nested, dict):
-            problems.append(Problem(where, VARIABLES_FIELD, "must be an object"))
-            continue
-        for name, value in (nested or {}).items():
-            if name in DESTINATION_FIELDS:
-                problems.append(Problem(where, f"{VARIABLES_FIELD}.{name}",
-                                        f"{name!r} cannot be a variable name"))
-                continue
-            if name in fields:
-                problems.append(Problem(where, f"{VARIABLES_FIELD}.{name}",
-                                        f"is also given as the key {name!r}: keep one"))
-            fields[name] = value
-        rows.append((where, line, fields))
+        fields = _item_fields(item, where, problems)
+        if fields is not None:
+            rows.append((where, line, fields))
     if problems:
         raise InputError(problems)
     return _check_rows(rows, declared)
+
+
+def _item_fields(item, where: str, problems: list[Problem]) -> dict | None:
+    """An item's fields with its `variables` object merged in flat; None when it is not an object, or its
+    `variables` is not one."""
+    if not isinstance(item, dict):
+        problems.append(Problem(where, None, "must be an object with a phone or a messengerUserId"))
+        return None
+    nested = item.get(VARIABLES_FIELD)
+    if nested is not None and not isinstance(nested, dict):
+        problems.append(Problem(where, VARIABLES_FIELD, "must be an object"))
+        return None
+    fields = {k: v for k, v in item.items() if k != VARIABLES_FIELD}
+    for name, value in (nested or {}).items():
+        if name in DESTINATION_FIELDS:
+            problems.append(Problem(where, f"{VARIABLES_FIELD}.{name}", f"{name!r} cannot be a variable name"))
+            continue
+        if name in fields:
+            problems.append(Problem(where, f"{VARIABLES_FIELD}.{name}", f"is also given as the key {name!r}: keep one"))
+        fields[name] = value
+    return fields
 
 
 def _item_lines(text: str) -> list[int] | None:
@@ -526,39 +532,9 @@ def chat_settings(values: dict, where: str = "chat settings", *, past_ok: bool =
     """Check the chat settings (TWIN's names: chatId, botId, ...) and the send options; every problem
     names the setting. `past_ok`: a sendAt already past is kept (a send recorded when it was not)."""
     problems = _not_settings(where, values)
-    found: dict[str, Any] = {}
-    for name, option, required, default in CHAT_FIELDS:
-        value = values.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            value = default
-        if value is None:
-            if required:
-                problems.append(Problem(where, name, f"is missing (give {option} or put {name} in --config)"))
-            continue
-        if not isinstance(value, str):
-            problems.append(Problem(where, name, "must be a string"))
-            continue
-        if NUL in value:
-            problems.append(Problem(where, name, HAS_NUL))
-            continue
-        found[name] = value.strip() if name != "text" else value
-    callback_data = values.get("callbackData")
-    if callback_data is not None and not isinstance(callback_data, str):
-        problems.append(Problem(where, "callbackData", "must be a string"))
-    elif callback_data is not None and NUL in callback_data:
-        problems.append(Problem(where, "callbackData", HAS_NUL))
-    elif callback_data is not None and len(callback_data.encode("utf-8")) > MAX_CALLBACK_DATA_BYTES:
-        problems.append(Problem(where, "callbackData", f"is {len(callback_data.encode('utf-8'))} bytes "
-                                f"(UTF-8); TWIN takes at most {MAX_CALLBACK_DATA_BYTES}"))
-    declared = values.get("variables")
-    if declared is not None:
-        if isinstance(declared, str):
-            declared = _name_list(declared)
-        if not isinstance(declared, list) or not all(isinstance(v, str) and v for v in declared):
-            problems.append(Problem(where, "variables", "must be a list of variable names"))
-            declared = None
-        else:
-            declared = tuple(declared)
+    found = _chat_fields(values, where, problems)
+    callback_data = _callback_data(values.get("callbackData"), where, problems)
+    declared = _declared_variables(values.get("variables"), where, problems)
     options = _send_options(values, where, problems, past_ok)
     if problems:
         raise InputError(problems)
@@ -567,6 +543,58 @@ def chat_settings(values: dict, where: str = "chat settings", *, past_ok: bool =
         messenger_type=found["messengerType"].upper(), provider=found["provider"],
         chat_session_name=found.get("chatSessionName"), callback_data=callback_data or None,
         variables=declared, options=options)
+
+
+def _chat_fields(values: dict, where: str, problems: list[Problem]) -> dict[str, str]:
+    """The CHAT_FIELDS given (or defaulted), by name: stripped, but the text kept as written."""
+    found: dict[str, str] = {}
+    for name, option, required, default in CHAT_FIELDS:
+        value = values.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            value = default
+        if value is None:
+            if required:
+                problems.append(Problem(where, name, f"is missing (give {option} or put {name} in --config)"))
+            continue
+        problem = _not_text(value)
+        if problem:
+            problems.append(Problem(where, name, problem))
+            continue
+        found[name] = value.strip() if name != "text" else value
+    return found
+
+
+def _not_text(value) -> str | None:
+    """Why a setting's value is not text that TWIN and both databases take; None when it is."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if NUL in value:
+        return HAS_NUL
+    return None
+
+
+def _callback_data(value, where: str, problems: list[Problem]):
+    """callbackData as given (None: none): text of at most TWIN's MAX_CALLBACK_DATA_BYTES."""
+    if value is None:
+        return None
+    problem = _not_text(value)
+    if problem is None and len(value.encode("utf-8")) > MAX_CALLBACK_DATA_BYTES:
+        problem = f"is {len(value.encode('utf-8'))} bytes (UTF-8); TWIN takes at most {MAX_CALLBACK_DATA_BYTES}"
+    if problem:
+        problems.append(Problem(where, "callbackData", problem))
+    return value
+
+
+def _declared_variables(declared, where: str, problems: list[Problem]) -> tuple[str, ...] | None:
+    """The declared variable names (a list, or "name, age" text); None: none declared, any column is one."""
+    if declared is None:
+        return None
+    if isinstance(declared, str):
+        declared = _name_list(declared)
+    if not isinstance(declared, list) or not all(isinstance(v, str) and v for v in declared):
+        problems.append(Problem(where, "variables", "must be a list of variable names"))
+        return None
+    return tuple(declared)
 
 
 def _send_options(values: dict, where: str, problems: list[Problem], past_ok: bool) -> dict[str, Any]:
