@@ -596,46 +596,62 @@ def line_ranges(lines: Iterable[int]) -> str:
 
 
 def summary_lines(report: SendReport, noun: str = "lines") -> list[str]:
-    """The human summary of a run (the CLI prints it)."""
-    out = []
+    """The human summary of a run (the CLI prints it): a title, then a line per group of rows."""
+    return _title_lines(report) + (_plan_lines(report, noun) if report.dry_run else _outcome_lines(report, noun))
+
+
+def _title_lines(report: SendReport) -> list[str]:
+    """Which send (or dry run) this is, and a warning per other send that reached the same destinations."""
     title = "dry run" if report.dry_run else f"send #{report.send_id}"
-    out.append(f"{title}: {len(report.rows)} destinations, mailing key {report.key[:12]}")
-    for other, count in sorted(report.overlap.items()):
-        out.append(f"  warning: {count} of these destinations were already sent by send #{other}, which has "
-                   "the same callbackData but other chat settings (text?)")
+    return [f"{title}: {len(report.rows)} destinations, mailing key {report.key[:12]}"] + [
+        f"  warning: {count} of these destinations were already sent by send #{other}, which has "
+        "the same callbackData but other chat settings (text?)" for other, count in sorted(report.overlap.items())]
 
-    def group(label: str, rows: list[RowOutcome], note: str = "") -> None:
-        if rows:
-            out.append(f"  {label:<22}{len(rows):>7}  ({noun} {line_ranges(r.line for r in rows)}){note}")
 
-    if report.dry_run:
-        sendable = [r for r in report.rows if r.state in SENDABLE]
-        group("would be sent:", sendable)
-        group("already sent:", report.by_state(SENT))
-        group("refused by TWIN:", report.by_state(REFUSED), "  not resent")
-        group("unknown outcome:", report.by_state(UNKNOWN),
-              "  would be resent (--resend-unknown)" if report.resend_unknown else "  not resent")
-        return out
-    group("sent now:", report.by_state(SENT, earlier=False))
-    group("sent earlier:", report.by_state(SENT, earlier=True), "  not sent again")
-    refused = report.by_state(REFUSED)
-    group("refused by TWIN:", refused, "  this destination only; never resent")
-    for row in refused[:MAX_REFUSALS_SHOWN]:
-        out.append(f"      {noun[:-1]} {row.line}, {row.who}: {row.error}")
+def _group(label: str, rows: list[RowOutcome], noun: str, note: str = "") -> list[str]:
+    """A line counting `rows` and naming their lines (none when there are no rows)."""
+    if not rows:
+        return []
+    return [f"  {label:<22}{len(rows):>7}  ({noun} {line_ranges(r.line for r in rows)}){note}"]
+
+
+def _plan_lines(report: SendReport, noun: str) -> list[str]:
+    """What a dry run would do with the rows."""
+    unknown_note = "  would be resent (--resend-unknown)" if report.resend_unknown else "  not resent"
+    return (_group("would be sent:", [r for r in report.rows if r.state in SENDABLE], noun)
+            + _group("already sent:", report.by_state(SENT), noun)
+            + _group("refused by TWIN:", report.by_state(REFUSED), noun, "  not resent")
+            + _group("unknown outcome:", report.by_state(UNKNOWN), noun, unknown_note))
+
+
+def _outcome_lines(report: SendReport, noun: str) -> list[str]:
+    """What a run did with the rows, the refusals and rejection reasons under their groups."""
+    refused, rejected = report.by_state(REFUSED), report.by_state(REJECTED)
+    return (_group("sent now:", report.by_state(SENT, earlier=False), noun)
+            + _group("sent earlier:", report.by_state(SENT, earlier=True), noun, "  not sent again")
+            + _group("refused by TWIN:", refused, noun, "  this destination only; never resent")
+            + _refusal_lines(report, refused, noun)
+            + _group("rejected by TWIN:", rejected, noun, "  safe to fix and rerun")
+            + [f"      reason: {reason}" for reason in sorted({r.error or "" for r in rejected})[:5]]
+            + _group("unknown outcome:", report.by_state(UNKNOWN), noun,
+                     "  TWIN may have taken them: NOT resent (see docs/sending.md)")
+            + _group("not sent:", report.by_state(NOT_TAKEN) + report.by_state(PENDING), noun, "  a rerun sends them")
+            + _ending_lines(report))
+
+
+def _refusal_lines(report: SendReport, refused: list[RowOutcome], noun: str) -> list[str]:
+    """TWIN's reason for each refused row, the first MAX_REFUSALS_SHOWN of them."""
+    lines = [f"      {noun[:-1]} {row.line}, {row.who}: {row.error}" for row in refused[:MAX_REFUSALS_SHOWN]]
     if len(refused) > MAX_REFUSALS_SHOWN:
-        out.append(f"      ... and {len(refused) - MAX_REFUSALS_SHOWN} more: the `outbox` rows of send "
-                   f"#{report.send_id} in state '{REFUSED}'")
-    rejected = report.by_state(REJECTED)
-    group("rejected by TWIN:", rejected, "  safe to fix and rerun")
-    for reason in sorted({r.error or "" for r in rejected})[:5]:
-        out.append(f"      reason: {reason}")
-    group("unknown outcome:", report.by_state(UNKNOWN),
-          "  TWIN may have taken them: NOT resent (see docs/sending.md)")
-    not_sent = report.by_state(NOT_TAKEN) + report.by_state(PENDING)
-    group("not sent:", not_sent, "  a rerun sends them")
-    if report.failure:
-        out.append(f"  stopped: {report.failure}")
+        lines.append(f"      ... and {len(refused) - MAX_REFUSALS_SHOWN} more: the `outbox` rows of send "
+                     f"#{report.send_id} in state '{REFUSED}'")
+    return lines
+
+
+def _ending_lines(report: SendReport) -> list[str]:
+    """Why the run stopped, if it did, and the rows of earlier runs this input left out."""
+    lines = [f"  stopped: {report.failure}"] if report.failure else []
     if report.elsewhere:
         parts = ", ".join(f"{n} {state}" for state, n in sorted(report.elsewhere.items()))
-        out.append(f"  rows of earlier runs not in this input (left as they are): {parts}")
-    return out
+        lines.append(f"  rows of earlier runs not in this input (left as they are): {parts}")
+    return lines
