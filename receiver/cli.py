@@ -151,17 +151,7 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
                "templateId": template_id, "useShortLinks": use_short_links,
                "continueLastOrStartNewSession": continue_session}
     url = settings.callback_url(current_app.config["CALLBACK_TOKEN"])
-    problems = destinations.callback_url_problems(url)          # TWIN's limit: checked before any call
-    try:
-        values = destinations.load_config(config_path) if config_path else {}
-        values.update({k: v for k, v in options.items() if v is not None})
-        chat = destinations.chat_settings(values)
-        rows = destinations.read_destinations(file, chat.variables, fmt)
-    except destinations.InputError as error:
-        problems = error.problems + problems
-    if problems:
-        click.echo(f"{file}: nothing was sent:\n{destinations.InputError(problems)}", err=True)
-        raise SystemExit(2)
+    chat, rows = _checked_input(file, config_path, options, fmt, url)
     if not settings.has_twin24_credentials and not dry_run:
         click.echo("nothing was sent: set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD", err=True)
         raise SystemExit(2)
@@ -172,6 +162,33 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
         for line in sending.summary_lines(plan):
             click.echo(line)
         return
+    report = _run_with_progress(sender, plan, rows, resend_unknown)
+    for line in sending.summary_lines(report):
+        click.echo(line)
+    if not report.complete:
+        raise SystemExit(1)
+
+
+def _checked_input(file, config_path, options: dict, fmt, url: str):
+    """(chat settings, destinations) of `flask send`, the options winning over the --config file, and
+    TWIN's limit on the callback URL checked before any call: or every problem printed, and exit 2."""
+    problems = destinations.callback_url_problems(url)
+    try:
+        values = destinations.load_config(config_path) if config_path else {}
+        values.update({k: v for k, v in options.items() if v is not None})
+        chat = destinations.chat_settings(values)
+        rows = destinations.read_destinations(file, chat.variables, fmt)
+    except destinations.InputError as error:
+        problems = error.problems + problems
+    if problems:
+        click.echo(f"{file}: nothing was sent:\n{destinations.InputError(problems)}", err=True)
+        raise SystemExit(2)
+    return chat, rows
+
+
+def _run_with_progress(sender: sending.Sender, plan: sending.SendReport, rows, resend_unknown: bool):
+    """Send the rows with a progress bar on stderr (warning first when rows of unknown outcome go again);
+    exit 1 when another run is sending this mailing."""
     work = len(sender.sendable(plan.rows))
     unknown = plan.by_state(sending.UNKNOWN)
     if unknown and resend_unknown:
@@ -181,14 +198,10 @@ def send(file, config_path, chat_id, bot_id, messenger_type, chat_session_name, 
         with click.progressbar(length=work, label=f"sending {work} of {len(rows)}",
                                show_pos=True, file=sys.stderr) as bar:
             sender.progress = bar.update
-            report = sender.run(rows)
+            return sender.run(rows)
     except sending.SendInProgress as error:
         click.echo(f"nothing was sent: {error}", err=True)
         raise SystemExit(1) from None
-    for line in sending.summary_lines(report):
-        click.echo(line)
-    if not report.complete:
-        raise SystemExit(1)
 
 
 @click.command("export")
