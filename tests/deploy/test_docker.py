@@ -196,6 +196,11 @@ def test_compose_file():
         assert service["depends_on"]["postgres"]["required"] is False
     assert "command" not in web                                 # the image's CMD: gunicorn
     assert worker["command"] == ["flask", "--app", "receiver", "worker"]
+    # Stopped, the worker may finish a wait for a call slot and the call after it, as under systemd.
+    unit = (DEPLOY / "systemd" / "twin24-receiver-worker.service").read_text()
+    timeout_stop = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1)
+    assert worker["stop_grace_period"] == f"{timeout_stop}s"
+    assert "stop_grace_period" not in web                       # a request is over in milliseconds
     assert web["ports"] == ["127.0.0.1:8000:8000"]
     assert postgres["profiles"] == ["postgres"]
     assert re.fullmatch(r"postgres:\d+-[a-z]+(@sha256:[0-9a-f]{64})?", postgres["image"]), "a major and a Debian release"
