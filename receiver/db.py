@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from peewee import DatabaseError, DatabaseProxy, InterfaceError, PostgresqlDatabase, SqliteDatabase, Value
+from peewee import DatabaseError, DatabaseProxy, InterfaceError, PostgresqlDatabase, SqliteDatabase, Value, fn
 from playhouse.db_url import connect as connect_url
 from playhouse.pool import PooledDatabase
 
@@ -29,6 +29,11 @@ db = DatabaseProxy()
 def utcnow() -> dt.datetime:
     """Naive UTC, the form every timestamp column holds."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def earliest(column):
+    """MIN(column) read back as the column's type: SQLite returns MIN() of a datetime as text unless told."""
+    return fn.MIN(column).python_value(column.python_value)
 
 
 def make_database(settings):

@@ -21,8 +21,8 @@ from peewee import Case, PostgresqlDatabase, fn
 
 from . import forwarding
 from .callbudget import CallBudget
-from .db import db, utcnow, write_transaction
-from .health import earliest, remember_twin_error, remember_twin_ok
+from .db import db, earliest, utcnow, write_transaction
+from .health import remember_twin_error, remember_twin_ok
 from .models import (
     STAGE_CHAT_ID,
     STAGE_DONE,

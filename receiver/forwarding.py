@@ -24,7 +24,7 @@ from peewee import SQL, PostgresqlDatabase, fn
 from standardwebhooks.webhooks import Webhook
 
 from . import results
-from .db import db, utcnow, write_transaction
+from .db import db, earliest, utcnow, write_transaction
 from .models import Delivery, DeliveryAttempt, Message, Subscription
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ def stats(now: dt.datetime | None = None) -> list[dict]:
     for subscription_id, state, count in (Delivery.select(Delivery.subscription, Delivery.state, fn.COUNT(Delivery.id))
                                           .group_by(Delivery.subscription, Delivery.state).tuples()):
         counts[subscription_id, state] = count
-    oldest = dict(Delivery.select(Delivery.subscription, _earliest(Delivery.created_at))
+    oldest = dict(Delivery.select(Delivery.subscription, earliest(Delivery.created_at))
                   .where(Delivery.state == PENDING).group_by(Delivery.subscription).tuples())
     out = []
     for s in Subscription.select().order_by(Subscription.id):
@@ -389,11 +389,6 @@ def _requeue(state: str, ids=None, subscription=None, since=None, until=None, me
         query = query.where(Delivery.message_id.in_(list(message_ids)))
     with write_transaction():
         return query.execute()
-
-
-def _earliest(column):
-    # MIN() of a datetime column comes back from SQLite as text unless told what it is.
-    return fn.MIN(column).python_value(column.python_value)
 
 
 # -- the worker's thread --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ bp = Blueprint("forwards_api", __name__)
 MAX_IDS = 1000                  # event or message ids per request
 MAX_ID = 2**63 - 1              # a subscription id is a 64-bit integer at most
 RETRY_FIELDS = ("ids", "subscription", "since", "until")
+JSON_OBJECT = "send a JSON object (Content-Type: application/json)"   # what a 415 asks for
 REPLAY_FIELDS = ("subscription", "since", "until", "messages")
 
 
@@ -54,7 +55,7 @@ def subscription_json(row: dict) -> dict:
 @require_api_token
 def retry():
     """Dead events back to pending, to be delivered again from their first try."""
-    filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), RETRY_FIELDS)
+    filters = read_filters(json_body(JSON_OBJECT), RETRY_FIELDS)
     if "ids" in filters:
         filters["ids"] = _delivery_ids(filters["ids"])
     return jsonify(retried=forwarding.retry_dead(**filters))
@@ -65,7 +66,7 @@ def retry():
 def replay():
     """Delivered events sent again, each with its same event id (a target that deduplicates sees each once;
     dead ones go through /retry)."""
-    filters = read_filters(json_body("send a JSON object (Content-Type: application/json)"), REPLAY_FIELDS)
+    filters = read_filters(json_body(JSON_OBJECT), REPLAY_FIELDS)
     filters["message_ids"] = filters.pop("messages", None)
     return jsonify(replayed=forwarding.replay(**filters))
 

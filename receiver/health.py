@@ -6,7 +6,7 @@ import datetime as dt
 from peewee import fn
 
 from . import metrics
-from .db import utcnow
+from .db import earliest, utcnow
 from .models import ACTIVE_STAGES, STAGE_NONE, Message, TwinCall
 from .twin24 import TwinError
 
@@ -44,8 +44,3 @@ def backlog(now: dt.datetime | None = None) -> dict:
     errors = {row.endpoint: (row.last_error, row.last_error_at)
               for row in TwinCall.select().where(TwinCall.last_error.is_null(False))}
     return {"stages": stages, **due_now(now), "twin_errors": errors}
-
-
-def earliest(column):
-    """MIN(column) read back as the column's type: SQLite returns MIN() of a datetime as text unless told."""
-    return fn.MIN(column).python_value(column.python_value)
