@@ -47,17 +47,25 @@ def test_line_ranges():
 
 
 # ------------------------------------------------------------------------------------- the Sender
-class FlakyClient:
-    """A real client, except that the send numbered `fail_at` goes to a port nothing listens on."""
+class Unpaced:
+    """A stand-in for the Sender's TWIN client whose calls take no slot of the call budget (these tests
+    are not about it); `real`, given settings, is a client of the simulator to pass sends on to."""
 
-    def __init__(self, settings, fail_at: int):
-        self.real = TwinClient(settings)
-        self.dead = TwinClient(sim_like(settings, twin24_notify_url=f"http://127.0.0.1:{closed_port()}"))
-        self.dead.backoff_base = 0.001
-        self.fail_at, self.count = fail_at, 0
+    def __init__(self, settings=None):
+        self.real = TwinClient(settings) if settings is not None else None
 
     def reserve_call(self, endpoint):
         pass
+
+
+class FlakyClient(Unpaced):
+    """A real client, except that the send numbered `fail_at` goes to a port nothing listens on."""
+
+    def __init__(self, settings, fail_at: int):
+        super().__init__(settings)
+        self.dead = TwinClient(sim_like(settings, twin24_notify_url=f"http://127.0.0.1:{closed_port()}"))
+        self.dead.backoff_base = 0.001
+        self.fail_at, self.count = fail_at, 0
 
     def send(self, payload):
         self.count += 1
@@ -113,10 +121,7 @@ def test_a_crash_while_the_request_is_out_leaves_the_rows_unknown(sim, sim_app):
     chat = destinations.chat_settings(CHAT_JSON)
     rows = destinations.read_csv(csv_text(3))
 
-    class Crashing:
-        def reserve_call(self, endpoint):
-            pass
-
+    class Crashing(Unpaced):
         def send(self, payload):
             raise KeyboardInterrupt
 
@@ -137,12 +142,7 @@ def test_a_callback_that_raced_ahead_keeps_its_status_and_gets_the_phone(sim, si
     rows = destinations.read_csv(csv_text(2))
     client = sim_app.test_client()
 
-    class Racing:
-        real = TwinClient(settings)
-
-        def reserve_call(self, endpoint):
-            pass
-
+    class Racing(Unpaced):
         def send(self, payload):
             answer = self.real.send(payload)
             response = client.post(f"/callbacks/{CALLBACK_TOKEN}", json={
@@ -151,7 +151,7 @@ def test_a_callback_that_raced_ahead_keeps_its_status_and_gets_the_phone(sim, si
             assert response.status_code == 200
             return answer
 
-    report = sending.Sender(settings, chat, callback_url="http://x/y", client=Racing()).run(rows)
+    report = sending.Sender(settings, chat, callback_url="http://x/y", client=Racing(settings)).run(rows)
     assert report.complete
     first = Message.get_by_id(report.rows[0].message_id)
     assert (first.status, first.stage, first.phone, first.destination_index) == \
@@ -164,18 +164,13 @@ def test_an_answer_item_with_neither_id_nor_error_is_unknown_and_stops_the_run(s
     settings = sim_app.config["SETTINGS"]
     chat = destinations.chat_settings({**CHAT_JSON, "callbackData": "blank"})
 
-    class BlankedId:
-        real = TwinClient(settings)
-
-        def reserve_call(self, endpoint):
-            pass
-
+    class BlankedId(Unpaced):
         def send(self, payload):
             answer = self.real.send(payload)
             return [answer[0], {**answer[1], "id": None}, *answer[2:]]
 
     rows = destinations.read_csv(csv_text(4))
-    report = sending.Sender(settings, chat, callback_url="http://x/y", client=BlankedId(), batch_size=2).run(rows)
+    report = sending.Sender(settings, chat, callback_url="http://x/y", client=BlankedId(settings), batch_size=2).run(rows)
     assert [r.state for r in report.rows] == ["sent", "unknown", "pending", "pending"]
     assert report.failure_kind == "unknown" and "neither an id nor an error" in report.failure
     assert report.rows[1].error == "TWIN's answer has no id and no error for this destination"
@@ -188,18 +183,13 @@ def test_a_request_that_comes_while_the_worker_sends_is_sent_next(sim, sim_app, 
     first, second = api_body(4), api_body(6)           # one mailing: the second adds two phones
     settings = sim_app.config["SETTINGS"]
 
-    class SecondRequestMidway:
-        real = TwinClient(settings)
-
-        def reserve_call(self, endpoint):
-            pass
-
+    class SecondRequestMidway(Unpaced):
         def send(self, payload):
             assert client.post("/api/sends", headers=send_headers, json=second).status_code == 202
             return self.real.send(payload)
 
     client.post("/api/sends", headers=send_headers, json=first)
-    assert sending.send_pending(settings, SecondRequestMidway()) == 4
+    assert sending.send_pending(settings, SecondRequestMidway(settings)) == 4
     assert outbox_states() == {"sent": 4, "pending": 2}
     assert worker_pass(sim_app) == 2
     counts = sends_per_phone(sim)
