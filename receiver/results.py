@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from operator import itemgetter
+from json.encoder import encode_basestring as encode_json_string
 
 from peewee import Case, SqliteDatabase, Tuple, fn
 
@@ -398,17 +398,28 @@ def json_stream(filters: Filters, chunk: int = CHUNK, keep_alive: Callable[[], N
 
 
 # ---- streams: rows as the cursor gives them -------------------------------------------------------
-# A stream reads tuples straight from the database cursor, changes in place the few cells that need it
-# and hands them to csv.writer / json.dumps: no model objects, no dict per row, and each distinct result
-# parsed and written once (ResultCache), since a mailing's results repeat. On SQLite the timestamps come
-# as text ("2025-03-01 10:15:02.123456", as peewee stores them) and become ISO 8601 by replacing the
-# space; PostgreSQL gives datetimes. On SQLite the result comes as bytes: decoding it row by row into a
-# str costs more than reading all the other columns.
+# A stream reads tuples straight from the database cursor and shapes each chunk column by column, since
+# most columns need nothing done (no null, nothing to quote, nothing a spreadsheet would run), which
+# one look over a column's joined text tells. Then each row is one `%` of a format string (the same
+# text csv.writer and json.dumps would give), and each distinct result is parsed and written once
+# (ResultCache), since a mailing's results repeat: no dict per row, no per-cell call where a column
+# needs none. On SQLite the timestamps come as text ("2025-03-01 10:15:02.123456", as peewee stores
+# them) and become ISO 8601 by replacing the space; PostgreSQL writes them as ISO text itself
+# (_iso_in_sql). On SQLite the result comes as bytes: decoding it row by row into a str costs more than
+# reading all the other columns.
 
 TIME_POSITIONS = tuple(i for i, (_, f) in enumerate(COLUMNS) if f.field_type == "DATETIME")
 TEXT_POSITIONS = tuple(i for i, (_, f) in enumerate(COLUMNS) if f.field_type in ("VARCHAR", "TEXT"))
 KEY_POSITIONS = (COLUMN_NAMES.index("first_seen_at"), COLUMN_NAMES.index("message_id"))
 RESULT_CACHE = 20_000       # distinct results kept per stream
+SEPARATOR = "\x1f"          # joins a column's cells, to look over them at once; it starts no formula
+# A cell holding one of these is quoted (RFC 4180, as csv.writer does).
+CSV_QUOTED = (",", '"', "\r", "\n")
+NEEDS_QUOTES = re.compile("[" + re.escape("".join(CSV_QUOTED)) + "]")
+# A cell of a column joined with SEPARATOR (led by it) that starts like a formula.
+STARTS_FORMULA = re.compile(re.escape(SEPARATOR) + "[" + re.escape("".join(FORMULA_STARTS)) + "]")
+CSV_LINE = ",".join(["%s"] * len(COLUMNS)) + "%s"        # the columns, then the result's cells: ",...\r\n"
+JSON_OBJECT = "{" + "".join(f'"{name}":%s,' for name in COLUMN_NAMES) + '"result":%s}'
 
 
 def _chunks(filters: Filters, chunk: int) -> Iterator[list[tuple]]:
@@ -440,19 +451,8 @@ def _iso_in_sql(column):
                 fn.to_char(column, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
 
 
-def _iso_times_in_python() -> bool:
-    return isinstance(db.obj, SqliteDatabase)
-
-
 def _result_text(stored) -> str | None:
     return stored.decode("utf-8") if isinstance(stored, bytes) else stored
-
-
-def _iso_times(cells: list) -> None:
-    for i in TIME_POSITIONS:
-        value = cells[i]
-        if value is not None:
-            cells[i] = (value.replace(" ", "T", 1) if isinstance(value, str) else value.isoformat()) + "Z"
 
 
 class ResultCache(dict):
@@ -470,16 +470,35 @@ class ResultCache(dict):
         return value
 
 
+def _columns(rows: list[tuple]) -> tuple[list, tuple]:
+    """The chunk's cells column by column, timestamps as ISO 8601 text; and the stored results."""
+    columns = list(zip(*rows, strict=True))
+    stored = columns.pop()
+    if isinstance(db.obj, SqliteDatabase):
+        for i in TIME_POSITIONS:
+            columns[i] = [value and value.replace(" ", "T", 1) + "Z" for value in columns[i]]
+    return columns, stored
+
+
+def _nulls_as(columns: list, empty: str) -> None:
+    for i, column in enumerate(columns):
+        if None in column:
+            columns[i] = [empty if value is None else value for value in column]
+
+
+def _csv_quote(text: str) -> str:
+    if NEEDS_QUOTES.search(text):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
 class _CsvRows:
-    """Row tuples -> CSV text (the cells of flat_row): csv.writer writes the columns, the result's own
+    """Row tuples -> CSV lines (the cells of flat_row, as csv.writer writes them). The result's own
     cells come from the cache as finished CSV text."""
 
     def __init__(self, keys: list[str], raw: bool):
         self.keys, self.raw = keys, raw
-        self.buffer = io.StringIO()
-        self.columns = csv.writer(self.buffer, lineterminator="")
         self.results = ResultCache(self._result_text)
-        self.iso_times = _iso_times_in_python()
 
     def _result_text(self, stored) -> str:
         text = _result_text(stored)
@@ -490,44 +509,33 @@ class _CsvRows:
         return "," + piece.getvalue()
 
     def text(self, rows: list[tuple]) -> str:
-        """The rows' CSV lines. Cells are defused only in the columns where some cell of this chunk
-        starts like a formula (rare): looking costs less than defusing every cell."""
-        suspect = () if self.raw else [i for i in TEXT_POSITIONS if _starts_formula(rows, i)]
-        write, writerow, results = self.buffer.write, self.columns.writerow, self.results
-        for row in rows:
-            cells = list(row)
-            stored = cells.pop()
-            if self.iso_times:
-                _iso_times(cells)
-            for i in suspect:
-                if cells[i]:
-                    cells[i] = defuse(cells[i])
-            writerow(cells)
-            write(results[stored])
-        return _drain(self.buffer)
-
-
-def _starts_formula(rows: list[tuple], position: int) -> bool:
-    return any(value.startswith(FORMULA_STARTS) for value in map(itemgetter(position), rows) if value)
+        """The rows' CSV lines. A column's cells are defused and quoted one by one only where some
+        cell of this chunk needs it (rare)."""
+        columns, stored = _columns(rows)
+        _nulls_as(columns, "")
+        for i in TEXT_POSITIONS:
+            joined = SEPARATOR + SEPARATOR.join(columns[i])
+            if not self.raw and STARTS_FORMULA.search(joined):
+                columns[i] = [defuse(value) for value in columns[i]]
+                joined = SEPARATOR.join(columns[i])
+            if NEEDS_QUOTES.search(joined):
+                columns[i] = [_csv_quote(value) for value in columns[i]]
+        return "".join(map(CSV_LINE.__mod__, zip(*columns, map(self.results.__getitem__, stored), strict=True)))
 
 
 class _JsonRows:
-    """Row tuples -> JSON objects (row_json), the result's JSON from the cache."""
+    """Row tuples -> JSON objects (row_json, as json.dumps writes them), the result's JSON from the
+    cache."""
 
     def __init__(self):
         self.results = ResultCache(lambda stored: _dumps(parse_result(_result_text(stored))))
-        self.iso_times = _iso_times_in_python()
 
     def texts(self, rows: list[tuple]) -> list[str]:
-        out = []
-        for row in rows:
-            cells = list(row)
-            stored = cells.pop()
-            if self.iso_times:
-                _iso_times(cells)
-            columns = _dumps(dict(zip(COLUMN_NAMES, cells, strict=True)))
-            out.append(f'{columns[:-1]},"result":{self.results[stored]}}}')
-        return out
+        columns, stored = _columns(rows)
+        for i in (*TEXT_POSITIONS, *TIME_POSITIONS):
+            columns[i] = ["null" if value is None else encode_json_string(value) for value in columns[i]]
+        _nulls_as(columns, "null")
+        return list(map(JSON_OBJECT.__mod__, zip(*columns, map(self.results.__getitem__, stored), strict=True)))
 
 
 # ---- what the page shows ------------------------------------------------------------------------

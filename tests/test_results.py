@@ -83,6 +83,37 @@ def test_streams_give_what_the_pages_give_across_chunks(app):
     assert defused[5]["result.formula"] == "'=1+1" and defused[0]["message_id"] == "w000000"
 
 
+# Cells that csv.writer quotes, that a spreadsheet would run, that JSON escapes, or that are plain.
+AWKWARD_CELLS = ("two\nlines", "cr\rhere", 'say "да"', "a, b", "=HYPERLINK(1)", "-5", "+7999", "@x", "\tlead",
+                 "ctl\x01", "Опрос", "plain", "")
+
+
+def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
+    """Chunks are shaped column by column and a column only where it needs it: every cell must still come
+    out as the row-at-a-time reference writes it (flat_row through csv.writer, row_json through
+    json.dumps), in chunks that hold an awkward cell and chunks that do not."""
+    ids = []
+    for n, text in enumerate(AWKWARD_CELLS):
+        ids += bulk_messages(3, prefix=f"c{n:02d}-", callback_data=text,
+                             first_seen_at=dt.datetime(2025, 3, 1, 10, n), result={"name": text, "n": n})
+    Message.update(given_up_reason="why,\nnot", bulk_id="=b").where(Message.id == ids[4]).execute()
+    Message.update(phone=None, status_code=7).where(Message.id == ids[5]).execute()
+    rows = list(results.iterate(Filters()))
+    keys = results.result_keys(Filters())
+    for raw in (True, False):
+        reference = io.StringIO()
+        writer = csv.writer(reference, lineterminator="\r\n")
+        writer.writerow(results.csv_header(keys))
+        for row in rows:
+            cells = list(results.flat_row(row, keys).values())
+            writer.writerow(cells if raw else [results.defuse(c) for c in cells])
+        for chunk in (2, 3, 1000):
+            assert "".join(results.csv_stream(Filters(), chunk=chunk, raw=raw)) == reference.getvalue()
+    objects = [json.dumps(results.row_json(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
+    for chunk in (2, 1000):
+        assert "".join(results.jsonl_stream(Filters(), chunk=chunk)) == "".join(o + "\n" for o in objects)
+
+
 def test_filters(client):
     a = seed(client, 3, prefix="a", callback_data="Опрос, март", bulk_id="b-1")
     b = seed(client, 2, prefix="b", callback_data="other", bulk_id="b-2", status="UNDELIVERED")
