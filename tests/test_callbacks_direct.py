@@ -9,14 +9,14 @@ import pytest
 from peewee import OperationalError
 from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
 
-from receiver import callbacks
+from receiver import callbacks, create_app
 from receiver.models import Event, Message, Rejected
 
-from .support import CALLBACK_TOKEN, callback_body
+from .support import CALLBACK_TOKEN, callback_body, make_settings
 
 
 def direct_path(app) -> callbacks.DirectPath:
-    assert isinstance(app.wsgi_app, callbacks.DirectPath)
+    assert isinstance(app.wsgi_app, callbacks.DirectPath), "ProxyFix (TRUSTED_PROXIES) wraps it"
     return app.wsgi_app
 
 
@@ -156,3 +156,14 @@ def test_an_unexpected_error_is_raised_when_testing(client, monkeypatch):
 
     with pytest.raises(RuntimeError, match="a bug"):
         post(client, callback_body())
+
+
+def test_behind_a_trusted_proxy_the_client_address_is_the_forwarded_one(database_url):
+    app = create_app(make_settings(database_url, trusted_proxies=1))
+    app.config["TESTING"] = True
+
+    answer = post(app.test_client(), callback_body(), headers={"X-Forwarded-For": "203.0.113.9"},
+                  environ_base={"REMOTE_ADDR": "127.0.0.1"})
+
+    assert answer.status_code == 200
+    assert Event.get().remote_addr == "203.0.113.9"
