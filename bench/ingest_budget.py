@@ -5,9 +5,9 @@
 Posts TWIN's example callback (a new message id each) to the receiver's WSGI entry point, as gunicorn
 would, on a fresh SQLite file, with PROMETHEUS_MULTIPROC_DIR set as deployed. The steps of the real
 code path are timed (CPU time of the thread) by wrapping the functions that do them (nothing else changes): parse (JSON),
-validate (reading the fields), the two statements, commit, every 100th write's WAL checkpoint, the rest
-of the write transaction (the writers' queue, BEGIN IMMEDIATE, peewee), metrics, and what is left of the request (Flask, routing,
-the answer). The gunicorn access log line (deploy/gunicorn.conf.py's RedactingLogger, to a file) and
+validate (reading the fields), BEGIN IMMEDIATE, the two statements, commit, every 100th write's WAL checkpoint,
+the rest of storing (the writers' queue, peewee's transaction, the values), metrics, and what is left of the
+request (the WSGI entry, callbacks.DirectPath or Flask, the token check, reading the body, the answer). The gunicorn access log line (deploy/gunicorn.conf.py's RedactingLogger, to a file) and
 the bare app of bench/ingest.py are timed the same way. With --processes 2, two processes post to
 the same file at once, as two gunicorn workers do (each rereads the pages the other changed).
 What no in-process timing sees (gunicorn's HTTP parsing and the sockets) is the difference between
@@ -36,8 +36,8 @@ BODY = ('{"id":"budget-%d-%d","bulkId":"b973b50e-988a-4cb9-ad92-93d7cbe4d8d9",'
 # CPU time of the thread: what a step costs, without the time it waits (for the other process's turn
 # at the write lock) or is preempted (wrk, the other process, anything else running).
 clock = time.thread_time_ns
-STEPS = ("parse", "validate", "event insert", "message upsert", "commit", "checkpoint", "queue, BEGIN, peewee",
-         "metrics", "Flask, routing, answer")
+STEPS = ("parse", "validate", "BEGIN IMMEDIATE", "event insert", "message upsert", "commit", "checkpoint",
+         "queue, peewee, values", "metrics", "request, answer")
 
 
 class Timer:
@@ -110,6 +110,7 @@ def run(worker: int, callbacks: int, database_url: str, start_at: float, results
     timer.wrap(receiver_callbacks, "parse_callback", "validate")
     timer.wrap(receiver_callbacks.EVENT_INSERT, "execute", "event insert")
     timer.wrap(receiver_callbacks.MESSAGE_UPSERT, "execute", "message upsert")
+    timer.wrap(db.obj, "begin", "BEGIN IMMEDIATE")
     timer.wrap(db.obj, "commit", "commit")
     timer.wrap(db.obj, "_checkpoint", "checkpoint")
     waited = Timer(clock=time.perf_counter_ns)      # the checkpoint's fsyncs are time, not CPU
@@ -138,9 +139,9 @@ def run(worker: int, callbacks: int, database_url: str, start_at: float, results
         bare_ns += post(bare_app, PATH, body)[0]
     spent = dict(timer.spent)
     spent.setdefault("checkpoint", 0)
-    spent["queue, BEGIN, peewee"] = (spent.pop("store") - spent["event insert"] - spent["message upsert"]
-                                     - spent["commit"] - spent["checkpoint"])
-    spent["Flask, routing, answer"] = total - sum(spent.values())
+    spent["queue, peewee, values"] = (spent.pop("store") - spent["BEGIN IMMEDIATE"] - spent["event insert"]
+                                      - spent["message upsert"] - spent["commit"] - spent["checkpoint"])
+    spent["request, answer"] = total - sum(spent.values())
     results.put({"steps": spent, "total": total, "log": log_ns, "bare": bare_ns, "callbacks": callbacks,
                  "checkpoint_wall": waited.spent["checkpoint"]})
 

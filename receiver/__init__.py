@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SEND_TOKEN"] = settings.send_token
     redaction.install(secrets_of(app), handlers=[default_handler])
 
+    # The usual callback skips Flask's request handling (callbacks.DirectPath), with the same hooks.
+    app.wsgi_app = callbacks.DirectPath(app, app.wsgi_app, before=connect_for_request, after=_security_headers)
     if settings.trusted_proxies:
         # Client addresses come from X-Forwarded-* only as far as the proxies we trust wrote them.
         n = settings.trusted_proxies

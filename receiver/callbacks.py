@@ -143,23 +143,40 @@ def receive(token: str):
     except Refusal as refusal:
         return refuse(refusal)
     except Unstored as error:
-        # TWIN retries a callback that was not answered 2xx: ask it to, and say why in the log.
-        log.error("could not store callback for message %s: %s", error.message_id, _why(error.__cause__))
-        metrics.CALLBACKS_UNSTORED.inc()
-        return errors.answer(ApiError(503, "storage_unavailable", "the callback could not be stored; retry later",
-                                      headers={"Retry-After": "5"}))
+        return answer_unstored(error)
+    return answer_accepted(accepted)
+
+
+def answer_accepted(accepted: Accepted):
     if not accepted.is_array:
         outcome = accepted.outcomes[0]
         return refuse(outcome.refusal) if outcome.refusal else answer_stored(outcome)
     return answer_array(accepted)
 
 
+def answer_unstored(error: Unstored):
+    """503: TWIN retries a callback that was not answered 2xx; ask it to, and say why in the log."""
+    log.error("could not store callback for message %s: %s", error.message_id, _why(error.__cause__))
+    metrics.CALLBACKS_UNSTORED.inc()
+    return errors.answer(ApiError(503, "storage_unavailable", "the callback could not be stored; retry later",
+                                  headers={"Retry-After": "5"}))
+
+
 def answer_stored(outcome: Outcome):
     """200 with the outcome. Nearly every callback gets one of two answers, made once: jsonify's
     encoder setup costs more than the rest of the answer."""
-    if outcome.callback.unreadable:
+    usual = usual_answer(outcome)
+    if usual is None:
         return jsonify(outcome.as_json()), 200
-    return current_app.response_class(_STORED_ANSWER[outcome.duplicate], status=200, mimetype="application/json")
+    return current_app.response_class(_STORED_ANSWER[usual], status=200, mimetype="application/json")
+
+
+def usual_answer(outcome: Outcome) -> bool | None:
+    """Which of answer_stored's two usual answers a lone callback's outcome gets (its `duplicate`), or None
+    for any other answer. They depend on nothing else, so the direct path makes each only once."""
+    if outcome.refusal or outcome.callback.unreadable:
+        return None
+    return outcome.duplicate
 
 
 _STORED_ANSWER = {duplicate: json.dumps({"stored": True, "duplicate": duplicate}, separators=(",", ":")) + "\n"
@@ -225,6 +242,108 @@ def read_body() -> bytes:
         raise Refusal("payload_too_large", f"the body is larger than {limit} bytes", 413) from None
 
 
+# ---- the direct path ------------------------------------------------------------------------------
+
+CALLBACKS_PREFIX = "/callbacks/"
+
+
+class DirectPath:
+    """The app's WSGI entry: the usual callback goes from it straight to parse_body and store_items.
+
+    Nearly every request the receiver gets is TWIN posting one JSON object with the current token, and
+    for such a callback Flask's request context, routing, hooks and Response cost about as much CPU as
+    storing it (docs/performance.md, "Ingest"). Here it is read, stored and answered by the functions
+    `receive` uses, inside an app context, with the app's own hooks (`before`, `after`; the app
+    context's teardown runs as under Flask). Everything else goes to Flask (`flask_wsgi`): another
+    path or method, the previous token, no Content-Length or one over MAX_CONTENT_LENGTH, and a body
+    that is refused or is an array, which Flask reads again from the bytes read here, before anything
+    of it is stored. An unexpected error is Flask's too: logged and answered 500, as from a view.
+    """
+
+    def __init__(self, app, flask_wsgi, before, after):
+        self.app, self.flask_wsgi = app, flask_wsgi
+        self.before, self.after = before, after
+        self._usual: dict[bool, tuple[str, list, bytes]] = {}     # usual_answer() -> the answer, once made
+
+    def __call__(self, environ, start_response):
+        length = self._direct_length(environ)
+        if length is None:
+            return self.flask_wsgi(environ, start_response)
+        data = environ["wsgi.input"].read(length)
+        try:
+            answer = self._store(environ, data) if len(data) == length else None
+        except Exception as error:          # noqa: BLE001 (Flask's own handling, as for a view)
+            return self._internal_error(error, environ, start_response)
+        if answer is None:
+            environ["wsgi.input"] = io.BytesIO(data)
+            return self.flask_wsgi(environ, start_response)
+        status, headers, body = answer
+        start_response(status, list(headers))
+        return [body]
+
+    def _direct_length(self, environ) -> int | None:
+        """The body's length when this request is a POST to the current token's callback URL with a
+        Content-Length the app takes; None for a request Flask should have."""
+        path = environ.get("PATH_INFO", "")
+        if (environ.get("REQUEST_METHOD") != "POST" or not path.startswith(CALLBACKS_PREFIX)
+                or "HTTP_TRANSFER_ENCODING" in environ or not self._current_token(path[len(CALLBACKS_PREFIX):])):
+            return None
+        length = environ.get("CONTENT_LENGTH", "")
+        if not (length.isascii() and length.isdigit()):
+            return None
+        limit = self.app.config["MAX_CONTENT_LENGTH"]
+        return int(length) if limit is None or int(length) <= limit else None
+
+    def _current_token(self, token: str) -> bool:
+        """Whether the path's last segment is CALLBACK_TOKEN (token_kind's "current"). PATH_INFO holds
+        the path's bytes as latin-1, which Flask decodes as UTF-8 before routing; compared in constant time."""
+        expected = self.app.config["CALLBACK_TOKEN"]
+        if not expected or "/" in token:
+            return False
+        try:
+            given = token.encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(given, expected.encode())
+
+    def _store(self, environ, data: bytes) -> tuple[str, list, bytes] | None:
+        """The answer `receive` gives a lone callback (status, headers, body), or None when Flask should
+        answer: a refusal or an array, of which nothing was stored."""
+        content_type = environ.get("CONTENT_TYPE")
+        with self.app.app_context():
+            self.before()
+            try:
+                is_array, items = parse_body(data, content_type)
+            except Refusal:
+                return None
+            if is_array or isinstance(items[0], Refusal):
+                return None
+            try:
+                accepted = store_items(is_array, items, content_type, environ.get("REMOTE_ADDR"))
+            except Unstored as error:
+                return self._wsgi_answer(environ, answer_unstored(error))
+            usual = usual_answer(accepted.outcomes[0])
+            if usual is None:
+                return self._wsgi_answer(environ, answer_accepted(accepted))
+            if usual not in self._usual:
+                self._usual[usual] = self._wsgi_answer(environ, answer_accepted(accepted))
+            return self._usual[usual]
+
+    def _wsgi_answer(self, environ, answer) -> tuple[str, list, bytes]:
+        """A view's return value as Flask sends it: a Response, after the app's hooks; its WSGI parts."""
+        response = self.after(self.app.make_response(answer))
+        body, status, headers = response.get_wsgi_response(environ)
+        try:
+            return status, headers, b"".join(body)
+        finally:
+            body.close()
+
+    def _internal_error(self, error: Exception, environ, start_response):
+        """What Flask does with an exception a view raises: log it and answer 500 (raise it when testing)."""
+        with self.app.request_context(environ):
+            return self.app.handle_exception(error)(environ, start_response)
+
+
 # ---- one body, from the endpoint or a replay ---------------------------------------------------------
 
 def accept(data: bytes, content_type: str | None, remote_addr: str | None) -> Accepted:
@@ -233,6 +352,12 @@ def accept(data: bytes, content_type: str | None, remote_addr: str | None) -> Ac
 
     Raises Refusal when the body as a whole cannot be read, and Unstored when the database fails."""
     is_array, items = parse_body(data, content_type)
+    return store_items(is_array, items, content_type, remote_addr)
+
+
+def store_items(is_array: bool, items: list[Callback | Refusal], content_type: str | None,
+                remote_addr: str | None) -> Accepted:
+    """Store the callbacks parse_body found, each in a transaction of its own; a Refusal is only noted."""
     sender = _cut_to(Event, remote_addr=remote_addr, content_type=content_type)
     accepted = Accepted(is_array)
     for item in items:
