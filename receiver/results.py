@@ -493,8 +493,8 @@ def _csv_quote(text: str) -> str:
 
 
 class _CsvRows:
-    """Row tuples -> CSV lines (the cells of flat_row, as csv.writer writes them). The result's own
-    cells come from the cache as finished CSV text."""
+    """Row tuples -> CSV lines (the cells of flat_row, as csv.writer writes a row of them). The result's
+    own cells come from the cache as finished CSV text, quoted by the same rule as the columns."""
 
     def __init__(self, keys: list[str], raw: bool):
         self.keys, self.raw = keys, raw
@@ -504,9 +504,7 @@ class _CsvRows:
         text = _result_text(stored)
         fields = result_fields(parse_result(text))
         cells = [cell(text), *(cell(fields.get(key)) for key in self.keys)]
-        piece = io.StringIO()
-        csv.writer(piece, lineterminator="\r\n").writerow(cells if self.raw else [defuse(c) for c in cells])
-        return "," + piece.getvalue()
+        return "," + ",".join(_csv_quote(c if self.raw else defuse(c)) for c in cells) + "\r\n"
 
     def text(self, rows: list[tuple]) -> str:
         """The rows' CSV lines. A column's cells are defused and quoted one by one only where some

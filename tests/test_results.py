@@ -109,6 +109,12 @@ def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
             writer.writerow(cells if raw else [results.defuse(c) for c in cells])
         for chunk in (2, 3, 1000):
             assert "".join(results.csv_stream(Filters(), chunk=chunk, raw=raw)) == reference.getvalue()
+    Message.update(result=None).execute()          # no result fields: the row ends with the empty `result`
+    rows = list(results.iterate(Filters()))
+    reference = io.StringIO()
+    csv.writer(reference, lineterminator="\r\n").writerows(
+        [results.csv_header([]), *(results.flat_row(row, []).values() for row in rows)])
+    assert "".join(results.csv_stream(Filters(), chunk=3, raw=True)) == reference.getvalue()
     objects = [json.dumps(results.row_json(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
     for chunk in (2, 1000):
         assert "".join(results.jsonl_stream(Filters(), chunk=chunk)) == "".join(o + "\n" for o in objects)
