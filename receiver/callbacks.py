@@ -183,10 +183,11 @@ _STORED_ANSWER = {duplicate: json.dumps({"stored": True, "duplicate": duplicate}
                   for duplicate in (False, True)}
 
 
-def token_kind(token: str) -> str | None:
+def token_kind(token: str, config=None) -> str | None:
     """"current" for CALLBACK_TOKEN, "previous" for CALLBACK_TOKEN_PREVIOUS (callbacks of sends made
-    before a rotation), None for anything else; compared in constant time."""
-    config = current_app.config
+    before a rotation), None for anything else; compared in constant time. `config`: the app's
+    (default: current_app's)."""
+    config = current_app.config if config is None else config
     for kind, expected in (("current", config["CALLBACK_TOKEN"]),
                            ("previous", config.get("CALLBACK_TOKEN_PREVIOUS"))):
         if expected and hmac.compare_digest(token.encode(), expected.encode()):
@@ -296,15 +297,14 @@ class DirectPath:
 
     def _current_token(self, token: str) -> bool:
         """Whether the path's last segment is CALLBACK_TOKEN (token_kind's "current"). PATH_INFO holds
-        the path's bytes as latin-1, which Flask decodes as UTF-8 before routing; compared in constant time."""
-        expected = self.app.config["CALLBACK_TOKEN"]
-        if not expected or "/" in token:
+        the path's bytes as latin-1; Flask decodes them as UTF-8 before routing, and so does this."""
+        if "/" in token:
             return False
         try:
-            given = token.encode("latin-1")
-        except UnicodeEncodeError:
+            token = token.encode("latin-1").decode("utf-8")
+        except UnicodeError:
             return False
-        return hmac.compare_digest(given, expected.encode())
+        return token_kind(token, self.app.config) == "current"
 
     def _store(self, environ, data: bytes) -> tuple[str, list, bytes] | None:
         """The answer `receive` gives a lone callback (status, headers, body), or None when Flask should
