@@ -258,12 +258,12 @@ def write_export(pieces, output: str) -> str:
     if output == "-":
         out = sys.stdout.buffer
         for piece in pieces:
-            out.write(piece.encode("utf-8"))
+            out.write(piece)
         out.flush()
         return "standard output"
     partial = f"{output}.part"
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as handle:
+        with open(partial, "wb") as handle:
             for piece in pieces:
                 handle.write(piece)
         os.replace(partial, output)

@@ -18,7 +18,6 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring as encode_json_string
 
 from peewee import Case, SqliteDatabase, Tuple, fn
 
@@ -184,11 +183,16 @@ def decode_cursor(token: str) -> tuple[dt.datetime, str]:
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def _select(filters: Filters, after: tuple[dt.datetime, str] | None, limit: int):
-    query = filters.where(Message.select(*(f for _, f in COLUMNS), Message.result))
+KEY = (Message.first_seen_at, Message.id)          # the keyset order of pages and streams
+
+
+def _select(filters: Filters, after: tuple | None, limit: int | None, columns: Iterable | None = None):
+    """The matching rows' columns (default: the exports' columns and result) in keyset order."""
+    columns = [*(f for _, f in COLUMNS), Message.result] if columns is None else columns
+    query = filters.where(Message.select(*columns))
     if after is not None:
-        query = query.where(Tuple(Message.first_seen_at, Message.id) > Tuple(*after))
-    return query.order_by(Message.first_seen_at, Message.id).limit(limit)
+        query = query.where(Tuple(*KEY) > Tuple(*after))
+    return query.order_by(*KEY).limit(limit)
 
 
 @dataclass
@@ -326,7 +330,8 @@ def csv_header(keys: Iterable[str]) -> list[str]:
 # safe line feed, NUL (ASVS lists it) and the full-width forms of the four, which IMEs type.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n", "\0", "\uff1d", "\uff0b", "\uff0d", "\uff20")
 # A cell that is only a number (-5, +79991234567, -2.5e3) is read as that number, never as a formula.
-PLAIN_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+NUMBER_AFTER_SIGN = r"(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?"
+PLAIN_NUMBER = re.compile("[+-]?" + NUMBER_AFTER_SIGN)
 
 
 def defuse(text: str) -> str:
@@ -339,8 +344,8 @@ def defuse(text: str) -> str:
 
 def csv_stream(filters: Filters, excel: bool = False, raw: bool = False, chunk: int = CHUNK,
                keep_alive: Callable[[], None] = lambda: None, keys: list[str] | None = None,
-               on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[str]:
-    """The matching rows as CSV text (RFC 4180 quoting, CRLF line ends), one piece per keyset chunk.
+               on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[bytes]:
+    """The matching rows as CSV (UTF-8, RFC 4180 quoting, CRLF line ends), one piece per keyset chunk.
 
     Cells a spreadsheet would run as formulas are defused (see `defuse`) unless raw=True: the values
     as stored, for programs. excel=True starts with a UTF-8 byte order mark, so that Excel reads
@@ -354,12 +359,12 @@ def csv_stream(filters: Filters, excel: bool = False, raw: bool = False, chunk: 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
-    yield (EXCEL_BOM if excel else "") + _drain(buffer)
-    shape = _CsvRows(keys, raw)
-    for rows in _chunks(filters, chunk):
+    yield ((EXCEL_BOM if excel else "") + _drain(buffer)).encode()
+    shape = _CsvLines(filters, keys, raw)
+    for lines, stored, bounds in _text_chunks(filters, _csv_line_sql(_cells_sql()), chunk):
         keep_alive()
-        on_rows(len(rows))
-        yield shape.text(rows)
+        on_rows(len(lines))
+        yield shape.text(lines, stored, bounds)
 
 
 def _drain(buffer: io.StringIO) -> str:
@@ -374,81 +379,128 @@ def _dumps(document) -> str:
 
 
 def jsonl_stream(filters: Filters, chunk: int = CHUNK, keep_alive: Callable[[], None] = lambda: None,
-                 on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[str]:
-    """One JSON object per line."""
-    shape = _JsonRows()
-    for rows in _chunks(filters, chunk):
+                 on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[bytes]:
+    """One JSON object per line (UTF-8)."""
+    shape = _JsonLines()
+    for objects, stored, _ in _text_chunks(filters, _json_object_sql(_cells_sql()), chunk):
         keep_alive()
-        on_rows(len(rows))
-        yield "\n".join(shape.texts(rows)) + "\n"
+        on_rows(len(objects))
+        yield b"\n".join(shape.texts(objects, stored)) + b"\n"
 
 
 def json_stream(filters: Filters, chunk: int = CHUNK, keep_alive: Callable[[], None] = lambda: None,
-                on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[str]:
-    """One JSON array, written as it is read: a download cut short lacks its closing `]`."""
-    yield "["
-    separator = "\n"
-    shape = _JsonRows()
-    for rows in _chunks(filters, chunk):
+                on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[bytes]:
+    """One JSON array (UTF-8), written as it is read: a download cut short lacks its closing `]`."""
+    yield b"["
+    separator = b"\n"
+    shape = _JsonLines()
+    for objects, stored, _ in _text_chunks(filters, _json_object_sql(_cells_sql()), chunk):
         keep_alive()
-        on_rows(len(rows))
-        yield separator + ",\n".join(shape.texts(rows))
-        separator = ",\n"
-    yield "\n]\n"
+        on_rows(len(objects))
+        yield separator + b",\n".join(shape.texts(objects, stored))
+        separator = b",\n"
+    yield b"\n]\n"
 
 
-# ---- streams: rows as the cursor gives them -------------------------------------------------------
-# A stream reads tuples straight from the database cursor and shapes each chunk column by column, since
-# most columns need nothing done (no null, nothing to quote, nothing a spreadsheet would run), which
-# one look over a column's joined text tells. Then each row is one `%` of a format string (the same
-# text csv.writer and json.dumps would give), and each distinct result is parsed and written once
-# (ResultCache), since a mailing's results repeat: no dict per row, no per-cell call where a column
-# needs none. On SQLite the timestamps come as text ("2025-03-01 10:15:02.123456", as peewee stores
-# them) and become ISO 8601 by replacing the space; PostgreSQL writes them as ISO text itself
-# (_iso_in_sql). On SQLite the result comes as bytes: decoding it row by row into a str costs more than
-# reading all the other columns.
+# ---- streams: each row written as text by the database -------------------------------------------
+# Reading a row's 18 cells into Python costs more than everything else an export does, so the database
+# writes each row as one text (one function call per row, in C): a CSV line, its cells joined by
+# SEPARATOR (printf on SQLite, format on PostgreSQL), or a JSON object (json_object on SQLite, to_json
+# per cell on PostgreSQL); timestamps as ISO 8601, null as nothing in CSV. Python adds each row's
+# result, parsed and written once per distinct result (ResultCache), since a mailing's results repeat.
+# For CSV it looks over a chunk's lines at once: where no cell holds the separator, nothing is to be
+# quoted and nothing starts like a formula (nearly always), the separators become commas; otherwise
+# that chunk is quoted and defused column by column, as csv.writer and `defuse` would. The output is
+# the text csv.writer and json.dumps would give for flat_row and row_json (tests/test_results.py).
 
-TIME_POSITIONS = tuple(i for i, (_, f) in enumerate(COLUMNS) if f.field_type == "DATETIME")
-TEXT_POSITIONS = tuple(i for i, (_, f) in enumerate(COLUMNS) if f.field_type in ("VARCHAR", "TEXT"))
-KEY_POSITIONS = (COLUMN_NAMES.index("first_seen_at"), COLUMN_NAMES.index("message_id"))
 RESULT_CACHE = 20_000       # distinct results kept per stream
-SEPARATOR = "\x1f"          # joins a column's cells, to look over them at once; it starts no formula
-# A cell holding one of these is quoted (RFC 4180, as csv.writer does).
-CSV_QUOTED = (",", '"', "\r", "\n")
-NEEDS_QUOTES = re.compile("[" + re.escape("".join(CSV_QUOTED)) + "]")
-# A cell of a column joined with SEPARATOR (led by it) that starts like a formula.
-STARTS_FORMULA = re.compile(re.escape(SEPARATOR) + "[" + re.escape("".join(FORMULA_STARTS)) + "]")
-CSV_LINE = ",".join(["%s"] * len(COLUMNS)) + "%s"        # the columns, then the result's cells: ",...\r\n"
-JSON_OBJECT = "{" + "".join(f'"{name}":%s,' for name in COLUMN_NAMES) + '"result":%s}'
+SEPARATOR = "\x1f"          # between a CSV line's cells as the database writes them; it starts no formula
+CSV_QUOTED = (",", '"', "\r", "\n")       # a cell holding one of these is quoted (RFC 4180, as csv.writer)
+# A cell (UTF-8) that `defuse` may change, just after a SEPARATOR: a formula start, or a sign not followed
+# by the rest of a plain number (ASCII digits: a wider net than defuse's) up to the cell's end.
+_SEP = re.escape(SEPARATOR.encode())
+FORMULA_AFTER_SEPARATOR = re.compile(
+    _SEP + b"(?:" + b"|".join(re.escape(c.encode()) for c in FORMULA_STARTS if c not in "+-")
+    + b"|[+-](?!" + NUMBER_AFTER_SIGN.encode() + b"(?:" + _SEP + rb"|\Z)))")
 
 
-def _chunks(filters: Filters, chunk: int) -> Iterator[list[tuple]]:
-    """The matching rows as tuples (COLUMNS, then result: bytes on SQLite), one keyset chunk at a time
-    (see iterate)."""
-    after = None
-    sqlite = isinstance(db.obj, SqliteDatabase)
-    columns = [f if sqlite or i not in TIME_POSITIONS else _iso_in_sql(f) for i, (_, f) in enumerate(COLUMNS)]
-    result = Message.result.cast("BLOB") if sqlite else Message.result
-    while True:
-        query = filters.where(Message.select(*columns, result))
-        if after is not None:
-            query = query.where(Tuple(Message.first_seen_at, Message.id) > Tuple(*after))
-        sql, params = query.order_by(Message.first_seen_at, Message.id).limit(chunk).sql()
-        rows = db.execute_sql(sql, params).fetchall()
-        if rows:
-            yield rows
-        if len(rows) < chunk:
-            return
-        after = tuple(rows[-1][i] for i in KEY_POSITIONS)
+def _sqlite() -> bool:
+    return isinstance(db.obj, SqliteDatabase)
+
+
+def _cells_sql() -> list:
+    """The columns as the exports give them: timestamps as ISO 8601 text, null still null."""
+    return [_iso_in_sql(f) if f.field_type == "DATETIME" else f for _, f in COLUMNS]
 
 
 def _iso_in_sql(column):
-    """PostgreSQL writes the timestamp as ISO 8601 itself, as Python's isoformat() + "Z" would (no
-    fraction when it is whole seconds): formatting datetimes in Python costs more than reading text,
-    and the server does it on another core. A keyset bound in this form reads back as the timestamp."""
+    """A timestamp as Python's isoformat() + "Z" would write it, written by the database. SQLite holds
+    peewee's text ("2025-03-01 10:15:02.123456"); PostgreSQL leaves out a zero fraction, as isoformat
+    does. On PostgreSQL a keyset bound in this form reads back as the timestamp."""
+    if _sqlite():
+        return fn.replace(column, " ", "T").concat("Z")
     whole = fn.date_trunc("second", column) == column
     return Case(None, [(whole, fn.to_char(column, 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))],
                 fn.to_char(column, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+
+
+def _printf(pattern: str, *values):
+    """`pattern` with each %s replaced by a value as text (null as nothing), by the database."""
+    return (fn.printf if _sqlite() else fn.format)(pattern, *values)
+
+
+def _csv_line_sql(cells: list):
+    return _printf(SEPARATOR.join(["%s"] * len(cells)), *cells)
+
+
+def _json_object_sql(cells: list):
+    """The columns as one JSON object, as json.dumps(..., ensure_ascii=False, separators=(",", ":"))
+    writes it (both escape the same characters the same way)."""
+    if _sqlite():
+        return fn.json_object(*(part for pair in zip(COLUMN_NAMES, cells, strict=True) for part in pair))
+    # json_build_object puts spaces after its colons and commas.
+    pattern = "{" + ",".join(f'"{name}":%s' for name in COLUMN_NAMES) + "}"
+    return _printf(pattern, *(fn.COALESCE(fn.to_json(cell).cast("TEXT"), "null") for cell in cells))
+
+
+def _read(filters: Filters, columns: list, after: tuple | None, limit: int | None = None,
+          upto: tuple | None = None) -> list[tuple]:
+    """The matching rows' `columns` as plain tuples, in keyset order, after `after` and up to `upto`."""
+    query = _select(filters, after, limit, columns)
+    if upto is not None:
+        query = query.where(Tuple(*KEY) <= Tuple(*upto))
+    return db.execute_sql(*query.sql()).fetchall()
+
+
+def _result_sql():
+    """The stored result; on SQLite as bytes, cheaper to read than a str."""
+    return Message.result.cast("BLOB") if _sqlite() else Message.result
+
+
+def _text_chunks(filters: Filters, text, chunk: int) -> Iterator[tuple[tuple, tuple, tuple]]:
+    """(each row's `text` as UTF-8, each row's stored result, (the key before the chunk, the chunk's
+    last key or None for the last chunk)), one keyset chunk at a time (see iterate). The chunk's last
+    key is found first, on the index alone, so that the rows are read as two cells each, not four.
+    SQLite gives the text as bytes, which costs less than decoding it into a str and encoding it back."""
+    sqlite = _sqlite()
+    after = None
+    while True:
+        last = _chunk_end(filters, after, chunk)
+        rows = _read(filters, [text.cast("BLOB") if sqlite else text, _result_sql()], after, upto=last)
+        if rows:
+            texts, stored = zip(*rows, strict=True)
+            yield texts if sqlite else tuple(t.encode() for t in texts), stored, (after, last)
+        if last is None:
+            return
+        after = last
+
+
+def _chunk_end(filters: Filters, after: tuple | None, chunk: int) -> tuple | None:
+    """The key of the chunk'th row after `after`, as text (cheaper to read than a datetime, and it reads
+    back as one); None where fewer rows are left."""
+    key = [Message.first_seen_at if _sqlite() else _iso_in_sql(Message.first_seen_at), Message.id]
+    sql, params = _select(filters, after, 1, key).offset(chunk - 1).sql()
+    return db.execute_sql(sql, params).fetchone()
 
 
 def _result_text(stored) -> str | None:
@@ -470,70 +522,59 @@ class ResultCache(dict):
         return value
 
 
-def _columns(rows: list[tuple]) -> tuple[list, tuple]:
-    """The chunk's cells column by column, timestamps as ISO 8601 text; and the stored results."""
-    columns = list(zip(*rows, strict=True))
-    stored = columns.pop()
-    if isinstance(db.obj, SqliteDatabase):
-        for i in TIME_POSITIONS:
-            columns[i] = [value and value.replace(" ", "T", 1) + "Z" for value in columns[i]]
-    return columns, stored
-
-
-def _nulls_as(columns: list, empty: str) -> None:
-    for i, column in enumerate(columns):
-        if None in column:
-            columns[i] = [empty if value is None else value for value in column]
-
-
 def _csv_quote(text: str) -> str:
-    if NEEDS_QUOTES.search(text):
+    if any(c in text for c in CSV_QUOTED):
         return '"' + text.replace('"', '""') + '"'
     return text
 
 
-class _CsvRows:
-    """Row tuples -> CSV lines (the cells of flat_row, as csv.writer writes a row of them). The result's
-    own cells come from the cache as finished CSV text, quoted by the same rule as the columns."""
+class _CsvLines:
+    """A chunk's lines as the database writes them -> CSV lines (the cells of flat_row, as csv.writer
+    writes a row of them), UTF-8. The result's own cells come from the cache as finished CSV."""
 
-    def __init__(self, keys: list[str], raw: bool):
-        self.keys, self.raw = keys, raw
+    def __init__(self, filters: Filters, keys: list[str], raw: bool):
+        self.filters, self.keys, self.raw = filters, keys, raw
         self.results = ResultCache(self._result_text)
 
-    def _result_text(self, stored) -> str:
+    def _result_text(self, stored) -> bytes:
         text = _result_text(stored)
         fields = result_fields(parse_result(text))
         cells = [cell(text), *(cell(fields.get(key)) for key in self.keys)]
-        return "," + ",".join(_csv_quote(c if self.raw else defuse(c)) for c in cells) + "\r\n"
+        return ("," + ",".join(_csv_quote(c if self.raw else defuse(c)) for c in cells) + "\r\n").encode()
 
-    def text(self, rows: list[tuple]) -> str:
-        """The rows' CSV lines. A column's cells are defused and quoted one by one only where some
-        cell of this chunk needs it (rare)."""
-        columns, stored = _columns(rows)
-        _nulls_as(columns, "")
-        for i in TEXT_POSITIONS:
-            joined = SEPARATOR + SEPARATOR.join(columns[i])
-            if not self.raw and STARTS_FORMULA.search(joined):
-                columns[i] = [defuse(value) for value in columns[i]]
-                joined = SEPARATOR.join(columns[i])
-            if NEEDS_QUOTES.search(joined):
-                columns[i] = [_csv_quote(value) for value in columns[i]]
-        return "".join(map(CSV_LINE.__mod__, zip(*columns, map(self.results.__getitem__, stored), strict=True)))
+    def text(self, lines: tuple[bytes, ...], stored: tuple, bounds: tuple) -> bytes:
+        separator = SEPARATOR.encode()
+        joined = separator + separator.join(lines)
+        if joined.count(separator) != len(COLUMNS) * len(lines):
+            # A cell holds the separator itself: read this chunk's cells one by one.
+            after, last = bounds
+            cells = [_printf("%s", cell) for cell in _cells_sql()]
+            return self._by_cell(_read(self.filters, [*cells, _result_sql()], after, upto=last))
+        if any(c.encode() in joined for c in CSV_QUOTED) or (not self.raw and FORMULA_AFTER_SEPARATOR.search(joined)):
+            return self._by_cell([(*line.decode().split(SEPARATOR), s) for line, s in zip(lines, stored, strict=True)])
+        lines = [line.replace(separator, b",") for line in lines]
+        return b"".join(map(bytes.__add__, lines, map(self.results.__getitem__, stored)))
+
+    def _by_cell(self, rows: list[tuple]) -> bytes:
+        """Rows of cells as text, each with its stored result -> CSV lines, each cell defused and quoted
+        on its own (a chunk where some cell needs it: rare)."""
+        lines = []
+        for *cells, stored in rows:
+            cells = cells if self.raw else map(defuse, cells)
+            lines.append(",".join(map(_csv_quote, cells)).encode() + self.results[stored])
+        return b"".join(lines)
 
 
-class _JsonRows:
-    """Row tuples -> JSON objects (row_json, as json.dumps writes them), the result's JSON from the
-    cache."""
+class _JsonLines:
+    """A chunk's JSON objects as the database writes them -> row_json as json.dumps writes it (UTF-8):
+    each object's closing brace gives way to the result's JSON, from the cache."""
 
     def __init__(self):
-        self.results = ResultCache(lambda stored: _dumps(parse_result(_result_text(stored))))
+        self.results = ResultCache(
+            lambda stored: (',"result":' + _dumps(parse_result(_result_text(stored))) + "}").encode())
 
-    def texts(self, rows: list[tuple]) -> list[str]:
-        columns, stored = _columns(rows)
-        for i in (*TEXT_POSITIONS, *TIME_POSITIONS):
-            columns[i] = ["null" if value is None else encode_json_string(value) for value in columns[i]]
-        _nulls_as(columns, "null")
-        return list(map(JSON_OBJECT.__mod__, zip(*columns, map(self.results.__getitem__, stored), strict=True)))
+    def texts(self, objects: tuple[bytes, ...], stored: tuple) -> list[bytes]:
+        return list(map(bytes.__add__, [o[:-1] for o in objects], map(self.results.__getitem__, stored)))
 
 
 # ---- what the page shows ------------------------------------------------------------------------

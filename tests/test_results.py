@@ -30,6 +30,11 @@ def walk(filters: Filters, limit: int, between=None) -> list[str]:
         cursor = found.next_cursor
 
 
+def written(pieces) -> str:
+    """A stream's pieces (UTF-8) as the text a download would hold."""
+    return b"".join(pieces).decode("utf-8")
+
+
 def test_pages_give_every_row_once_while_rows_arrive(client):
     before = seed(client, 23)
     added = []
@@ -69,23 +74,23 @@ def test_streams_give_what_the_pages_give_across_chunks(app):
     expected = [results.row_json(row) for row in results.iterate(Filters())]
     assert [row["message_id"] for row in expected] == whole + fraction
     for chunk in (1, 4, 1000):
-        assert json.loads("".join(results.json_stream(Filters(), chunk=chunk))) == expected
-        lines = "".join(results.jsonl_stream(Filters(), chunk=chunk)).splitlines()
+        assert json.loads(written(results.json_stream(Filters(), chunk=chunk))) == expected
+        lines = written(results.jsonl_stream(Filters(), chunk=chunk)).splitlines()
         assert [json.loads(line) for line in lines] == expected
-        text = "".join(results.csv_stream(Filters(), chunk=chunk, raw=True))
+        text = written(results.csv_stream(Filters(), chunk=chunk, raw=True))
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
         assert [row["message_id"] for row in rows] == whole + fraction
         assert rows[0]["first_seen_at"] == "2025-03-01T10:00:00Z"
         assert rows[5]["first_seen_at"] == "2025-03-01T10:00:00.250000Z"
         assert rows[5]["delivered_at"] == "2025-03-01T11:00:00.000005Z" == expected[5]["delivered_at"]
         assert rows[5]["result.formula"] == "=1+1"
-    defused = list(csv.DictReader(io.StringIO("".join(results.csv_stream(Filters(), chunk=4)), newline="")))
+    defused = list(csv.DictReader(io.StringIO(written(results.csv_stream(Filters(), chunk=4)), newline="")))
     assert defused[5]["result.formula"] == "'=1+1" and defused[0]["message_id"] == "w000000"
 
 
 # Cells that csv.writer quotes, that a spreadsheet would run, that JSON escapes, or that are plain.
 AWKWARD_CELLS = ("two\nlines", "cr\rhere", 'say "да"', "a, b", "=HYPERLINK(1)", "-5", "+7999", "@x", "\tlead",
-                 "ctl\x01", "Опрос", "plain", "")
+                 "ctl\x01", "Опрос", "plain", "", "-5x", "+", "-.5e3", "sep\x1fhere", "=b\x1f-1")
 
 
 def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
@@ -108,16 +113,16 @@ def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
             cells = list(results.flat_row(row, keys).values())
             writer.writerow(cells if raw else [results.defuse(c) for c in cells])
         for chunk in (2, 3, 1000):
-            assert "".join(results.csv_stream(Filters(), chunk=chunk, raw=raw)) == reference.getvalue()
+            assert written(results.csv_stream(Filters(), chunk=chunk, raw=raw)) == reference.getvalue()
     Message.update(result=None).execute()          # no result fields: the row ends with the empty `result`
     rows = list(results.iterate(Filters()))
     reference = io.StringIO()
     csv.writer(reference, lineterminator="\r\n").writerows(
         [results.csv_header([]), *(results.flat_row(row, []).values() for row in rows)])
-    assert "".join(results.csv_stream(Filters(), chunk=3, raw=True)) == reference.getvalue()
+    assert written(results.csv_stream(Filters(), chunk=3, raw=True)) == reference.getvalue()
     objects = [json.dumps(results.row_json(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
     for chunk in (2, 1000):
-        assert "".join(results.jsonl_stream(Filters(), chunk=chunk)) == "".join(o + "\n" for o in objects)
+        assert written(results.jsonl_stream(Filters(), chunk=chunk)) == "".join(o + "\n" for o in objects)
 
 
 def test_filters(client):
