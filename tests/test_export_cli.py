@@ -89,7 +89,8 @@ def test_twenty_thousand_rows_stream_in_chunks(app, tmp_path, count_selects):
         assert reader.fieldnames[-2:] == ["result.confirmation", "result.nps"]
     assert count == 20_000
     assert "exporting 20000 rows" in outcome.stderr and f"wrote 20000 rows to {target}" in outcome.stderr
-    # Read in keyset chunks, never all at once: each SELECT asks for at most CHUNK rows.
+    # Read in keyset chunks, never all at once: each chunk's end is looked up first (LIMIT 1 OFFSET
+    # CHUNK - 1), and the chunk read up to it.
     chunked = [limit for limit in count_selects if limit is not None]
     assert len(chunked) >= 20_000 // results.CHUNK
     assert max(chunked) <= results.CHUNK + 1

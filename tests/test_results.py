@@ -5,11 +5,14 @@ import csv
 import datetime as dt
 import io
 import json
+import threading
 
 import pytest
+from peewee import DatabaseError
 from werkzeug.datastructures import MultiDict
 
 from receiver import results
+from receiver.db import db
 from receiver.models import Message
 from receiver.results import FilterError, Filters
 
@@ -90,7 +93,7 @@ def test_streams_give_what_the_pages_give_across_chunks(app):
 
 # Cells that csv.writer quotes, that a spreadsheet would run, that JSON escapes, or that are plain.
 AWKWARD_CELLS = ("two\nlines", "cr\rhere", 'say "да"', "a, b", "=HYPERLINK(1)", "-5", "+7999", "@x", "\tlead",
-                 "ctl\x01", "Опрос", "plain", "", "-5x", "+", "-.5e3", "sep\x1fhere", "=b\x1f-1")
+                 "ctl\x01", "Опрос", "plain", "", "-5x", "+", "-.5e3", "sep\x1fhere", "=b\x1f-1", "row\x1dend")
 
 
 def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
@@ -123,6 +126,41 @@ def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
     objects = [json.dumps(results.row_json(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
     for chunk in (2, 1000):
         assert written(results.jsonl_stream(Filters(), chunk=chunk)) == "".join(o + "\n" for o in objects)
+
+
+def readers() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "export-reader"]
+
+
+def test_a_stream_sees_rows_stored_while_it_runs_and_stops_its_readers_when_closed(app):
+    first = bulk_messages(7, prefix="a", result={"nps": "9"})
+    stream = results.jsonl_stream(Filters(), chunk=3)
+    lines = next(stream).splitlines()
+    assert readers()                                   # the next chunks are being read meanwhile
+    later = bulk_messages(4, prefix="b", first_seen_at=dt.datetime(2026, 1, 1))
+    lines += b"".join(stream).splitlines()
+    assert [json.loads(line)["message_id"] for line in lines] == first + later
+    assert not readers()
+
+    stream = results.csv_stream(Filters(), chunk=2)
+    next(stream), next(stream)                         # the header, then the first chunk
+    stream.close()                                     # a client gone
+    assert not readers()
+
+
+def test_a_database_error_midway_ends_the_stream_with_that_error(app):
+    """The HTTP layer then drops the connection without the last chunk (api.stream_response): a
+    client sees a broken download, never a short one that looks whole."""
+    bulk_messages(40)
+    stream = results.csv_stream(Filters(), chunk=2)
+    next(stream), next(stream)
+    db.execute_sql('ALTER TABLE "message" RENAME TO "message_gone"')
+    try:
+        with pytest.raises(DatabaseError, match="message"):
+            list(stream)
+    finally:
+        db.execute_sql('ALTER TABLE "message_gone" RENAME TO "message"')
+    assert not readers()
 
 
 def test_filters(client):
