@@ -2,8 +2,8 @@
 
 The CLI export, the API and the results page all read through here, so a filter or a column means the
 same thing everywhere. Rules: pages and streams walk keyset pages on (first_seen_at, message id), never
-OFFSET; a stream reads one chunk (CHUNK rows) whole and holds no cursor or read transaction open while
-the client reads; a `Tally` adds up, so stored per-mailing tallies sum to the tally of all messages; CSV
+an OFFSET from the start (a stream finds a chunk's end CHUNK - 1 rows past the last key); a stream reads
+each chunk whole and holds no cursor or read transaction open while the client reads; a `Tally` adds up, so stored per-mailing tallies sum to the tally of all messages; CSV
 cells are defused unless `raw`. What each column, filter and format means: docs/results.md.
 """
 from __future__ import annotations
@@ -406,16 +406,17 @@ def json_stream(filters: Filters, chunk: int = CHUNK, keep_alive: Callable[[], N
     yield b"\n]\n"
 
 
-# ---- streams: each row written as text by the database -------------------------------------------
-# Reading a row's 18 cells into Python costs more than everything else an export does, so the database
-# writes each row as one text (one function call per row, in C): a CSV line, its cells joined by
-# SEPARATOR (printf on SQLite, format on PostgreSQL), or a JSON object (json_object on SQLite, to_json
-# per cell on PostgreSQL); timestamps as ISO 8601, null as nothing in CSV. Python adds each row's
-# result, parsed and written once per distinct result (ResultCache), since a mailing's results repeat.
-# For CSV it looks over a chunk's lines at once: where no cell holds the separator, nothing is to be
-# quoted and nothing starts like a formula (nearly always), the separators become commas; otherwise
-# that chunk is quoted and defused column by column, as csv.writer and `defuse` would. The output is
-# the text csv.writer and json.dumps would give for flat_row and row_json (tests/test_results.py).
+# ---- streams: each row as one text -----------------------------------------------------------------
+# Reading a row's 18 cells into Python objects costs more than everything else an export does. So on
+# SQLite the database writes each row as one text, in C (_read_chunk): a CSV line with its cells joined
+# by SEPARATOR (printf), or a JSON object (json_object); timestamps as ISO 8601, null as nothing in CSV.
+# On PostgreSQL Python makes the same texts from the cells. A reader thread reads the next chunks while
+# one is written (_text_chunks). Then Python adds each row's result, parsed and written once per
+# distinct result (ResultCache), since a mailing's results repeat. For CSV it looks over a chunk's
+# lines at once: where no cell holds the separator, nothing is to be quoted and nothing starts like a
+# formula (nearly always), the separators become commas; otherwise that chunk is quoted and defused
+# cell by cell, as csv.writer and `defuse` would. The output is the text csv.writer and json.dumps give
+# for flat_row and row_json (tests/test_results.py). Figures: docs/performance.md, "Reading at scale".
 
 RESULT_CACHE = 20_000       # distinct results kept per stream
 READ_AHEAD = 2              # chunks read ahead, per reader thread, of the one being written
@@ -460,8 +461,13 @@ class _CsvRowText:
     """A row as one CSV line before quoting: its cells joined by SEPARATOR, null as nothing."""
 
     @staticmethod
-    def sql(cells: list):
-        return _printf(SEPARATOR.join(["%s"] * len(cells)), *cells)
+    def sql(cells: list, result=None):
+        """Also `result` between ROW_ENDs (null as nothing), if given: in the one printf, which costs
+        less than joining texts with ||."""
+        pattern = SEPARATOR.join(["%s"] * len(cells))
+        if result is None:
+            return _printf(pattern, *cells)
+        return _printf(pattern + ROW_END + "%s" + ROW_END, *cells, result)
 
     @staticmethod
     def from_columns(columns: list[list]) -> tuple[bytes, ...]:
@@ -474,8 +480,12 @@ class _JsonRowText:
     (SQLite's json_object escapes the same characters the same way)."""
 
     @staticmethod
-    def sql(cells: list):
-        return fn.json_object(*(part for pair in zip(COLUMN_NAMES, cells, strict=True) for part in pair))
+    def sql(cells: list, result=None):
+        """Also `result` between ROW_ENDs (null as nothing), if given."""
+        text = fn.json_object(*(part for pair in zip(COLUMN_NAMES, cells, strict=True) for part in pair))
+        if result is None:
+            return text
+        return text.concat(ROW_END).concat(fn.COALESCE(result, "")).concat(ROW_END)
 
     @staticmethod
     def from_columns(columns: list[list]) -> tuple[bytes, ...]:
@@ -553,15 +563,19 @@ class _Reader:
         self.thread.join()
 
     def _run(self) -> None:
-        with db.connection_context():
+        try:
             while (job := self.jobs.get()) is not None:
                 future, args = job
                 if not future.set_running_or_notify_cancel():
                     continue
                 try:
+                    db.connect(reuse_if_open=True)
                     future.set_result(_read_chunk(*args))
                 except BaseException as error:      # the stream raises it
                     future.set_exception(error)
+        finally:
+            if not db.is_closed():
+                db.close()
 
 
 def _when_read(future, bounds) -> Iterator[tuple[tuple, tuple, tuple]]:
@@ -610,8 +624,7 @@ def _read_chunk(filters: Filters, shape, bounds: tuple) -> tuple[tuple, tuple]:
             return (), ()
         *columns, stored = zip(*rows, strict=True)
         return shape.from_columns([list(column) for column in columns]), stored
-    text = shape.sql(_cells_sql())
-    row = text.concat(ROW_END).concat(fn.COALESCE(Message.result, "")).concat(ROW_END)
+    row = shape.sql(_cells_sql(), Message.result)
     inner, params = _select(filters, after, None, [row.alias("row")]).where(Tuple(*KEY) <= Tuple(*last)).sql()
     # SQLite keeps a FROM subquery's ORDER BY when the outer query runs group_concat over it.
     joined, rows = db.execute_sql(
@@ -621,7 +634,8 @@ def _read_chunk(filters: Filters, shape, bounds: tuple) -> tuple[tuple, tuple]:
     parts = joined.split(ROW_END.encode())
     if len(parts) == 2 * rows + 1:
         return tuple(parts[0:-1:2]), tuple(parts[1::2])
-    return tuple(zip(*_read(filters, [text.cast("BLOB"), _result_sql()], after, upto=last), strict=True))
+    return tuple(zip(*_read(filters, [shape.sql(_cells_sql()).cast("BLOB"), _result_sql()], after, upto=last),
+                     strict=True))
 
 
 def _result_text(stored) -> str | None:

@@ -123,6 +123,8 @@ def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
     csv.writer(reference, lineterminator="\r\n").writerows(
         [results.csv_header([]), *(results.flat_row(row, []).values() for row in rows)])
     assert written(results.csv_stream(Filters(), chunk=3, raw=True)) == reference.getvalue()
+    Message.update(result="not JSON, \x1d\n").where(Message.id == ids[7]).execute()
+    rows = list(results.iterate(Filters()))
     objects = [json.dumps(results.row_json(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
     for chunk in (2, 1000):
         assert written(results.jsonl_stream(Filters(), chunk=chunk)) == "".join(o + "\n" for o in objects)
