@@ -3,8 +3,9 @@
 The CLI export, the API and the results page all read through here, so a filter or a column means the
 same thing everywhere. Rules: pages and streams walk keyset pages on (first_seen_at, message id), never
 an OFFSET from the start (a stream finds a chunk's end CHUNK - 1 rows past the last key); a stream reads
-each chunk whole and holds no cursor or read transaction open while the client reads; a `Tally` adds up, so stored per-mailing tallies sum to the tally of all messages; CSV
-cells are defused unless `raw`. What each column, filter and format means: docs/results.md.
+each chunk whole and holds no cursor or read transaction open while the client reads; a `Tally` adds
+up, so stored per-mailing tallies sum to the tally of all messages; CSV cells are defused unless `raw`.
+What each column, filter and format means: docs/results.md.
 """
 from __future__ import annotations
 
@@ -190,12 +191,16 @@ def decode_cursor(token: str) -> tuple[dt.datetime, str]:
 KEY = (Message.first_seen_at, Message.id)          # the keyset order of pages and streams
 
 
-def _select(filters: Filters, after: tuple | None, limit: int | None, columns: Iterable | None = None):
-    """The matching rows' columns (default: the exports' columns and result) in keyset order."""
+def _select(filters: Filters, after: tuple | None, limit: int | None, columns: Iterable | None = None,
+            upto: tuple | None = None):
+    """The matching rows' columns (default: the exports' columns and result) in keyset order, after
+    `after` and up to `upto` (keys, both optional)."""
     columns = [*(f for _, f in COLUMNS), Message.result] if columns is None else columns
     query = filters.where(Message.select(*columns))
     if after is not None:
         query = query.where(Tuple(*KEY) > Tuple(*after))
+    if upto is not None:
+        query = query.where(Tuple(*KEY) <= Tuple(*upto))
     return query.order_by(*KEY).limit(limit)
 
 
@@ -499,13 +504,9 @@ def _nulls_as(column: list, empty: str) -> list:
     return [empty if value is None else value for value in column] if None in column else column
 
 
-def _read(filters: Filters, columns: list, after: tuple | None, limit: int | None = None,
-          upto: tuple | None = None) -> list[tuple]:
-    """The matching rows' `columns` as plain tuples, in keyset order, after `after` and up to `upto`."""
-    query = _select(filters, after, limit, columns)
-    if upto is not None:
-        query = query.where(Tuple(*KEY) <= Tuple(*upto))
-    return db.execute_sql(*query.sql()).fetchall()
+def _read(filters: Filters, columns: list, after: tuple | None, upto: tuple) -> list[tuple]:
+    """The matching rows' `columns` in (after, upto], as plain tuples, in keyset order."""
+    return db.execute_sql(*_select(filters, after, None, columns, upto).sql()).fetchall()
 
 
 def _result_sql():
@@ -625,7 +626,7 @@ def _read_chunk(filters: Filters, shape, bounds: tuple) -> tuple[tuple, tuple]:
         *columns, stored = zip(*rows, strict=True)
         return shape.from_columns([list(column) for column in columns]), stored
     row = shape.sql(_cells_sql(), Message.result)
-    inner, params = _select(filters, after, None, [row.alias("row")]).where(Tuple(*KEY) <= Tuple(*last)).sql()
+    inner, params = _select(filters, after, None, [row.alias("row")], last).sql()
     # SQLite keeps a FROM subquery's ORDER BY when the outer query runs group_concat over it.
     joined, rows = db.execute_sql(
         f'SELECT CAST(group_concat("row", \'\') AS BLOB), count(*) FROM ({inner}) AS "chunk"', params).fetchone()
