@@ -213,10 +213,12 @@ def measure(url: str, messages: int) -> None:
             ]
             csv_lines, csv_seconds, csv_bytes = download(server, "/api/results.csv")
             json_lines, json_seconds, _ = download(server, "/api/results.json")
+            since, until, window_rows = middle_tenth(messages)
+            window_lines, window_seconds, _ = download(server, f"/api/results.csv?since={since}&until={until}")
         cli = cli_export(url, Path(workdir))
     # Every row arrived: the CSV has a header line, the JSON array an opening and a closing line.
     for name, lines, expected in (("CSV", csv_lines, messages + 1), ("JSON", json_lines, messages + 2),
-                                  ("CLI CSV", cli["lines"], messages + 1)):
+                                  ("CLI CSV", cli["lines"], messages + 1), ("window CSV", window_lines, window_rows + 1)):
         if lines != expected:
             print(f"   !! {name}: {lines:,} lines, expected {expected:,}")
     csv_rows = json_rows = messages
@@ -228,8 +230,18 @@ def measure(url: str, messages: int) -> None:
     print(f"   | `GET /api/results.csv`, everything ({csv_bytes / 1e6:.0f} MB) | {csv_seconds:.1f} s "
           f"({csv_rows / csv_seconds:,.0f} rows/s) |")
     print(f"   | `GET /api/results.json`, everything | {json_seconds:.1f} s ({json_rows / json_seconds:,.0f} rows/s) |")
+    print(f"   | `GET /api/results.csv?since=...&until=...`, the middle tenth ({window_rows:,} rows) | "
+          f"{window_seconds:.1f} s ({window_rows / window_seconds:,.0f} rows/s) |")
     print(f"   | `python -m receiver export --format csv`, everything | {cli['seconds']:.1f} s "
           f"({messages / cli['seconds']:,.0f} rows/s), peak RSS {cli['rss_mb']:.0f} MB |")
+
+
+def middle_tenth(messages: int) -> tuple[str, str, int]:
+    """(since, until, rows) of a time window over the middle tenth of the mailings (one a day)."""
+    days = messages // MAILING
+    first, last = days * 45 // 100, days * 55 // 100
+    since, until = (f"{(EPOCH + dt.timedelta(days=day)).isoformat()}Z" for day in (first, last))
+    return since, until, (last - first) * MAILING
 
 
 def request(server: Server, path: str, token: bool = True, page: bool = False):

@@ -21,7 +21,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from json.encoder import encode_basestring as encode_json_string
 
 from peewee import Case, SqliteDatabase, Tuple, fn
@@ -192,10 +192,18 @@ KEY = (Message.first_seen_at, Message.id)          # the keyset order of pages a
 
 
 def _select(filters: Filters, after: tuple | None, limit: int | None, columns: Iterable | None = None,
-            upto: tuple | None = None):
+            upto: tuple | None = None, matched: bool = False):
     """The matching rows' columns (default: the exports' columns and result) in keyset order, after
-    `after` and up to `upto` (keys, both optional)."""
+    `after` and up to `upto` (keys, both optional).
+
+    matched=True says that `after` and `upto` are keys of rows that match `filters` (they come from
+    an earlier read, not from a client's cursor). `since` then adds nothing past `after`, nor `until`
+    before `upto`, and they are left out: SQLite takes one bound per side for the index's range, and
+    with them it would read from `since` (or up to `until`) again for every chunk of a stream."""
     columns = [*(f for _, f in COLUMNS), Message.result] if columns is None else columns
+    if matched:
+        filters = replace(filters, since=None if after is not None else filters.since,
+                          until=None if upto is not None else filters.until)
     query = filters.where(Message.select(*columns))
     if after is not None:
         query = query.where(Tuple(*KEY) > Tuple(*after))
@@ -228,7 +236,7 @@ def iterate(filters: Filters, chunk: int = CHUNK) -> Iterator[dict]:
     """
     after = None
     while True:
-        rows = list(_select(filters, after, chunk).dicts().iterator())
+        rows = list(_select(filters, after, chunk, matched=True).dicts().iterator())
         yield from rows
         if len(rows) < chunk:
             return
@@ -506,7 +514,7 @@ def _nulls_as(column: list, empty: str) -> list:
 
 def _read(filters: Filters, columns: list, after: tuple | None, upto: tuple) -> list[tuple]:
     """The matching rows' `columns` in (after, upto], as plain tuples, in keyset order."""
-    return db.execute_sql(*_select(filters, after, None, columns, upto).sql()).fetchall()
+    return db.execute_sql(*_select(filters, after, None, columns, upto, matched=True).sql()).fetchall()
 
 
 def _result_sql():
@@ -589,9 +597,9 @@ def _chunk_bounds(filters: Filters, chunk: int, after: tuple | None) -> Iterator
     """(the key before, the last key) of each chunk of `chunk` rows after `after`, then of a last,
     shorter one."""
     while True:
-        last = _key_at(_select(filters, after, 1, _key_sql()).offset(chunk - 1))
+        last = _key_at(_select(filters, after, 1, _key_sql(), matched=True).offset(chunk - 1))
         if last is None:
-            last = _key_at(_select(filters, after, 1, _key_sql()).order_by(*(f.desc() for f in KEY)))
+            last = _key_at(_select(filters, after, 1, _key_sql(), matched=True).order_by(*(f.desc() for f in KEY)))
             if last is not None:
                 yield after, last
             return
@@ -626,7 +634,7 @@ def _read_chunk(filters: Filters, shape, bounds: tuple) -> tuple[tuple, tuple]:
         *columns, stored = zip(*rows, strict=True)
         return shape.from_columns([list(column) for column in columns]), stored
     row = shape.sql(_cells_sql(), Message.result)
-    inner, params = _select(filters, after, None, [row.alias("row")], last).sql()
+    inner, params = _select(filters, after, None, [row.alias("row")], last, matched=True).sql()
     # SQLite keeps a FROM subquery's ORDER BY when the outer query runs group_concat over it.
     joined, rows = db.execute_sql(
         f'SELECT CAST(group_concat("row", \'\') AS BLOB), count(*) FROM ({inner}) AS "chunk"', params).fetchone()

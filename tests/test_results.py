@@ -8,7 +8,7 @@ import json
 import threading
 
 import pytest
-from peewee import DatabaseError
+from peewee import DatabaseError, SqliteDatabase
 from werkzeug.datastructures import MultiDict
 
 from receiver import results
@@ -128,6 +128,35 @@ def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app):
     objects = [json.dumps(results.row_json(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
     for chunk in (2, 1000):
         assert written(results.jsonl_stream(Filters(), chunk=chunk)) == "".join(o + "\n" for o in objects)
+
+
+def test_a_stream_filtered_by_time_reads_each_chunk_once(app, monkeypatch):
+    """Each chunk of an export filtered by since/until is read as its own range of the key index: the
+    database's work grows with the rows exported, not with their square (it used to read from `since`
+    up to `until` again for every chunk). SQLite counts its steps on every connection."""
+    if not isinstance(db.obj, SqliteDatabase):
+        pytest.skip("counts SQLite's steps")
+    steps = []
+    connect = db.obj._connect
+
+    def counted_connect():
+        connection = connect()
+        connection.set_progress_handler(lambda: steps.append(1), 100)
+        return connection
+
+    monkeypatch.setattr(db.obj, "_connect", counted_connect)
+    db.connection().set_progress_handler(lambda: steps.append(1), 100)
+    work = {}
+    for size, day in ((600, 1), (1200, 2)):     # rows before the window, in it, and after it
+        start = dt.datetime(2025, 3, day)
+        bulk_messages(3 * size, prefix=f"d{day}-", first_seen_at=start, result={"nps": "9"})
+        window = Filters.build(since=start + dt.timedelta(milliseconds=size),
+                               until=start + dt.timedelta(milliseconds=2 * size))
+        steps.clear()
+        lines = written(results.csv_stream(window, chunk=20, keys=["nps"])).splitlines()
+        assert len(lines) == 1 + size and lines[1].startswith(f"d{day}-{size:06d},")
+        work[size] = len(steps)
+    assert work[1200] < 3 * work[600]          # twice the rows, about twice the work (not four times)
 
 
 def readers() -> list[threading.Thread]:
