@@ -423,8 +423,10 @@ def json_stream(filters: Filters, chunk: int = CHUNK, keep_alive: Callable[[], N
 # Reading a row's 18 cells into Python objects costs more than everything else an export does. So on
 # SQLite the database writes each row as one text, in C (_read_chunk): a CSV line with its cells joined
 # by SEPARATOR (printf), or a JSON object (json_object); timestamps as ISO 8601, null as nothing in CSV.
-# On PostgreSQL Python makes the same texts from the cells. A reader thread reads the next chunks while
-# one is written (_text_chunks). Then Python adds each row's result, parsed and written once per
+# PostgreSQL gives a chunk as COPY's text, the cells joined by SEPARATOR: a CSV line as it is, or the
+# values Python puts in a JSON object's places (JSON_DRAFT). Where a value of the chunk came out escaped
+# (or would need escaping in JSON), that chunk is read by cells instead. A reader thread reads the next
+# chunks while one is written (_text_chunks). Then Python adds each row's result, parsed and written once per
 # distinct result (ResultCache), since a mailing's results repeat. For CSV it looks over a chunk's
 # lines at once: where no cell holds the separator, nothing is to be quoted and nothing starts like a
 # formula (nearly always), the separators become commas; otherwise that chunk is quoted and defused
@@ -435,6 +437,10 @@ RESULT_CACHE = 20_000       # distinct results kept per stream
 READ_AHEAD = 2              # chunks read ahead, per reader thread, of the one being written
 ROW_END = "\x1d"            # after a row's text and after its result, in a chunk the database joins
 JSON_OBJECT = "{" + ",".join(f'"{name}":%s' for name in COLUMN_NAMES) + "}"
+# The same with each value as it is, texts between quotes: for values that JSON writes as they are.
+JSON_DRAFT = ("{" + ",".join(f'"{name}":%s' if f.field_type == "INT" else f'"{name}":"%s"' for name, f in COLUMNS)
+              + "}").encode()
+CONTROL_CHARACTERS = bytes(range(0x20))     # json.dumps escapes each of them
 SEPARATOR = "\x1f"          # between a CSV line's cells as the database writes them; it starts no formula
 CSV_QUOTED = (",", '"', "\r", "\n")       # a cell holding one of these is quoted (RFC 4180, as csv.writer)
 # A cell (UTF-8) that `defuse` may change, just after a SEPARATOR: a formula start, or a sign not followed
@@ -485,10 +491,22 @@ class _CsvRowText:
         columns = [_nulls_as(column, "") for column in columns]
         return tuple(SEPARATOR.join(row).encode() for row in zip(*columns, strict=True))
 
+    COPY_NULL = b""
+
+    @staticmethod
+    def from_copy(text: bytes) -> tuple[tuple, tuple] | None:
+        """PostgreSQL's COPY text (null as nothing) -> (lines, results); None where a value came out
+        escaped."""
+        if b"\\" in text:
+            return None
+        rows = _copied_rows(text)
+        return tuple(row[0] for row in rows), tuple(row[2] for row in rows)
+
 
 class _JsonRowText:
     """A row as one JSON object, as json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes it
-    (SQLite's json_object escapes the same characters the same way)."""
+    (SQLite's json_object escapes the same characters the same way; COPY's text is used only where no
+    value needs escaping)."""
 
     @staticmethod
     def sql(cells: list, result=None):
@@ -504,6 +522,23 @@ class _JsonRowText:
                    ["null" if value is None else encode_json_string(value) for value in column]
                    for column, (_, f) in zip(columns, COLUMNS, strict=True)]
         return tuple((JSON_OBJECT % row).encode() for row in zip(*columns, strict=True))
+
+    COPY_NULL = b"\\N"
+
+    @staticmethod
+    def from_copy(text: bytes) -> tuple[tuple, tuple] | None:
+        """PostgreSQL's COPY text (null as \\N) -> (objects, results), each value put in its place in
+        JSON_DRAFT as it is; None where a value would need escaping in JSON (a quote, a control
+        character) or came out escaped (a backslash that starts no null)."""
+        if text.count(b"\\") != text.count(b"\\N"):
+            return None
+        rows = _copied_rows(text)
+        cells = b"\n".join(row[0] for row in rows)
+        if b'"' in cells or len(cells) - len(cells.translate(None, CONTROL_CHARACTERS)) != len(COLUMNS) * len(rows) - 1:
+            return None
+        drafts = b"\n".join([JSON_DRAFT % tuple(row[0].split(SEPARATOR.encode())) for row in rows])
+        objects = drafts.replace(b'"\\N"', b"null").replace(b"\\N", b"null").split(b"\n")
+        return tuple(objects), tuple(b"" if row[2] == b"\\N" else row[2] for row in rows)
 
 
 def _nulls_as(column: list, empty: str) -> list:
@@ -615,16 +650,14 @@ def _key_at(query) -> tuple | None:
 
 
 def _read_chunk(filters: Filters, shape, bounds: tuple) -> tuple[tuple, tuple]:
-    """(each row's text as `shape` makes it, UTF-8; each row's stored result) in (after, last]."""
+    """(each row's text as `shape` makes it, UTF-8; each row's stored result) in (after, last].
+    PostgreSQL: from COPY's text (`shape.from_copy`), or, where that cannot be used as it is, by cells."""
     after, last = bounds
     if _sqlite():
         return _sqlite_chunk(filters, shape, after, last)
-    if shape is _CsvRowText:
-        text = _copy_out(_select(filters, after, None, [*_cells_sql(), Message.result], last, matched=True))
-        if b"\\" not in text:          # no value needed COPY's escapes: the text is the values
-            rows = [row.rpartition(SEPARATOR.encode()) for row in text.split(b"\n")[:-1]]
-            return tuple(row[0] for row in rows), tuple(row[2] for row in rows)
-    return _cells_chunk(filters, shape, after, last)
+    query = _select(filters, after, None, [*_cells_sql(), Message.result], last, matched=True)
+    chunk = shape.from_copy(_copy_out(query, shape.COPY_NULL))
+    return _cells_chunk(filters, shape, after, last) if chunk is None else chunk
 
 
 def _sqlite_chunk(filters: Filters, shape, after: tuple | None, last: tuple) -> tuple[tuple, tuple]:
@@ -646,8 +679,9 @@ def _sqlite_chunk(filters: Filters, shape, after: tuple | None, last: tuple) -> 
 
 
 def _cells_chunk(filters: Filters, shape, after: tuple | None, last: tuple) -> tuple[tuple, tuple]:
-    """PostgreSQL gives the cells and Python makes the rows' texts (`shape.from_columns`): PostgreSQL's
-    own format(), concat() and to_json() cost more than that, on the same two cores (measured)."""
+    """PostgreSQL gives the cells and Python makes the rows' texts (`shape.from_columns`), escaping
+    each value: for a chunk where COPY's text cannot be used as it is. (PostgreSQL's own format(),
+    concat() and to_json() cost more than either, on the same two cores: measured.)"""
     cells = [cell.cast("TEXT") if f.field_type == "INT" else cell
              for cell, (_, f) in zip(_cells_sql(), COLUMNS, strict=True)]
     rows = _read(filters, [*cells, Message.result], after, upto=last)
@@ -662,17 +696,22 @@ class _Pieces(list):
     write = list.append
 
 
-def _copy_out(query) -> bytes:
+def _copy_out(query, null: bytes) -> bytes:
     """The query's rows as PostgreSQL's COPY writes them, in UTF-8: the cells joined by SEPARATOR,
-    null as nothing, each row ended by a line feed. A backslash, a line feed, CR, tab (and the other
+    null as `null` (the bytes), each row ended by a line feed. A backslash, a line feed, CR, tab (and the other
     control characters C writes with a backslash) or SEPARATOR inside a value comes out behind a
     backslash. COPY is the server's cheapest way out for text: about three times the rows a second
     of concat() (measured), and no Python object per cell."""
     cursor = db.cursor()
     pieces = _Pieces()
     cursor.copy_expert(b"COPY (" + cursor.mogrify(*query.sql()) + b") TO STDOUT WITH (DELIMITER E'\\x1f', "
-                       b"NULL '', ENCODING 'UTF8')", pieces)
+                       b"NULL '" + null + b"', ENCODING 'UTF8')", pieces)
     return b"".join(pieces)
+
+
+def _copied_rows(text: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """COPY's rows -> (cells joined by SEPARATOR, SEPARATOR, the result) each."""
+    return [row.rpartition(SEPARATOR.encode()) for row in text.split(b"\n")[:-1]]
 
 
 def _result_text(stored) -> str | None:
