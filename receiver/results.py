@@ -192,16 +192,17 @@ KEY = (Message.first_seen_at, Message.id)          # the keyset order of pages a
 
 
 def _select(filters: Filters, after: tuple | None, limit: int | None, columns: Iterable | None = None,
-            upto: tuple | None = None, matched: bool = False):
+            upto: tuple | None = None, within: bool = False):
     """The matching rows' columns (default: the exports' columns and result) in keyset order, after
     `after` and up to `upto` (keys, both optional).
 
-    matched=True says that `after` and `upto` are keys of rows that match `filters` (they come from
-    an earlier read, not from a client's cursor). `since` then adds nothing past `after`, nor `until`
-    before `upto`, and they are left out: SQLite takes one bound per side for the index's range, and
-    with them it would read from `since` (or up to `until`) again for every chunk of a stream."""
+    within=True says that `after` is at or past `since`, and `upto` before `until`: true of keys read
+    under the same filters (a chunk's bounds), and checked for a client's cursor (page). `since` then
+    adds nothing past `after`, nor `until` before `upto`, and they are left out: SQLite takes one bound
+    per side for the index's range, and with them it would read from `since` (or up to `until`) again
+    for every chunk of a stream, and for every page."""
     columns = [*(f for _, f in COLUMNS), Message.result] if columns is None else columns
-    if matched:
+    if within:
         filters = replace(filters, since=None if after is not None else filters.since,
                           until=None if upto is not None else filters.until)
     query = filters.where(Message.select(*columns))
@@ -221,7 +222,8 @@ class Page:
 def page(filters: Filters, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
     """One page of raw rows (Message field names) after `cursor`; next_cursor is None on the last."""
     after = decode_cursor(cursor) if cursor else None
-    rows = list(_select(filters, after, limit + 1).dicts().iterator())
+    within = after is not None and (filters.since is None or after[0] >= filters.since)
+    rows = list(_select(filters, after, limit + 1, within=within).dicts().iterator())
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows, encode_cursor(rows[-1]) if more else None)
@@ -236,7 +238,7 @@ def iterate(filters: Filters, chunk: int = CHUNK) -> Iterator[dict]:
     """
     after = None
     while True:
-        rows = list(_select(filters, after, chunk, matched=True).dicts().iterator())
+        rows = list(_select(filters, after, chunk, within=True).dicts().iterator())
         yield from rows
         if len(rows) < chunk:
             return
@@ -547,7 +549,7 @@ def _nulls_as(column: list, empty: str) -> list:
 
 def _read(filters: Filters, columns: list, after: tuple | None, upto: tuple) -> list[tuple]:
     """The matching rows' `columns` in (after, upto], as plain tuples, in keyset order."""
-    return db.execute_sql(*_select(filters, after, None, columns, upto, matched=True).sql()).fetchall()
+    return db.execute_sql(*_select(filters, after, None, columns, upto, within=True).sql()).fetchall()
 
 
 def _result_sql():
@@ -630,9 +632,9 @@ def _chunk_bounds(filters: Filters, chunk: int, after: tuple | None) -> Iterator
     """(the key before, the last key) of each chunk of `chunk` rows after `after`, then of a last,
     shorter one."""
     while True:
-        last = _key_at(_select(filters, after, 1, _key_sql(), matched=True).offset(chunk - 1))
+        last = _key_at(_select(filters, after, 1, _key_sql(), within=True).offset(chunk - 1))
         if last is None:
-            last = _key_at(_select(filters, after, 1, _key_sql(), matched=True).order_by(*(f.desc() for f in KEY)))
+            last = _key_at(_select(filters, after, 1, _key_sql(), within=True).order_by(*(f.desc() for f in KEY)))
             if last is not None:
                 yield after, last
             return
@@ -655,7 +657,7 @@ def _read_chunk(filters: Filters, shape, bounds: tuple) -> tuple[tuple, tuple]:
     after, last = bounds
     if _sqlite():
         return _sqlite_chunk(filters, shape, after, last)
-    query = _select(filters, after, None, [*_cells_sql(), Message.result], last, matched=True)
+    query = _select(filters, after, None, [*_cells_sql(), Message.result], last, within=True)
     chunk = shape.from_copy(_copy_out(query, shape.COPY_NULL))
     return _cells_chunk(filters, shape, after, last) if chunk is None else chunk
 
@@ -665,7 +667,7 @@ def _sqlite_chunk(filters: Filters, shape, after: tuple | None, last: tuple) -> 
     ROW_END, its result and ROW_END again: one step of the query, all in C. Where a row holds ROW_END
     itself (the parts do not add up), the chunk is read row by row instead."""
     row = shape.sql(_cells_sql(), Message.result)
-    inner, params = _select(filters, after, None, [row.alias("row")], last, matched=True).sql()
+    inner, params = _select(filters, after, None, [row.alias("row")], last, within=True).sql()
     # SQLite keeps a FROM subquery's ORDER BY when the outer query runs group_concat over it.
     joined, rows = db.execute_sql(
         f'SELECT CAST(group_concat("row", \'\') AS BLOB), count(*) FROM ({inner}) AS "chunk"', params).fetchone()

@@ -167,6 +167,27 @@ def test_a_stream_filtered_by_time_reads_each_chunk_once(app, monkeypatch):
     assert work[1200] < 3 * work[600]          # twice the rows, about twice the work (not four times)
 
 
+def test_a_page_far_past_since_reads_from_its_cursor(app):
+    """A page after a cursor is read from the cursor on the index, however far past `since` it is (it
+    used to be read from `since`). SQLite counts its steps."""
+    if not isinstance(db.obj, SqliteDatabase):
+        pytest.skip("counts SQLite's steps")
+    start = dt.datetime(2025, 3, 1)
+    ids = bulk_messages(3000, prefix="p", first_seen_at=start)
+    window = Filters.build(since=start + dt.timedelta(seconds=1))      # from the 1,001st row
+    steps = []
+    db.connection().set_progress_handler(lambda: steps.append(1), 10)
+    work = {}
+    for n in (1010, 2900):
+        cursor = results.encode_cursor({"first_seen_at": start + dt.timedelta(milliseconds=n), "id": ids[n]})
+        steps.clear()
+        assert [row["id"] for row in results.page(window, limit=10, cursor=cursor).rows] == ids[n + 1:n + 11]
+        work[n] = len(steps)
+    assert work[2900] < 2 * work[1010]          # not the 1,900 rows more between `since` and the cursor
+    before = results.encode_cursor({"first_seen_at": start, "id": ids[0]})      # a cursor from another query
+    assert [row["id"] for row in results.page(window, limit=3, cursor=before).rows] == ids[1000:1003]
+
+
 def readers() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "export-reader"]
 
