@@ -700,14 +700,15 @@ class _Pieces(list):
 
 def _copy_out(query, null: bytes) -> bytes:
     """The query's rows as PostgreSQL's COPY writes them, in UTF-8: the cells joined by SEPARATOR,
-    null as `null` (the bytes), each row ended by a line feed. A backslash, a line feed, CR, tab (and the other
-    control characters C writes with a backslash) or SEPARATOR inside a value comes out behind a
-    backslash. COPY is the server's own writer: no Python object per cell, and less of the server's
-    time than a concat() per row (measured: docs/performance.md)."""
+    null as `null` (the bytes), each row ended by a line feed. A backslash, a line feed, CR, tab (and
+    the other control characters C writes with a backslash) or SEPARATOR inside a value comes out
+    behind a backslash. COPY is the server's own writer: no Python object per cell, and less of the
+    server's time than a concat() per row (measured: docs/performance.md)."""
     cursor = db.cursor()
     pieces = _Pieces()
+    null = null.replace(b"\\", b"\\\\")         # an E'' literal means the same whatever the server's settings
     cursor.copy_expert(b"COPY (" + cursor.mogrify(*query.sql()) + b") TO STDOUT WITH (DELIMITER E'\\x1f', "
-                       b"NULL '" + null + b"', ENCODING 'UTF8')", pieces)
+                       b"NULL E'" + null + b"', ENCODING 'UTF8')", pieces)
     return b"".join(pieces)
 
 
