@@ -527,20 +527,21 @@ class _JsonRowText:
 
     COPY_NULL = b"\\N"
 
-    @staticmethod
-    def from_copy(text: bytes) -> tuple[tuple, tuple] | None:
-        """PostgreSQL's COPY text (null as \\N) -> (objects, results), each value put in its place in
-        JSON_DRAFT as it is; None where a value would need escaping in JSON (a quote, a control
+    @classmethod
+    def from_copy(cls, text: bytes) -> tuple[tuple, tuple] | None:
+        """PostgreSQL's COPY text (null as COPY_NULL) -> (objects, results), each value put in its place
+        in JSON_DRAFT as it is; None where a value would need escaping in JSON (a quote, a control
         character) or came out escaped (a backslash that starts no null)."""
-        if text.count(b"\\") != text.count(b"\\N"):
+        null, separator = cls.COPY_NULL, SEPARATOR.encode()
+        if text.count(b"\\") != text.count(null):
             return None
         rows = _copied_rows(text)
         cells = b"\n".join(row[0] for row in rows)
         if b'"' in cells or len(cells) - len(cells.translate(None, CONTROL_CHARACTERS)) != len(COLUMNS) * len(rows) - 1:
             return None
-        drafts = b"\n".join([JSON_DRAFT % tuple(row[0].split(SEPARATOR.encode())) for row in rows])
-        objects = drafts.replace(b'"\\N"', b"null").replace(b"\\N", b"null").split(b"\n")
-        return tuple(objects), tuple(b"" if row[2] == b"\\N" else row[2] for row in rows)
+        drafts = b"\n".join([JSON_DRAFT % tuple(row[0].split(separator)) for row in rows])
+        objects = drafts.replace(b'"' + null + b'"', b"null").replace(null, b"null").split(b"\n")
+        return tuple(objects), tuple(b"" if row[2] == null else row[2] for row in rows)
 
 
 def _nulls_as(column: list, empty: str) -> list:
