@@ -6,6 +6,7 @@ import datetime as dt
 import io
 import json
 import threading
+from collections.abc import Callable
 
 import pytest
 from peewee import DatabaseError, SqliteDatabase
@@ -138,22 +139,34 @@ def test_streams_write_each_cell_as_csv_writer_and_json_dumps_would(app, monkeyp
         assert 0 < len(by_cells) < len(rows) // 2
 
 
-def test_a_stream_filtered_by_time_reads_each_chunk_once(app, monkeypatch):
+@pytest.fixture
+def sqlite_steps(app, monkeypatch) -> Callable[[int], list]:
+    """count(every) -> a list that gets an item for every `every` VM instructions SQLite runs, on this
+    thread's connection and on each one opened later (a stream's reader threads)."""
+    if not isinstance(db.obj, SqliteDatabase):
+        pytest.skip("counts SQLite's steps")
+    steps: list = []
+
+    def count(every: int) -> list:
+        connect = db.obj._connect
+
+        def counted_connect():
+            connection = connect()
+            connection.set_progress_handler(lambda: steps.append(1), every)
+            return connection
+
+        monkeypatch.setattr(db.obj, "_connect", counted_connect)
+        db.connection().set_progress_handler(lambda: steps.append(1), every)
+        return steps
+
+    return count
+
+
+def test_a_stream_filtered_by_time_reads_each_chunk_once(sqlite_steps):
     """Each chunk of an export filtered by since/until is read as its own range of the key index: the
     database's work grows with the rows exported, not with their square (it used to read from `since`
     up to `until` again for every chunk). SQLite counts its steps on every connection."""
-    if not isinstance(db.obj, SqliteDatabase):
-        pytest.skip("counts SQLite's steps")
-    steps = []
-    connect = db.obj._connect
-
-    def counted_connect():
-        connection = connect()
-        connection.set_progress_handler(lambda: steps.append(1), 100)
-        return connection
-
-    monkeypatch.setattr(db.obj, "_connect", counted_connect)
-    db.connection().set_progress_handler(lambda: steps.append(1), 100)
+    steps = sqlite_steps(100)
     work = {}
     for size, day in ((600, 1), (1200, 2)):     # rows before the window, in it, and after it
         start = dt.datetime(2025, 3, day)
@@ -167,16 +180,13 @@ def test_a_stream_filtered_by_time_reads_each_chunk_once(app, monkeypatch):
     assert work[1200] < 3 * work[600]          # twice the rows, about twice the work (not four times)
 
 
-def test_a_page_far_past_since_reads_from_its_cursor(app):
+def test_a_page_far_past_since_reads_from_its_cursor(sqlite_steps):
     """A page after a cursor is read from the cursor on the index, however far past `since` it is (it
     used to be read from `since`). SQLite counts its steps."""
-    if not isinstance(db.obj, SqliteDatabase):
-        pytest.skip("counts SQLite's steps")
     start = dt.datetime(2025, 3, 1)
     ids = bulk_messages(3000, prefix="p", first_seen_at=start)
     window = Filters.build(since=start + dt.timedelta(seconds=1))      # from the 1,001st row
-    steps = []
-    db.connection().set_progress_handler(lambda: steps.append(1), 10)
+    steps = sqlite_steps(10)
     work = {}
     for n in (1010, 2900):
         cursor = results.encode_cursor({"first_seen_at": start + dt.timedelta(milliseconds=n), "id": ids[n]})
