@@ -2,10 +2,12 @@
 
     python -m bench ingest          (or: make bench; needs wrk: `apt-get install wrk`)
 
-Each run starts gunicorn with deploy/gunicorn.conf.py, the same settings every time, three times:
+Each run starts gunicorn with deploy/gunicorn.conf.py, the same settings every time, five times:
 a bare Flask app that parses the JSON and answers 200 (`bare_app` below) and the receiver (wsgi:app,
 on a fresh database), both without an access log (the fair comparison), then the receiver as
-deployed, with gunicorn's access log (RedactingLogger) written to a file. Each server gets a 2 s
+deployed, with gunicorn's access log (RedactingLogger) written to a file, then the receiver without
+it twice more while the worker's stored summaries are counted beside it (bench/summarising.py): a
+round every 30 s as the worker does, and back to back (RECEIVER_RUNS). Each server gets a 2 s
 warm-up, then wrk loads it (bench/ingest.lua: a new message id per request, TWIN's example body).
 Afterwards the server is stopped gracefully, every wrk thread's id space is counted in the event
 table (see `missing`) and the server's files are deleted; before each server, `sync` (see `settle`). Environment: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32),
@@ -17,6 +19,7 @@ wrk runs on the same machine and shares its cores with the server; its CPU is pr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +27,7 @@ import resource
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +39,8 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from receiver.demo import GUNICORN_CONF, free_port, with_code
+from receiver.demo import GUNICORN_CONF, free_port, stop_processes, with_code
+from receiver.maintenance import SUMMARY_INTERVAL
 
 CALLBACK_TOKEN = "bench-callback-token-0123456789"
 API_TOKEN = "bench-api-token-0123456789abcdef"
@@ -256,6 +261,7 @@ class Load:
     wrk_cpu: float = 0.0        # CPU seconds of wrk per answered request
     synced: float = 0.0         # seconds settle() took before the server started
     load_average: float = 0.0   # the machine's 1-minute load average when the server started
+    summary_rounds: str | None = None   # rounds of stored summaries counted during the load (bench/summarising.py)
 
     @property
     def ok(self) -> int:
@@ -279,6 +285,26 @@ class Load:
     @property
     def unanswered(self) -> int:
         return sum(space.sent - space.ok - space.other for space in self.spaces)
+
+
+@contextlib.contextmanager
+def summaries_beside(url: str, interval: float | None, workdir: Path):
+    """With an interval: bench/summarising.py runs on the database for the block. Gives a list that then
+    holds its report (the rounds it made); without, nothing runs and the list stays empty."""
+    report: list[str] = []
+    if interval is None:
+        yield report
+        return
+    process = subprocess.Popen([sys.executable, "-m", "bench.summarising", url, str(interval)], cwd=workdir,
+                               env=with_code(dict(os.environ)), stdout=subprocess.PIPE, text=True)
+    try:
+        yield report
+    finally:
+        stop_processes([process])
+    line = next((line for line in process.stdout.read().splitlines() if line.startswith("BENCH-SUMMARIES ")), None)
+    if process.returncode != 0 or line is None:
+        raise RuntimeError(f"bench.summarising failed ({process.returncode})")
+    report.append(line.partition(" ")[2])
 
 
 def wrk(server: Server, tag: str, duration: float, threads: int, connections: int) -> Load:
@@ -330,16 +356,20 @@ def settle() -> float:
     return time.monotonic() - started
 
 
-def measure(app: str, workdir: Path, env: dict, tag: str, options: dict, database: Database | None = None):
+def measure(app: str, workdir: Path, env: dict, tag: str, options: dict, database: Database | None = None,
+            summaries_every: float | None = None):
     """Start `app` under gunicorn, warm it up for 2 s, load it; with `database`, count what it stored,
-    then delete the server's files (and settle() that too, before the next server)."""
+    then delete the server's files (and settle() that too, before the next server). summaries_every:
+    the worker's stored summaries are counted meanwhile, a round every that many seconds."""
     workdir.mkdir(parents=True)
     synced = settle()
     load_average = os.getloadavg()[0]
     with Server(app, workdir, env) as server:
         wrk(server, f"{tag}w", 2.0, options["threads"], options["connections"])     # warm-up (and schema)
         workers = len(server.worker_pids())
-        load = wrk(server, tag, options["duration"], options["threads"], options["connections"])
+        with summaries_beside(env["DATABASE_URL"], summaries_every, workdir) as rounds:
+            load = wrk(server, tag, options["duration"], options["threads"], options["connections"])
+        load.summary_rounds = " ".join(rounds) or None
     if database is not None:
         count_stored([load], database)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -347,19 +377,25 @@ def measure(app: str, workdir: Path, env: dict, tag: str, options: dict, databas
     return load, workers
 
 
+# The receiver's runs: (name, gunicorn's access log, seconds between rounds of the stored summaries
+# counted meanwhile (bench/summarising.py): None, none; 0, back to back).
+RECEIVER_RUNS = (("receiver", NO_ACCESS_LOG, None), ("deployed", {}, None),
+                 ("summarised", NO_ACCESS_LOG, SUMMARY_INTERVAL), ("back-to-back", NO_ACCESS_LOG, 0.0))
+
+
 def one_run(number: int, workdir: Path, postgres_url: str | None, options: dict) -> dict:
-    """The bare app and the receiver without access log, then the receiver with it, in that order."""
+    """The bare app, then the receiver: without access log, with it, and without it while the stored
+    summaries are counted back to back, in that order."""
     run = workdir / f"run{number}"
-    loads, databases = {}, {
-        "receiver": Database(run / "receiver", postgres_url), "deployed": Database(run / "deployed", postgres_url)}
-    # The bare app gets the receiver's DATABASE_URL too: gunicorn.conf.py sizes its workers by it.
-    env = {"DATABASE_URL": databases["receiver"].url} | NO_ACCESS_LOG
+    loads = {}
+    # The bare app gets a receiver's DATABASE_URL too: gunicorn.conf.py sizes its workers by it.
+    env = {"DATABASE_URL": Database(run / "receiver", postgres_url).url} | NO_ACCESS_LOG
     loads["bare"], workers = measure("bench.ingest:bare_app", run / "bare", env, f"b{number}", options)
-    for kind, logging in (("receiver", NO_ACCESS_LOG), ("deployed", {})):
-        database = databases[kind]
+    for kind, logging, summaries_every in RECEIVER_RUNS:
+        database = Database(run / kind, postgres_url)
         with database:
             loads[kind], _ = measure("wsgi:app", run / kind, {"DATABASE_URL": database.url} | logging,
-                                     f"{kind[0]}{number}", options, database)
+                                     f"{kind[0]}{number}", options, database, summaries_every)
     loads["workers"] = workers
     return loads
 
@@ -391,10 +427,18 @@ def report(runs: list[dict], database_name: str) -> dict:
         deployed = run["deployed"]
         print(f"  {number:<4} {deployed.rate:>11,.0f} {deployed.rate / run['bare'].rate:>7.2f}   "
               f"{ms(deployed.p50) + ' / ' + ms(deployed.p99):>12}   {deployed.server_cpu * 1e6:>22.0f}")
+    print("\nthe stored summaries counted meanwhile by the worker's PeriodicSummaries (bench/summarising.py),"
+          f" no access log: a round every {SUMMARY_INTERVAL:g} s as the worker does, then back to back")
+    print(f"  {'run':<4} {'':<12} {'receiver/s':>11} {'/ without':>10}   {'p50/p99 ms':>12}   counted")
+    for number, run in enumerate(runs, 1):
+        for kind in ("summarised", "back-to-back"):
+            load = run[kind]
+            print(f"  {number:<4} {kind:<12} {load.rate:>11,.0f} {load.rate / run['receiver'].rate:>10.2f}   "
+                  f"{ms(load.p50) + ' / ' + ms(load.p99):>12}   {load.summary_rounds}")
     print("\nacknowledged callbacks in the event table (per wrk thread: sent, answered 2xx, stored)")
     worst = 0
     for number, run in enumerate(runs, 1):
-        for kind in ("receiver", "deployed"):
+        for kind, _, _ in RECEIVER_RUNS:
             load = run[kind]
             spaces = "; ".join(f"{s.name}: {s.sent:,} sent, {s.ok:,} 2xx, {s.stored:,} stored" for s in load.spaces)
             least = sum(s.missing[0] for s in load.spaces)
@@ -411,14 +455,20 @@ def report(runs: list[dict], database_name: str) -> dict:
           f"as deployed {span([r['deployed'].rate for r in runs], ',.0f')}/s, "
           f"receiver p99 {span([r['receiver'].p99 * 1000 for r in runs], '.1f')} ms")
     print(f"wrk's own CPU during the receiver runs: {span(wrk_cpu, '.0%')} of one core")
-    servers = [run[kind] for run in runs for kind in ("bare", "receiver", "deployed")]
+    beside = [run["summarised"].rate / run["receiver"].rate for run in runs]
+    back_to_back = [run["back-to-back"].rate / run["receiver"].rate for run in runs]
+    print(f"with the stored summaries counted: {span(beside, '.2f')} of the receiver's rate without them "
+          f"(back to back: {span(back_to_back, '.2f')})")
+    servers = [run[kind] for run in runs for kind in ("bare", *(kind for kind, _, _ in RECEIVER_RUNS))]
     print(f"before each server: sync {span([s.synced for s in servers], '.1f')} s; "
           f"load average (1 min) at its start {span([s.load_average for s in servers], '.2f')}")
-    verdict = {"ratio": min(ratios) >= 0.6, "p99": max(p99s) < 0.050, "all_stored": worst == 0}
-    print("targets (ratio >= 0.6, p99 < 50 ms, 0 missing): "
+    verdict = {"ratio": min(ratios) >= 0.6, "p99": max(p99s) < 0.050, "all_stored": worst == 0,
+               "summaries": statistics.median(beside) >= 0.95}
+    print("targets (ratio >= 0.6, p99 < 50 ms, 0 missing, summaries' median cost <= 5%): "
           + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in verdict.items()))
     return {"ratio": ratios, "bare": [r["bare"].rate for r in runs], "receiver": [r["receiver"].rate for r in runs],
-            "deployed": [r["deployed"].rate for r in runs], "p99": p99s, "missing": worst, "verdict": verdict}
+            "deployed": [r["deployed"].rate for r in runs], "p99": p99s, "missing": worst, "summaries": beside,
+            "verdict": verdict}
 
 
 def main(argv: list[str] | None = None) -> dict:
