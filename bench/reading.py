@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -215,10 +214,12 @@ def measure(url: str, messages: int) -> None:
             json_lines, json_seconds, _ = download(server, "/api/results.json")
             since, until, window_rows = middle_tenth(messages)
             window_lines, window_seconds, _ = download(server, f"/api/results.csv?since={since}&until={until}")
-        cli = cli_export(url, Path(workdir))
+        cli = {form: cli_export(url, Path(workdir), form) for form in ("csv", "json")}
     # Every row arrived: the CSV has a header line, the JSON array an opening and a closing line.
     for name, lines, expected in (("CSV", csv_lines, messages + 1), ("JSON", json_lines, messages + 2),
-                                  ("CLI CSV", cli["lines"], messages + 1), ("window CSV", window_lines, window_rows + 1)):
+                                  ("CLI CSV", cli["csv"]["lines"], messages + 1),
+                                  ("CLI JSON", cli["json"]["lines"], messages + 2),
+                                  ("window CSV", window_lines, window_rows + 1)):
         if lines != expected:
             print(f"   !! {name}: {lines:,} lines, expected {expected:,}")
     csv_rows = json_rows = messages
@@ -232,8 +233,9 @@ def measure(url: str, messages: int) -> None:
     print(f"   | `GET /api/results.json`, everything | {json_seconds:.1f} s ({json_rows / json_seconds:,.0f} rows/s) |")
     print(f"   | `GET /api/results.csv?since=...&until=...`, the middle tenth ({window_rows:,} rows) | "
           f"{window_seconds:.1f} s ({window_rows / window_seconds:,.0f} rows/s) |")
-    print(f"   | `python -m receiver export --format csv`, everything | {cli['seconds']:.1f} s "
-          f"({messages / cli['seconds']:,.0f} rows/s), peak RSS {cli['rss_mb']:.0f} MB |")
+    for form, run in cli.items():
+        print(f"   | `python -m receiver export --format {form}`, everything | {run['seconds']:.1f} s "
+              f"({messages / run['seconds']:,.0f} rows/s), peak RSS {run['rss_mb']:.0f} MB |")
 
 
 def middle_tenth(messages: int) -> tuple[str, str, int]:
@@ -276,16 +278,18 @@ def download(server: Server, path: str) -> tuple[int, float, int]:
     return lines, time.perf_counter() - started, size
 
 
-def cli_export(url: str, workdir: Path) -> dict:
-    """`python -m receiver export --format csv -o FILE`: rows/s and the peak RSS of its process."""
-    target = workdir / "export.csv"
+def cli_export(url: str, workdir: Path, form: str) -> dict:
+    """`python -m receiver export --format FORM -o FILE`: its lines, seconds and peak RSS."""
+    target = workdir / f"export.{form}"
     env = with_code({**os.environ, "DATABASE_URL": url, "CALLBACK_TOKEN": "x" * 32, "API_TOKEN": API_TOKEN})
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "receiver", "export", "--format", "csv", "-o", str(target)],
-                   env=env, check=True, stderr=subprocess.DEVNULL, cwd=ROOT)
+    process = subprocess.Popen([sys.executable, "-m", "receiver", "export", "--format", form, "-o", str(target)],
+                               env=env, stderr=subprocess.DEVNULL, cwd=ROOT)
+    _, status, usage = os.wait4(process.pid, 0)         # this process's own rusage, not all children's
     seconds = time.perf_counter() - started
-    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"export --format {form} exited with {os.waitstatus_to_exitcode(status)}")
     with open(target, "rb") as handle:
         lines = sum(piece.count(b"\n") for piece in iter(lambda: handle.read(1 << 20), b""))
     target.unlink()
-    return {"lines": lines, "seconds": seconds, "rss_mb": rss_kb / 1024}
+    return {"lines": lines, "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
