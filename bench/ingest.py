@@ -298,6 +298,9 @@ def summaries_beside(url: str, interval: float | None, workdir: Path):
     process = subprocess.Popen([sys.executable, "-m", "bench.summarising", url, str(interval)], cwd=workdir,
                                env=with_code(dict(os.environ)), stdout=subprocess.PIPE, text=True)
     try:
+        # Python's start is not part of the worker's cost: the load begins once it is running.
+        if process.stdout.readline().strip() != "BENCH-SUMMARIES-READY":
+            raise RuntimeError(f"bench.summarising did not start ({process.wait()})")
         yield report
     finally:
         stop_processes([process])

@@ -25,6 +25,7 @@ def main(url: str, interval: float) -> None:
         "DATABASE_URL": url, "CALLBACK_TOKEN": "bench-summaries-" * 2, "API_TOKEN": "bench-summaries-" * 2})
     database = bind(settings)
     periodic = PeriodicSummaries(interval=interval)
+    print("BENCH-SUMMARIES-READY", flush=True)     # started: the load may begin (a worker is already running)
     rounds = counted = 0
     while not stopping:
         due_at = periodic.next_at

@@ -644,9 +644,10 @@ def _chunk_bounds(filters: Filters, chunk: int, after: tuple | None) -> Iterator
     """(the key before, the last key) of each chunk of `chunk` rows after `after`, then of a last,
     shorter one."""
     while True:
-        last = _key_at(_select(filters, after, 1, _key_sql(), within=True).offset(chunk - 1))
+        keys = _select(filters, after, 1, _key_sql(), within=True)
+        last = _key_at(keys.offset(chunk - 1))
         if last is None:
-            last = _key_at(_select(filters, after, 1, _key_sql(), within=True).order_by(*(f.desc() for f in KEY)))
+            last = _key_at(keys.order_by(*(f.desc() for f in KEY)))      # the last one
             if last is not None:
                 yield after, last
             return
