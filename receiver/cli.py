@@ -20,7 +20,7 @@ from .maintenance import MaintenanceError
 from .maintenance import backup as run_backup
 from .maintenance import prune as run_prune
 from .settings import masked_url
-from .worker import Worker, prune_until_stopped
+from .worker import Worker
 
 
 def register(app: Flask) -> None:
@@ -63,10 +63,8 @@ def worker(once: bool):
     if not current_app.config["SETTINGS"].has_twin24_credentials:
         # Stay up rather than exit: a supervisor would only restart us into the same state.
         click.echo("worker: no TWIN credentials (set TWIN24_TOKEN, or TWIN24_LOGIN and TWIN24_PASSWORD); "
-                   "callbacks are still recorded (and old events pruned), but nothing is sent or looked up "
-                   "until then", err=True)
-        prune_until_stopped(current_app.config["SETTINGS"], once)
-        return
+                   "callbacks are still recorded (old events pruned, the results' summaries kept), but nothing "
+                   "is sent or looked up until then", err=True)
     Worker.from_app(current_app).run(once=once)
 
 

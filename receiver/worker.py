@@ -1,5 +1,7 @@
 """The worker process (`python -m receiver worker`): send what POST /api/sends queued, enrich what is
-due, forward events, prune and summarise, as peers, pass after pass until SIGTERM/SIGINT."""
+due, forward events, prune and summarise, as peers, pass after pass until SIGTERM/SIGINT. Without TWIN
+credentials it only prunes and summarises: callbacks still arrive, and the results page still reads the
+stored summaries."""
 from __future__ import annotations
 
 import logging
@@ -22,10 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, settings: Settings, client: TwinClient, enricher: Enricher, sleep=time.sleep):
+    def __init__(self, settings: Settings, client: TwinClient | None, enricher: Enricher | None,
+                 sleep=time.sleep):
         self.settings = settings
         self.client = client            # one client, one call budget: shared by sending and the enricher
-        self.enricher = enricher
+        self.enricher = enricher        # None: no TWIN credentials, so nothing is sent, looked up or forwarded
         self.sleep = sleep
         self.stopping = False
         self.prune = PeriodicPrune(settings.event_retention_days)   # EVENT_RETENTION_DAYS, once an hour
@@ -37,21 +40,23 @@ class Worker:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
+        if not settings.has_twin24_credentials:
+            return cls(settings, None, None)
         budget = CallBudget.from_settings(settings)     # TWIN24_MAX_CALLS_PER_MINUTE, shared by every worker
         client = TwinClient(settings, on_call=count_twin_call, pacer=budget.reserve if budget else None)
         return cls(settings, client, Enricher(settings, client, budget=budget))
 
     def run(self, once: bool = False) -> None:
-        """Send what POST /api/sends queued, sweep whatever is due and prune old events, until stopped
-        (SIGTERM/SIGINT finish the current pass first)."""
+        """Send what POST /api/sends queued, sweep whatever is due, prune old events and keep the stored
+        summaries, until stopped (SIGTERM/SIGINT finish the current pass first)."""
         if not once:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._stop)
-            log.info("enrichment worker started")
+            log.info("enrichment worker started" if self.twin else "worker started without TWIN credentials")
         # Not connection_context(): a failed pass reconnects, and the context would then close a
         # connection it no longer knows.
         db.connect(reuse_if_open=True)
-        forwarder = self.start_forwarding(once)
+        forwarder = self.start_forwarding(once) if self.twin else None
         try:
             while not self.stopping:
                 try:
@@ -73,12 +78,17 @@ class Worker:
                 db.close()
         log.info("enrichment worker stopped")
 
+    @property
+    def twin(self) -> bool:
+        return self.enricher is not None
+
     def run_pass(self, once: bool) -> None:
-        send_pending(self.settings, self.client)        # mailings queued by POST /api/sends
-        self.enricher.run_once(force=once)
+        if self.twin:
+            send_pending(self.settings, self.client)        # mailings queued by POST /api/sends
+            self.enricher.run_once(force=once)
         self.prune.run_if_due()
         self.summaries.run_if_due()
-        if once:
+        if once and self.twin:
             self.forward_once()
 
     def start_forwarding(self, once: bool) -> forwarding.Forwarder | None:
@@ -108,22 +118,3 @@ class Worker:
 
     def _stop(self, *_args) -> None:
         self.stopping = True
-
-
-def prune_until_stopped(settings: Settings, once: bool) -> None:
-    """The worker without TWIN: it still keeps the event retention (EVENT_RETENTION_DAYS), until stopped."""
-    stopped = []
-    if not once:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stopped.append(True))
-    prune = PeriodicPrune(settings.event_retention_days)
-    while True:
-        try:
-            if prune.due:
-                with db.connection_context():
-                    prune.run_if_due()
-        except (DatabaseError, InterfaceError) as error:
-            log.warning("prune failed, tried again later: %s", error)
-        if once or stopped:
-            return
-        time.sleep(1.0)

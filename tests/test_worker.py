@@ -20,6 +20,7 @@ from .support import (
     ROOT,
     all_settled,
     assert_matches_truth,
+    bulk_messages,
     phones,
     send_mailing,
     settings_env,
@@ -105,11 +106,16 @@ def test_sigterm_lets_the_current_pass_finish_then_the_worker_stops(app, own_sig
     assert worker.stopping and enricher.calls == 1
 
 
-def test_a_worker_without_twin_credentials_still_prunes_old_events(settings, app):
+def test_a_worker_without_twin_credentials_still_prunes_old_events_and_keeps_the_summaries(
+        settings, client, api_headers):
+    """Callbacks arrive without TWIN credentials too: the results' summaries must not be left to be
+    counted live on every read (seconds at ten million messages)."""
     assert not settings.has_twin24_credentials
     for n, received_at in enumerate([utcnow() - dt.timedelta(days=settings.event_retention_days + 1), utcnow()]):
         Event.create(message_id=f"m-{n}", old_status="PENDING", new_status="DELIVERED", raw="{}",
                      received_at=received_at)
+    bulk_messages(3, callback_data="spring")
+    assert client.get("/api/results/summary", headers=api_headers).get_json()["as_of"] is None   # counted live
 
     run = subprocess.run([sys.executable, "-m", "receiver", "worker", "--once"], cwd=ROOT, env=settings_env(settings),
                          capture_output=True, text=True, timeout=60)
@@ -117,3 +123,6 @@ def test_a_worker_without_twin_credentials_still_prunes_old_events(settings, app
     assert run.returncode == 0, run.stderr
     assert "worker: no TWIN credentials" in run.stderr
     assert [e.message_id for e in Event.select()] == ["m-1"]
+    stored = client.get("/api/results/summary?callbackData=spring", headers=api_headers).get_json()
+    assert stored["as_of"] is not None, "read from the stored summaries"
+    assert stored["funnel"]["sent"] == 3 and stored["statuses"] == {"DELIVERED": 3}
