@@ -307,23 +307,7 @@ class DatabaseCollector:
             return
         up.add_metric([], 1)
         yield up
-        stages = GaugeMetricFamily("receiver_messages", "Messages by enrichment stage (as of "
-                                   "receiver_results_counted_timestamp_seconds).", labels=["stage"])
-        for stage in STAGES:
-            stages.add_metric([stage], stage_counts.get(stage, 0))
-        yield stages
-        yield GaugeMetricFamily(
-            "receiver_results_counted_timestamp_seconds",
-            "When the message counts were made (Unix time): the start of the worker's last round of "
-            "stored summaries, or this scrape when there is none yet.", value=_unix(counted_at))
-        by_outcome = GaugeMetricFamily(
-            "receiver_messages_by_outcome",
-            "Messages by where their status stands: delivered, failed (UNDELIVERED, ERROR, EXPIRED), "
-            "in_flight (CREATED and the in-flight statuses) or other (statuses we do not know).",
-            labels=["outcome"])
-        for outcome in OUTCOMES:
-            by_outcome.add_metric([outcome], outcomes.get(outcome, 0))
-        yield by_outcome
+        yield from message_metrics(stage_counts, outcomes, counted_at)
         yield GaugeMetricFamily("receiver_enrichment_due", "Messages due for a TWIN lookup now.",
                                 value=report["due"])
         yield GaugeMetricFamily("receiver_enrichment_oldest_due_seconds",
@@ -333,18 +317,44 @@ class DatabaseCollector:
                                 f"(past {ESTIMATE_ABOVE:,} rows an estimate: {ESTIMATE_HOW}).", value=events)
         yield GaugeMetricFamily("receiver_rejected_stored", "Refused callbacks kept in the rejected table "
                                 f"(past {ESTIMATE_ABOVE:,} rows an estimate: {ESTIMATE_HOW}).", value=rejected)
-        last_error = GaugeMetricFamily("receiver_twin_last_error_timestamp_seconds",
-                                       "When a TWIN endpoint last failed (Unix time).", labels=["endpoint"])
-        last_ok = GaugeMetricFamily("receiver_twin_last_ok_timestamp_seconds",
-                                    "When a TWIN endpoint last answered (Unix time).", labels=["endpoint"])
-        for call in calls:
-            if call.last_error_at:
-                last_error.add_metric([call.endpoint], _unix(call.last_error_at))
-            if call.last_ok_at:
-                last_ok.add_metric([call.endpoint], _unix(call.last_ok_at))
-        yield last_error
-        yield last_ok
+        yield from twin_call_metrics(calls)
         yield from forward_metrics(forwards)
+
+
+def message_metrics(stage_counts: dict, outcomes: dict, counted_at):
+    """The messages' gauges: by enrichment stage and by outcome, and when they were counted."""
+    stages = GaugeMetricFamily("receiver_messages", "Messages by enrichment stage (as of "
+                               "receiver_results_counted_timestamp_seconds).", labels=["stage"])
+    for stage in STAGES:
+        stages.add_metric([stage], stage_counts.get(stage, 0))
+    yield stages
+    yield GaugeMetricFamily(
+        "receiver_results_counted_timestamp_seconds",
+        "When the message counts were made (Unix time): the start of the worker's last round of "
+        "stored summaries, or this scrape when there is none yet.", value=_unix(counted_at))
+    by_outcome = GaugeMetricFamily(
+        "receiver_messages_by_outcome",
+        "Messages by where their status stands: delivered, failed (UNDELIVERED, ERROR, EXPIRED), "
+        "in_flight (CREATED and the in-flight statuses) or other (statuses we do not know).",
+        labels=["outcome"])
+    for outcome in OUTCOMES:
+        by_outcome.add_metric([outcome], outcomes.get(outcome, 0))
+    yield by_outcome
+
+
+def twin_call_metrics(calls: list[TwinCall]):
+    """When each TWIN endpoint last failed and last answered."""
+    last_error = GaugeMetricFamily("receiver_twin_last_error_timestamp_seconds",
+                                   "When a TWIN endpoint last failed (Unix time).", labels=["endpoint"])
+    last_ok = GaugeMetricFamily("receiver_twin_last_ok_timestamp_seconds",
+                                "When a TWIN endpoint last answered (Unix time).", labels=["endpoint"])
+    for call in calls:
+        if call.last_error_at:
+            last_error.add_metric([call.endpoint], _unix(call.last_error_at))
+        if call.last_ok_at:
+            last_ok.add_metric([call.endpoint], _unix(call.last_ok_at))
+    yield last_error
+    yield last_ok
 
 
 def forward_metrics(forwards: list[dict]):
