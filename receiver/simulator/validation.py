@@ -37,16 +37,32 @@ def _check_message(path: str, message, details: dict[str, str]) -> None:
     if not isinstance(message, dict):
         details[path] = "must be an object"
         return
+    _check_chat(path, message, details)
+    _check_callback(path, message, details)
+    _check_delivery_options(path, message, details)
+    destinations = message.get("destinations")
+    if not isinstance(destinations, list) or not destinations:
+        details[f"{path}.destinations"] = "must be a non-empty list"
+        return
+    for j, destination in enumerate(destinations):
+        _check_destination(f"{path}.destinations[{j}]", destination, details)
+
+
+def _check_chat(path: str, message: dict, details: dict[str, str]) -> None:
     channels = message.get("channels")
     chat = channels.get("chat") if isinstance(channels, dict) else None
     if not isinstance(chat, dict):
         details[f"{path}.channels.chat"] = "is required and must be an object"
-    else:
-        for key in CHAT_REQUIRED:
-            value = chat.get(key)
-            if not isinstance(value, str) or not value.strip():
-                details[f"{path}.channels.chat.{key}"] = "is required and must be a non-empty string"
-        _check_chat_options(f"{path}.channels.chat", chat, details)
+        return
+    for key in CHAT_REQUIRED:
+        value = chat.get(key)
+        if not isinstance(value, str) or not value.strip():
+            details[f"{path}.channels.chat.{key}"] = "is required and must be a non-empty string"
+    _check_chat_options(f"{path}.channels.chat", chat, details)
+
+
+def _check_callback(path: str, message: dict, details: dict[str, str]) -> None:
+    """The string fields: callbackUrl, callbackData (with their sizes) and templateId."""
     for key in ("callbackUrl", "callbackData", "templateId"):
         if key in message and message[key] is not None and not isinstance(message[key], str):
             details[f"{path}.{key}"] = "must be a string"
@@ -58,18 +74,15 @@ def _check_message(path: str, message, details: dict[str, str]) -> None:
     data = message.get("callbackData")
     if isinstance(data, str) and len(data.encode("utf-8")) > 10240:
         details[f"{path}.callbackData"] = "must be at most 10240 bytes"
+
+
+def _check_delivery_options(path: str, message: dict, details: dict[str, str]) -> None:
     if "useShortLinks" in message and not isinstance(message["useShortLinks"], bool):
         details[f"{path}.useShortLinks"] = "must be a boolean"
     if message.get("sendAt") is not None and not _is_datetime(message["sendAt"]):
         details[f"{path}.sendAt"] = "must be a date and time"
     if message.get("allowedTimeRanges") is not None and not _are_time_ranges(message["allowedTimeRanges"]):
         details[f"{path}.allowedTimeRanges"] = 'must be a list of ["HH:MM:SS", "HH:MM:SS"] pairs'
-    destinations = message.get("destinations")
-    if not isinstance(destinations, list) or not destinations:
-        details[f"{path}.destinations"] = "must be a non-empty list"
-        return
-    for j, destination in enumerate(destinations):
-        _check_destination(f"{path}.destinations[{j}]", destination, details)
 
 
 def _check_chat_options(path: str, chat: dict, details: dict[str, str]) -> None:
