@@ -388,7 +388,7 @@ RECEIVER_RUNS = (("receiver", NO_ACCESS_LOG, None), ("deployed", {}, None),
 
 def one_run(number: int, workdir: Path, postgres_url: str | None, options: dict) -> dict:
     """The bare app, then the receiver: without access log, with it, and without it while the stored
-    summaries are counted back to back, in that order."""
+    summaries are counted at the worker's pace and then back to back (RECEIVER_RUNS), in that order."""
     run = workdir / f"run{number}"
     loads = {}
     # The bare app gets a receiver's DATABASE_URL too: gunicorn.conf.py sizes its workers by it.

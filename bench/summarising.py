@@ -36,5 +36,6 @@ def main(url: str, interval: float) -> None:
             time.sleep(settings.enrich_poll_interval)
     print(f"BENCH-SUMMARIES {rounds} rounds, {counted} mailings counted", flush=True)
 
+
 if __name__ == "__main__":
     main(sys.argv[1], float(sys.argv[2]))
